@@ -1,0 +1,244 @@
+"""Tokens, placeholders, the chat template and box coordinates: how Emu2 writes multimodal input as text.
+
+This is the one place that knows the official sequence format (official-format sections 4-5). Training data,
+evaluation prompts and the server all build their token sequences through here.
+
+Placeholders used in prompt strings:
+  ``[<IMG_PLH>]`` one image  -> ``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``
+  ``[<VID_PLH>]`` one frame  -> ``[IMG]`` + ``[gIMG]`` x v_query + ``[/IMG]`` (``[gIMG]`` is the frame slot)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "[<IMG_PLH>]"
+VIDEO_PLACEHOLDER = "[<VID_PLH>]"
+BOI, EOI = "[IMG]", "[/IMG]"
+IMAGE_TOKEN = "<image>"
+FRAME_TOKEN = "[gIMG]"
+VIDEO_TOKEN = "[VIDEO]"
+VIDEO_END = "[/VIDEO]"  # only a marker in interleaved input lists; never reaches the text (official behaviour)
+PAD_TOKEN = "[PAD]"
+USER, ASSISTANT = "[USER]", "[ASSISTANT]"
+GROUNDING, PHRASE, PHRASE_END, OBJECT, OBJECT_END = "<grounding>", "<phrase>", "</phrase>", "<object>", "</object>"
+NUM_PATCH_INDEX_TOKENS = 257
+# Coordinates are quantised to 0..COORD_BINS (the official README: "coordinates run from 0 to 224"); the
+# vocabulary holds 257 index tokens of which 225 are used this way.
+COORD_BINS = 224
+
+# Official order of `additional_special_tokens`: ids 32001.. follow from it (official-format section 4).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    BOI, EOI, IMAGE_TOKEN, FRAME_TOKEN, "[/gIMG]", "[EOC]", VIDEO_TOKEN, GROUNDING, PHRASE, PHRASE_END,
+    OBJECT, OBJECT_END, "</delimiter_of_multi_objects/>", "<REC>",
+    *(f"<patch_index_{k:04d}>" for k in range(NUM_PATCH_INDEX_TOKENS)),
+)
+INSTRUCT_TOKENS: tuple[str, str] = (USER, ASSISTANT)
+
+# Paper appendix B.1: two system messages for the two kinds of instruction data.
+CHAT_SYSTEM_MESSAGE = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
+SHORT_ANSWER_SYSTEM_MESSAGE = "You are a helpful assistant, dedicated to provide concise and efficient answers."
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PromptError(ValueError):
+    """A prompt that does not fit the images, videos or template given with it."""
+
+
+def load_tokenizer(path: str | Path, instruct: bool = False):
+    """The LLaMA tokenizer with Emu2's special tokens added in the official order.
+
+    Special tokens strip the whitespace on both sides, as the official slow tokenizer (transformers 4.31) did,
+    so ids match the official ones (`tests/test_official_parity.py`). ``instruct`` adds [USER]/[ASSISTANT]
+    (Emu2-Chat). A directory that already holds our saved tokenizer (with the tokens) is loaded as is.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True)
+    wanted = [*SPECIAL_TOKENS, *(INSTRUCT_TOKENS if instruct else ())]
+    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
+    if missing:
+        if len(missing) != len(wanted) and not (instruct and missing == list(INSTRUCT_TOKENS)):
+            raise PromptError(f"tokenizer at {path} has only some of the Emu2 special tokens; missing {missing[:5]}")
+
+        def tok(s: str):
+            return AddedToken(s, lstrip=True, rstrip=True, special=True, normalized=False)
+
+        extra = {"additional_special_tokens": [tok(t) for t in missing]}
+        if tokenizer.pad_token is None:
+            extra["pad_token"] = tok(PAD_TOKEN)
+        tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
+    tokenizer.padding_side = "left"  # official: left padding for batched generation
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def expand_placeholders(text: str, n_query: int, v_query: int) -> str:
+    """Replace every image/frame placeholder by its token block."""
+    image_block = BOI + IMAGE_TOKEN * n_query + EOI
+    frame_block = BOI + FRAME_TOKEN * v_query + EOI
+    return text.replace(IMAGE_PLACEHOLDER, image_block).replace(VIDEO_PLACEHOLDER, frame_block)
+
+
+@dataclass
+class InterleavedPrompt:
+    """An interleaved input flattened to one prompt string and the visuals its placeholders stand for."""
+
+    text: str  # with [<IMG_PLH>] / [<VID_PLH>] placeholders
+    images: list[Image.Image]
+    frames: list[Image.Image]
+
+
+def flatten_interleaved(items: Sequence) -> InterleavedPrompt:
+    """The official input list: strings, PIL images, and videos as lists of frames (or "[VIDEO]" ... "[/VIDEO]").
+
+    Strings are concatenated with no separator. An image adds ``[<IMG_PLH>]``. A list/tuple of images is one
+    video: "[VIDEO]" then one ``[<VID_PLH>]`` per frame. Inside "[VIDEO]" ... "[/VIDEO]" images are frames.
+    """
+    if isinstance(items, (str, Image.Image)):
+        items = [items]
+    text, images, frames, in_video = [], [], [], False
+    for item in items:
+        if isinstance(item, str):
+            if item == VIDEO_TOKEN:
+                in_video = True
+                text.append(item)
+            elif item == VIDEO_END:
+                in_video = False
+            else:
+                text.append(item)
+        elif isinstance(item, Image.Image):
+            if in_video:
+                frames.append(item)
+                text.append(VIDEO_PLACEHOLDER)
+            else:
+                images.append(item)
+                text.append(IMAGE_PLACEHOLDER)
+        elif isinstance(item, (list, tuple)) and all(isinstance(f, Image.Image) for f in item) and item:
+            text.append(VIDEO_TOKEN + VIDEO_PLACEHOLDER * len(item))
+            frames.extend(item)
+        else:
+            raise PromptError(
+                f"interleaved input items must be str, PIL.Image or a non-empty list of PIL images (a video); "
+                f"got {type(item).__name__}"
+            )
+    return InterleavedPrompt("".join(text), images, frames)
+
+
+def check_placeholder_counts(text: str, num_images: int, num_frames: int = 0) -> None:
+    """Raise a clear error when a prompt's placeholders do not match the visuals given."""
+    n_img, n_vid = text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
+    if n_img != num_images or n_vid != num_frames:
+        raise PromptError(
+            f"the prompt has {n_img} image placeholder(s) {IMAGE_PLACEHOLDER} and {n_vid} video-frame placeholder(s) "
+            f"{VIDEO_PLACEHOLDER}, but {num_images} image(s) and {num_frames} frame(s) were given; "
+            "put one placeholder where each image/frame goes"
+        )
+
+
+def chat_prompt(messages: Sequence[str], system: str | None = CHAT_SYSTEM_MESSAGE, grounding: bool = False) -> str:
+    """The official Emu2-Chat template (native code) for alternating user/assistant turns.
+
+    ``messages`` has odd length, starting and ending with a user turn. Result:
+    ``<system> [USER]: u1 [ASSISTANT]: a1</s>[USER]: u2 [ASSISTANT]:`` (+ ``<grounding>`` when grounding).
+    """
+    if len(messages) % 2 != 1:
+        raise PromptError(f"chat needs an odd number of messages (user, assistant, ..., user); got {len(messages)}")
+    parts = [system or "", f" {USER}: ", messages[0]]
+    for i in range(1, len(messages), 2):
+        parts += [f" {ASSISTANT}: ", messages[i], f"</s>{USER}: ", messages[i + 1]]
+    parts.append(f" {ASSISTANT}:")
+    if grounding:
+        parts.append(GROUNDING)
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- images
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> normalised pixels ``(3, size, size) float32``.
+
+    Official preprocessing: bicubic resize to a square (aspect ratio not kept), scale to [0, 1], CLIP mean/std.
+    """
+    if not isinstance(image, Image.Image):
+        raise PromptError(f"expected a PIL image, got {type(image).__name__}")
+    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def preprocess_images(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """A list of PIL images -> ``(N, 3, size, size) float32`` (``(0, 3, size, size)`` when empty)."""
+    if not images:
+        return torch.zeros(0, 3, size, size)
+    return torch.stack([preprocess_image(im, size) for im in images])
+
+
+def pixels_to_pil(pixels: torch.Tensor) -> Image.Image:
+    """Undo ``preprocess_image``: ``(3, H, W)`` normalised pixels -> PIL RGB image."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    array = ((pixels.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+# ------------------------------------------------------------------------------------------------ boxes
+_PATCH_RE = re.compile(r"<patch_index_(\d{4})>")
+_GROUNDED_RE = re.compile(
+    r"<phrase>(?P<phrase>.*?)</phrase>\s*<object>(?P<coords>(?:\s*<patch_index_\d{4}>)+)\s*</object>", re.S
+)
+
+
+def coordinate_token(value: float, extent: float) -> str:
+    """One coordinate (pixels, 0..extent) -> ``<patch_index_k>``, k = round(value / extent * 224)."""
+    k = int(round(min(max(value / extent, 0.0), 1.0) * COORD_BINS))
+    return f"<patch_index_{k:04d}>"
+
+
+def box_to_tokens(box: Sequence[float], width: float, height: float) -> str:
+    """Pixel box (x1, y1, x2, y2) -> ``<object>`` + four coordinate tokens + ``</object>``."""
+    x1, y1, x2, y2 = box
+    if not (x2 >= x1 and y2 >= y1):
+        raise PromptError(f"box must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1; got {tuple(box)}")
+    coords = (coordinate_token(x1, width), coordinate_token(y1, height),
+              coordinate_token(x2, width), coordinate_token(y2, height))
+    return OBJECT + "".join(coords) + OBJECT_END
+
+
+def grounded_phrase(phrase: str, box: Sequence[float], width: float, height: float) -> str:
+    """``<phrase>a man</phrase><object>...</object>``: a phrase and its box."""
+    return f"{PHRASE}{phrase}{PHRASE_END}" + box_to_tokens(box, width, height)
+
+
+def tokens_to_boxes(text: str, width: float = 1.0, height: float = 1.0) -> list[tuple[str, tuple[float, ...]]]:
+    """Parse ``<phrase>..</phrase><object>4 coordinate tokens</object>`` spans back to (phrase, pixel box).
+
+    Boxes come back in the units of ``width``/``height`` (default: fractions of the image). Spans whose object
+    does not hold exactly four coordinates are skipped.
+    """
+    found = []
+    for match in _GROUNDED_RE.finditer(text):
+        ks = [int(k) for k in _PATCH_RE.findall(match.group("coords"))]
+        if len(ks) != 4:
+            continue
+        x1, y1, x2, y2 = (k / COORD_BINS for k in ks)
+        found.append((match.group("phrase").strip(), (x1 * width, y1 * height, x2 * width, y2 * height)))
+    return found
+
+
+def parse_box(text: str, width: float = 1.0, height: float = 1.0) -> tuple[float, ...] | None:
+    """The first four coordinate tokens in ``text`` as a box (for answers without a phrase), or None."""
+    ks = [int(k) for k in _PATCH_RE.findall(text)][:4]
+    if len(ks) < 4:
+        return None
+    x1, y1, x2, y2 = (k / COORD_BINS for k in ks)
+    return (x1 * width, y1 * height, x2 * width, y2 * height)
