@@ -54,12 +54,16 @@ class PromptError(ValueError):
     """A prompt that does not fit the images, videos or template given with it."""
 
 
-def load_tokenizer(path: str | Path, instruct: bool = False):
+DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "llama_tokenizer"  # the LLaMA SentencePiece model
+
+
+def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, instruct: bool = False):
     """The LLaMA tokenizer with Emu2's special tokens added in the official order.
 
     Special tokens strip the whitespace on both sides, as the official slow tokenizer (transformers 4.31) did,
     so ids match the official ones (`tests/test_official_parity.py`). ``instruct`` adds [USER]/[ASSISTANT]
-    (Emu2-Chat). A directory that already holds our saved tokenizer (with the tokens) is loaded as is.
+    (Emu2-Chat). A directory that already holds our saved tokenizer (with the tokens) is loaded as is. The
+    default is the LLaMA tokenizer shipped with the package (no download).
     """
     from transformers import AddedToken, AutoTokenizer
 
@@ -123,7 +127,7 @@ def flatten_interleaved(items: Sequence) -> InterleavedPrompt:
             else:
                 images.append(item)
                 text.append(IMAGE_PLACEHOLDER)
-        elif isinstance(item, (list, tuple)) and all(isinstance(f, Image.Image) for f in item) and item:
+        elif _is_video(item):
             text.append(VIDEO_TOKEN + VIDEO_PLACEHOLDER * len(item))
             frames.extend(item)
         else:
@@ -132,6 +136,10 @@ def flatten_interleaved(items: Sequence) -> InterleavedPrompt:
                 f"got {type(item).__name__}"
             )
     return InterleavedPrompt("".join(text), images, frames)
+
+
+def _is_video(item) -> bool:
+    return isinstance(item, (list, tuple)) and bool(item) and all(isinstance(f, Image.Image) for f in item)
 
 
 def check_placeholder_counts(text: str, num_images: int, num_frames: int = 0) -> None:

@@ -1,0 +1,115 @@
+"""Model configuration: an Emu2 config nests a vision config and any transformers causal-LM config.
+
+Named presets (`Emu2Config.from_preset("emu2")`) carry the official sizes (official-format section 2) and the
+small sizes this project trains and tests with.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# LLaMA token ids fixed by the official special-token order (emu2.processing.SPECIAL_TOKENS).
+PAD_ID, BOI_ID, EOI_ID, IMAGE_ID, FRAME_ID = 32000, 32001, 32002, 32003, 32004
+BASE_VOCAB, INSTRUCT_VOCAB = 32272, 32274
+
+
+class Emu2VisionConfig(PreTrainedConfig):
+    """EVA-CLIP ViT sizes (official `CLIPVisionCfg` field names)."""
+
+    model_type = "emu2_vision"
+
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1792
+    layers: int = 64
+    head_width: int = 112
+    mlp_ratio: float = 8.571428571428571
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class Emu2Config(PreTrainedConfig):
+    """Vision encoder + projections + causal LM.
+
+    ``n_query``: visual embeddings per image (8x8 = 64 for Emu2/Emu2-Gen, 16x16 = 256 for Emu2-Chat);
+    ``v_query``: per video frame. The loss weights scale the two terms of the unified objective (paper 2.2.2).
+    """
+
+    model_type = "emu2"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=Emu2VisionConfig),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    n_query: int = 64
+    v_query: int = 64
+    image_token_id: int = IMAGE_ID
+    frame_token_id: int = FRAME_ID
+    boi_token_id: int = BOI_ID
+    eoi_token_id: int = EOI_ID
+    instruct: bool = False
+    text_loss_weight: float = 1.0
+    regression_loss_weight: float = 1.0
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Emu2Config":
+        """A named preset; keyword overrides replace top-level fields."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        kwargs = PRESETS[name]()
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, **kw) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=kw.pop("max_pos", 2048),
+        bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID, tie_word_embeddings=False, **kw,
+    )
+
+
+def _official(vocab: int, n_query: int, instruct: bool) -> dict:
+    # EVA-02-CLIP-E-plus trunk + LLaMA-33B (official-format 2.1, 2.2).
+    return dict(
+        vision_config=Emu2VisionConfig(),
+        text_config=_llama(6656, 17920, 60, 52, vocab),
+        n_query=n_query, v_query=64, instruct=instruct,
+    )
+
+
+PRESETS = {
+    "emu2": lambda: _official(BASE_VOCAB, 64, False),
+    "emu2-gen": lambda: _official(BASE_VOCAB, 64, False),
+    "emu2-chat": lambda: _official(INSTRUCT_VOCAB, 256, True),
+    # Random weights, builds in well under a second: smoke tests and examples.
+    "tiny": lambda: dict(
+        vision_config=Emu2VisionConfig(image_size=56, patch_size=14, width=64, layers=2, head_width=32, mlp_ratio=2.0),
+        text_config=_llama(64, 128, 2, 4, BASE_VOCAB), n_query=4, v_query=4,
+    ),
+    "tiny-chat": lambda: dict(
+        vision_config=Emu2VisionConfig(image_size=56, patch_size=14, width=64, layers=2, head_width=32, mlp_ratio=2.0),
+        text_config=_llama(64, 128, 2, 4, INSTRUCT_VOCAB), n_query=4, v_query=4, instruct=True,
+    ),
+    # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings).
+    "shapes": lambda: dict(
+        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
+        text_config=_llama(256, 688, 6, 4, INSTRUCT_VOCAB), n_query=16, v_query=4, instruct=True,
+    ),
+    # A ~100M-parameter config for GPU runs and throughput benchmarks.
+    "shapes-large": lambda: dict(
+        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=384, layers=6, head_width=64, mlp_ratio=4.0),
+        text_config=_llama(768, 2048, 10, 12, INSTRUCT_VOCAB), n_query=16, v_query=4, instruct=True,
+    ),
+}

@@ -1,0 +1,266 @@
+"""Emu2: vision encoder -> project_up -> causal LM -> (lm_head for text, project_down for visual embeddings).
+
+Shape legend: B batch, L sequence, N images in a batch (all samples, in slot order), M video frames,
+Q visual embeddings per image (n_query) or frame (v_query), S image side, D LM hidden, Dv vision width.
+
+One autoregressive objective (paper 2.2.2): cross-entropy on supervised text tokens plus regression (MSE, as the
+official training) of ``project_down(hidden)`` at every position whose next element is a visual embedding of a
+target image, against the encoder's detached embedding of that slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.utils import ModelOutput
+
+from ..config import Emu2Config
+from .vision import EVAVisionTransformer
+
+
+class SlotCountError(ValueError):
+    """The number of visual slots in the token ids does not match the images/frames given."""
+
+
+@dataclass
+class Emu2Output(ModelOutput):
+    """Output of `Emu2ForCausalLM.forward`.
+
+    loss: weighted sum of the two terms (scalar), or None without targets.
+    text_loss / regression_loss: mean cross-entropy over supervised tokens / mean squared error over target
+        slots (scalars; 0 when the batch has none).
+    num_text_targets / num_regression_targets: how many tokens / visual slots the means are over.
+    logits: (B, L, V), only when no text targets are given (training computes logits at supervised rows only).
+    last_hidden_state: (B, L, D) after the LM's final norm.
+    """
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    regression_loss: torch.Tensor | None = None
+    num_text_targets: int | None = None
+    num_regression_targets: int | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class Emu2PreTrainedModel(PreTrainedModel):
+    config_class = Emu2Config
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, EVAVisionTransformer):
+            init.normal_(module.cls_token, std=0.02)
+            init.normal_(module.pos_embed, std=0.02)
+
+
+class Emu2ForCausalLM(Emu2PreTrainedModel):
+    """The Emu2 multimodal model (Emu2, Emu2-Chat, or the multimodal encoder of Emu2-Gen)."""
+
+    def __init__(self, config: Emu2Config):
+        super().__init__(config)
+        width, hidden = config.vision_config.width, config.text_config.hidden_size
+        self.visual = EVAVisionTransformer(config.vision_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.project_up = nn.Linear(width, hidden, bias=False)
+        self.project_down = nn.Linear(hidden, width, bias=False)
+        self.post_init()
+
+    # ---------------------------------------------------------------------------------------- visual side
+    def encode_image(self, pixels: torch.Tensor, n_query: int | None = None) -> torch.Tensor:
+        """``pixels (N, 3, S, S)`` normalised -> ``(N, n_query, Dv)`` pooled visual embeddings."""
+        return self.visual.encode_image(pixels, n_query or self.config.n_query)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _splice(self, embeds, input_ids, slot_id, features, what):
+        """Write ``project_up(features (K, Q, Dv))`` into the positions of ``slot_id`` in row-major order."""
+        mask = input_ids == slot_id
+        n_slots, n_given = int(mask.sum()), features.shape[0] * features.shape[1]
+        if n_slots != n_given:
+            raise SlotCountError(
+                f"the token ids hold {n_slots} {what} slot tokens but {features.shape[0]} {what}(s) x "
+                f"{features.shape[1]} embeddings = {n_given} were given; expand each placeholder with "
+                "emu2.processing.expand_placeholders using the model's n_query/v_query"
+            )
+        if n_slots:
+            projected = self.project_up(features.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), projected.to(embeds.dtype))
+        return embeds
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids ``(B, L)`` + visual embeddings ``(N, Q, Dv)`` / ``(M, Qv, Dv)`` -> input embeddings ``(B, L, D)``.
+
+        ``<image>`` slots take the image features in order (row-major over batch then sequence), ``[gIMG]`` slots
+        the frame features; ``[IMG]``/``[/IMG]`` keep their token embeddings (official-format 6.1).
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        dv = self.config.vision_config.width
+        empty = embeds.new_zeros(0, 1, dv)
+        embeds = self._splice(embeds, input_ids, self.config.image_token_id,
+                              image_features if image_features is not None else empty, "image")
+        embeds = self._splice(embeds, input_ids, self.config.frame_token_id,
+                              frame_features if frame_features is not None else empty, "video frame")
+        return embeds
+
+    def _visual_features(self, images, frames):
+        image_features = self.encode_image(images) if images is not None and len(images) else None
+        frame_features = (self.encode_image(frames, self.config.v_query)
+                          if frames is not None and len(frames) else None)
+        return image_features, frame_features
+
+    def _decoder(self):
+        return self.language_model.get_decoder()
+
+    # ------------------------------------------------------------------------------------------- training
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_is_target: torch.Tensor | None = None,
+        frame_is_target: torch.Tensor | None = None,
+        **_,
+    ) -> Emu2Output:
+        """The unified objective on a batch of interleaved sequences.
+
+        input_ids, attention_mask: (B, L); images: (N, 3, S, S); frames: (M, 3, S, S);
+        labels: (B, L) token ids where text is supervised, -100 elsewhere (shifted inside, HF convention);
+        image_is_target: (N,) bool and frame_is_target: (M,) bool: which visuals are regression targets.
+        """
+        image_features, frame_features = self._visual_features(images, frames)
+        embeds = self.embed(input_ids, image_features, frame_features)
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self._decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+        lm_head = self.language_model.get_output_embeddings()
+        zero = hidden.new_zeros(())
+        text_loss, n_text, logits = zero, 0, None
+        if labels is not None:
+            targets = labels[:, 1:]
+            rows = targets != -100
+            n_text = int(rows.sum())
+            if n_text:  # logits only where a token is supervised: a 32k-row head on every position is waste
+                text_loss = F.cross_entropy(lm_head(hidden[:, :-1][rows]).float(), targets[rows])
+        else:
+            logits = lm_head(hidden)
+
+        reg_loss, n_reg = zero, 0
+        predictions, goals = [], []
+        for slot_id, features, is_target in (
+            (self.config.image_token_id, image_features, image_is_target),
+            (self.config.frame_token_id, frame_features, frame_is_target),
+        ):
+            if features is None or is_target is None or not bool(is_target.any()):
+                continue
+            # Position p of a slot is predicted by the hidden state at p - 1 ([IMG] for the first slot).
+            batch_idx, seq_idx = (input_ids == slot_id).nonzero(as_tuple=True)
+            chosen = is_target.to(features.device).repeat_interleave(features.shape[1])
+            predictions.append(hidden[batch_idx[chosen], seq_idx[chosen] - 1])
+            goals.append(features.detach().reshape(-1, features.shape[-1])[chosen])
+        if predictions:
+            predicted = self.project_down(torch.cat(predictions))
+            goal = torch.cat(goals).to(predicted.dtype)
+            n_reg = goal.shape[0]
+            reg_loss = F.mse_loss(predicted.float(), goal.float())
+
+        loss = None
+        if labels is not None or n_reg:
+            loss = self.config.text_loss_weight * text_loss + self.config.regression_loss_weight * reg_loss
+        return Emu2Output(
+            loss=loss, text_loss=text_loss, regression_loss=reg_loss, num_text_targets=n_text,
+            num_regression_targets=n_reg, logits=logits, last_hidden_state=hidden,
+        )
+
+    # ----------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Text continuation through transformers ``generate`` on input embeddings.
+
+        input_ids (B, L) left-padded; returns the generated ids ``(B, T)`` only (no prompt). Any ``generate``
+        argument passes through: num_beams, do_sample, temperature, top_p, max_new_tokens, streamer, ...
+        """
+        image_features, frame_features = self._visual_features(images, frames)
+        embeds = self.embed(input_ids, image_features, frame_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", self.config.text_config.pad_token_id)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    @torch.no_grad()
+    def regress_image_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        n_query: int | None = None,
+    ) -> torch.Tensor:
+        """Generate the visual embeddings of the next image: ``(B, n_query, Dv)``.
+
+        ``input_ids`` (B, L) is the prompt with BOS, left-padded, *without* the trailing ``[IMG]`` (appended here,
+        as the official `generate_image`). One prefill over the prompt + ``[IMG]``, then one single-token step per
+        embedding with the KV cache: the input of step k is ``project_up`` of embedding k-1. The official code
+        re-runs the whole sequence for each embedding; in exact arithmetic the two are equal.
+        """
+        n_query = n_query or self.config.n_query
+        B = input_ids.shape[0]
+        boi = torch.full((B, 1), self.config.boi_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        input_ids = torch.cat([input_ids, boi], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(boi)], dim=1)
+        padded = not bool(attention_mask.all())
+        image_features, frame_features = self._visual_features(images, frames)
+        embeds = self.embed(input_ids, image_features, frame_features)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        decoder, cache = self._decoder(), DynamicCache(config=self.config.text_config)
+        outputs = []
+        step_input, step_positions, mask = embeds, positions, attention_mask
+        for k in range(n_query):
+            hidden = decoder(
+                inputs_embeds=step_input, attention_mask=mask if padded else None, position_ids=step_positions,
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state[:, -1]
+            outputs.append(self.project_down(hidden))
+            if k + 1 < n_query:
+                step_input = self.project_up(outputs[-1]).unsqueeze(1)
+                step_positions = step_positions[:, -1:] + 1
+                if padded:
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        return torch.stack(outputs, dim=1)

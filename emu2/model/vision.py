@@ -1,0 +1,111 @@
+"""EVA-CLIP vision encoder as Emu2 uses it, and `encode_image` (mean-pooled patch grid).
+
+Matches the official `EVAVisionTransformer` configuration of Emu2 (official-format section 2.1/3): post-norm
+blocks without layer scale, one fused qkv weight with separate q and v biases (k has none), exact-GELU MLP,
+a learned absolute position embedding that includes the CLS token, no final norm, every token returned.
+Parameter names equal the official ones under ``visual.``, so official weights load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Emu2VisionConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        # The official module keeps q and v biases apart and gives k none.
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, Dv) -> (B, N, Dv)."""
+        B, N, D = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Post-norm: x + norm1(attn(x)), then x + norm2(mlp(x)) (EVA-CLIP `postnorm=True`)."""
+
+    def __init__(self, config: Emu2VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = Attention(config.width, config.width // config.head_width)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config.width, config.mlp_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.norm1(self.attn(x))
+        return x + self.norm2(self.mlp(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: Emu2VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, Dv), patches row-major."""
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class EVAVisionTransformer(nn.Module):
+    """The ViT trunk. ``forward(pixels (B, 3, S, S)) -> (B, 1 + N, Dv)`` (CLS first, no final norm)."""
+
+    def __init__(self, config: Emu2VisionConfig):
+        super().__init__()
+        self.config = config
+        num_patches = (config.image_size // config.patch_size) ** 2
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.width))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels.to(self.pos_embed.dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def encode_image(self, pixels: torch.Tensor, n_query: int) -> torch.Tensor:
+        """Pooled visual embeddings: ``pixels (B, 3, S, S) -> (B, n_query, Dv)``.
+
+        Drops CLS, lays the patches out on their grid and average-pools with kernel = stride =
+        grid // sqrt(n_query), as the official `encode_image` (a 32x32 grid -> 8x8 for n_query 64).
+        """
+        tokens = self(pixels)[:, 1:]
+        B, N, D = tokens.shape
+        grid = int(math.isqrt(N))
+        side = int(math.isqrt(n_query))
+        if side * side != n_query or grid % side:
+            raise ValueError(f"n_query={n_query} must be a square whose side divides the {grid}x{grid} patch grid")
+        grid_map = tokens.transpose(1, 2).reshape(B, D, grid, grid)
+        pooled = F.avg_pool2d(grid_map, kernel_size=grid // side, stride=grid // side)
+        return pooled.flatten(2).transpose(1, 2)

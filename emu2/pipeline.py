@@ -1,0 +1,133 @@
+"""`Emu2Pipeline`: model + tokenizer, taking the official interleaved inputs (strings, PIL images, videos).
+
+    pipe = Emu2Pipeline.from_pretrained("my-emu2")
+    pipe.generate([image, "Describe the image in details:"])            # -> "a red circle ..."
+    pipe.chat([[image, "What is in the image?"]])                       # Emu2-Chat template
+    pipe.regress_image_embeddings(["a red circle on a white background"])  # (1, n_query, Dv) for the decoder
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import processing as P
+from .model import Emu2ForCausalLM
+
+
+def _as_batch(inputs) -> list:
+    """One interleaved input (str / image / list of items) or a batch of them -> a list of inputs."""
+    if isinstance(inputs, (str,)) or not isinstance(inputs, (list, tuple)):
+        return [inputs]
+    if inputs and all(isinstance(x, (list, tuple)) and not P._is_video(x) for x in inputs):
+        return list(inputs)
+    return [inputs]
+
+
+class Emu2Pipeline:
+    """Prompting an `Emu2ForCausalLM` with interleaved text, images and videos."""
+
+    def __init__(self, model: Emu2ForCausalLM, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> "Emu2Pipeline":
+        """A directory written by `save_pretrained` (config.json, safetensors weights, tokenizer files)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not an emu2 model directory (no config.json); "
+                                    "official checkpoints are converted with `emu2 convert`")
+        model = Emu2ForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        if device is not None:
+            model = model.to(device)
+        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else P.DEFAULT_TOKENIZER
+        return cls(model.eval(), P.load_tokenizer(tokenizer_dir, instruct=model.config.instruct))
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **overrides) -> "Emu2Pipeline":
+        """Randomly initialised model of a named preset, with the packaged LLaMA tokenizer."""
+        from .config import Emu2Config
+
+        torch.manual_seed(seed)
+        config = Emu2Config.from_preset(name, **overrides)
+        return cls(Emu2ForCausalLM(config).eval(), P.load_tokenizer(instruct=config.instruct))
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        self.model.save_pretrained(path, **kwargs)
+        self.tokenizer.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----------------------------------------------------------------------------------------- encoding
+    def encode(self, prompts: Sequence[str], images: Sequence = (), frames: Sequence = ()) -> dict:
+        """Prompt strings with placeholders + the visuals they stand for -> model inputs (left-padded batch).
+
+        Returns input_ids/attention_mask (B, L), images (N, 3, S, S), frames (M, 3, S, S) on the model device.
+        """
+        text = "".join(prompts)
+        P.check_placeholder_counts(text, len(images), len(frames))
+        cfg = self.model.config
+        expanded = [P.expand_placeholders(p, cfg.n_query, cfg.v_query) for p in prompts]
+        batch = self.tokenizer(expanded, return_tensors="pt", padding=True)
+        size = cfg.vision_config.image_size
+        dtype = self.model.dtype
+
+        def pixels(visuals):
+            tensors = [v if isinstance(v, torch.Tensor) else P.preprocess_image(v, size) for v in visuals]
+            return torch.stack(tensors).to(self.device, dtype) if tensors else None
+
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+            "images": pixels(images),
+            "frames": pixels(frames),
+        }
+
+    def encode_interleaved(self, inputs) -> dict:
+        """Official-style inputs (one, or a batch of lists of str / PIL / video frame lists) -> model inputs."""
+        flat = [P.flatten_interleaved(item) for item in _as_batch(inputs)]
+        return self.encode([f.text for f in flat], [im for f in flat for im in f.images],
+                           [fr for f in flat for fr in f.frames])
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def generate(self, inputs, skip_special_tokens: bool = True, **generate_kwargs) -> list[str]:
+        """Text continuation of each input; ``generate_kwargs`` go to transformers ``generate``.
+
+        Official defaults: greedy unless ``num_beams``/``do_sample`` say otherwise; ``max_new_tokens`` 10.
+        """
+        generate_kwargs.setdefault("max_new_tokens", 10)
+        ids = self.model.generate_text(**self.encode_interleaved(inputs), **generate_kwargs)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages: Sequence, system: str | None = P.CHAT_SYSTEM_MESSAGE, grounding: bool = False,
+             **generate_kwargs) -> str:
+        """Emu2-Chat answer to one conversation: messages (user, assistant, ..., user), each a string or an
+        interleaved list. Official chat defaults: beam size 5."""
+        return self.chat_batch([messages], system=system, grounding=grounding, **generate_kwargs)[0]
+
+    def chat_batch(self, conversations: Sequence[Sequence], system: str | None = P.CHAT_SYSTEM_MESSAGE,
+                   grounding: bool = False, **generate_kwargs) -> list[str]:
+        """`chat` for a batch of conversations, decoded together (left padding)."""
+        prompts, images, frames = [], [], []
+        for messages in conversations:
+            flat = [P.flatten_interleaved(m) for m in messages]
+            prompts.append(P.chat_prompt([f.text for f in flat], system=system, grounding=grounding))
+            images += [im for f in flat for im in f.images]
+            frames += [fr for f in flat for fr in f.frames]
+        generate_kwargs.setdefault("num_beams", 5)
+        generate_kwargs.setdefault("max_new_tokens", 512)
+        ids = self.model.generate_text(**self.encode(prompts, images, frames), **generate_kwargs)
+        # Grounded answers keep their coordinate tokens (official README: decode without skipping specials).
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=not grounding)
+        return [t.replace(self.tokenizer.eos_token, "").replace(self.tokenizer.pad_token, "").strip() for t in texts]
+
+    def regress_image_embeddings(self, inputs) -> torch.Tensor:
+        """The visual embeddings of the image that follows each input: ``(B, n_query, Dv)`` (Emu2-Gen)."""
+        return self.model.regress_image_embeddings(**self.encode_interleaved(inputs))
