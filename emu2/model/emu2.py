@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import StaticCache
 from transformers.utils import ModelOutput
 
 from ..config import Emu2Config
@@ -77,6 +77,24 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         self.project_down = nn.Linear(hidden, width, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """transformers ``from_pretrained`` (dtype, device_map, low-memory loading), refusing mismatched files.
+
+        With ``strict`` (default) a checkpoint with missing, unexpected or wrongly shaped tensors raises
+        `CheckpointMismatchError` naming them, instead of silently keeping random weights.
+        """
+        from ..convert.official import CheckpointMismatchError
+
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = (sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())),
+                    [f"{m[0]}: {m[1]} vs {m[2]}" if isinstance(m, tuple) else str(m)
+                     for m in info.get("mismatched_keys", ())])
+        if strict and any(problems):
+            raise CheckpointMismatchError(*problems)
+        return (model, info) if wants_info else model
+
     # ---------------------------------------------------------------------------------------- visual side
     def encode_image(self, pixels: torch.Tensor, n_query: int | None = None) -> torch.Tensor:
         """``pixels (N, 3, S, S)`` normalised -> ``(N, n_query, Dv)`` pooled visual embeddings."""
@@ -123,10 +141,12 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
                               frame_features if frame_features is not None else empty, "video frame")
         return embeds
 
-    def _visual_features(self, images, frames):
-        image_features = self.encode_image(images) if images is not None and len(images) else None
-        frame_features = (self.encode_image(frames, self.config.v_query)
-                          if frames is not None and len(frames) else None)
+    def _visual_features(self, images, frames, image_features=None, frame_features=None):
+        """Encode images/frames unless their features ``(N, Q, Dv)`` were given (e.g. cached by the caller)."""
+        if image_features is None and images is not None and len(images):
+            image_features = self.encode_image(images)
+        if frame_features is None and frames is not None and len(frames):
+            frame_features = self.encode_image(frames, self.config.v_query)
         return image_features, frame_features
 
     def _decoder(self):
@@ -220,7 +240,7 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         generate_kwargs.setdefault("pad_token_id", self.config.text_config.pad_token_id)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def regress_image_embeddings(
         self,
         input_ids: torch.Tensor,
@@ -228,6 +248,8 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         images: torch.Tensor | None = None,
         frames: torch.Tensor | None = None,
         n_query: int | None = None,
+        image_features: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate the visual embeddings of the next image: ``(B, n_query, Dv)``.
 
@@ -245,22 +267,26 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         else:
             attention_mask = torch.cat([attention_mask, torch.ones_like(boi)], dim=1)
         padded = not bool(attention_mask.all())
-        image_features, frame_features = self._visual_features(images, frames)
+        image_features, frame_features = self._visual_features(images, frames, image_features, frame_features)
         embeds = self.embed(input_ids, image_features, frame_features)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-        decoder, cache = self._decoder(), DynamicCache(config=self.config.text_config)
+        # The cache is preallocated for prompt + n_query: a growing cache re-copies all keys/values every step.
+        decoder = self._decoder()
+        cache = StaticCache(config=self.config.text_config, max_cache_len=input_ids.shape[1] + n_query)
         outputs = []
         step_input, step_positions, mask = embeds, positions, attention_mask
+        slots = torch.arange(input_ids.shape[1], device=input_ids.device)  # cache rows written this step
         for k in range(n_query):
             hidden = decoder(
                 inputs_embeds=step_input, attention_mask=mask if padded else None, position_ids=step_positions,
-                past_key_values=cache, use_cache=True,
+                past_key_values=cache, use_cache=True, cache_position=slots,
             ).last_hidden_state[:, -1]
             outputs.append(self.project_down(hidden))
             if k + 1 < n_query:
                 step_input = self.project_up(outputs[-1]).unsqueeze(1)
                 step_positions = step_positions[:, -1:] + 1
+                slots = slots[-1:] + 1
                 if padded:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         return torch.stack(outputs, dim=1)

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints JSON and compares implementations side by side in one run (ratios, not absolutes)."""

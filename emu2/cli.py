@@ -1,0 +1,120 @@
+"""The `emu2` command: one verb per job (`emu2 --help`, `emu2 VERB --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _inspect(args) -> int:
+    import torch
+
+    from .config import Emu2Config
+    from .model import Emu2ForCausalLM
+
+    config = Emu2Config.from_preset(args.preset)
+    with torch.device("meta"):  # no memory: the 37B presets are counted without allocating them
+        model = Emu2ForCausalLM(config)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    params = {"visual": count(model.visual), "lm": count(model.language_model),
+              "projections": count(model.project_up) + count(model.project_down)}
+    params["total"] = sum(params.values())
+    report = {
+        "preset": args.preset, "params": params, "n_query": config.n_query, "v_query": config.v_query,
+        "vision": {k: getattr(config.vision_config, k) for k in ("image_size", "patch_size", "width", "layers")},
+        "text": {k: getattr(config.text_config, k) for k in
+                 ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in params.items():
+            print(f"{k:>12}: {v:,}")
+    return 0
+
+
+def _convert(args) -> int:
+    import torch
+
+    from .config import Emu2Config
+    from .convert.official import load_official
+    from .pipeline import Emu2Pipeline
+    from .processing import load_tokenizer
+
+    config = Emu2Config.from_preset(args.preset)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}[args.dtype]
+    model = load_official(args.checkpoint, config, dtype=dtype)
+    tokenizer = load_tokenizer(args.tokenizer or Path(__file__).parent / "assets" / "llama_tokenizer",
+                               instruct=config.instruct)
+    Emu2Pipeline(model, tokenizer).save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _init(args) -> int:
+    from .pipeline import Emu2Pipeline
+
+    Emu2Pipeline.from_preset(args.preset, seed=args.seed).save_pretrained(args.out)
+    print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
+    return 0
+
+
+def _bench(args) -> int:
+    if args.what == "image-regression":
+        from .bench.regression import run
+
+        result = run(repeats=args.repeats)
+    else:  # pragma: no cover - argparse restricts choices
+        raise SystemExit(f"unknown benchmark {args.what}")
+    print(json.dumps(result, indent=2 if not args.json else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="emu2", description="Emu2: generative multimodal in-context learner.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="parameter counts of a preset (built on the meta device, no memory)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="named model preset")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("convert", help="official Emu2 / Emu2-Chat / Emu2-Gen checkpoint -> emu2 model directory")
+    p.add_argument("checkpoint", help="official file (.bin/.pth/.safetensors) or HF directory (sharded, with index json)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS),
+                   help="sizes of the checkpoint: emu2, emu2-chat or emu2-gen for the official releases")
+    p.add_argument("--out", required=True, help="output directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the LLaMA tokenizer shipped with emu2)")
+    p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
+                   help="weights dtype to write (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("init", help="write a randomly initialised model of a preset (for smoke tests)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
+    p.set_defaults(func=_init)
+
+    p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
+    p.add_argument("what", choices=["image-regression"], help="which benchmark")
+    p.add_argument("--json", action="store_true", help="compact JSON on one line")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
