@@ -1,0 +1,3 @@
+from emu2.data.shapes.cli import main
+
+main()

@@ -1,0 +1,464 @@
+"""Every sample kind made from shapes-world scenes, and the hidden in-context tasks with their held-out splits.
+
+In-context documents (kind `interleaved`) follow one hidden task each, shown only through their examples
+(image, then answer), as in the paper's Figure 1:
+  * ``attributes``: an attribute tuple in a per-document format, e.g. "[red, white, 3, bottom left]" (the
+    official README's) or "(shape: star; count: two)": attribute subset, order, brackets, delimiter, number
+    style and keys all vary;
+  * ``labels``: arbitrary words for attribute values defined only by the examples ("circle -> dax");
+  * ``vqa``: short question/answer pairs in a per-document prompt style.
+Held-out splits (`SPLITS`): scenes of held-out (shape, colour) combinations, attribute formats never used in
+training, and label words never used in training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from emu2 import processing as P
+from emu2.data import kinds as K
+from emu2.data.shapes.render import render_object, render_scene
+from emu2.data.shapes.world import (
+    BACKGROUNDS,
+    CELL_NAMES,
+    COLOURS,
+    NUMBER_WORDS,
+    SHAPES,
+    SIZES,
+    Group,
+    Scene,
+    World,
+    changed,
+    describe,
+    moved,
+    plural,
+)
+
+SPLITS = ("train", "val", "heldout_combos", "heldout_formats", "heldout_labels")
+ATTRIBUTES = ("colour", "background", "count", "position", "shape", "size")
+BRACKETS = {"square": ("[", "]"), "round": ("(", ")"), "curly": ("{", "}"), "none": ("", "")}
+SEPARATORS = {"comma": ", ", "semicolon": "; ", "bar": " | ", "slash": " / "}
+HELDOUT_FORMAT_FRACTION = 0.1
+LABEL_WORDS = ("dax", "wug", "blicket", "fep", "toma", "zup", "kiki", "bouba", "gazzer", "lorp", "tulver", "zorb",
+               "fendle", "quip", "rask", "vorn", "yelt", "snib", "glorp", "drell", "jirn", "pilk", "moxo", "trud")
+HELDOUT_LABEL_WORDS = ("florp", "tazzle", "woog", "prell", "zindle", "krum", "sploo", "bimble")
+LABEL_TEMPLATES = ("{w}", "a {w}", "this is a {w}", "it is called {w}", "that is {w}")
+LABEL_ATTRIBUTES = ("shape", "colour", "count", "size")
+VQA_QUESTIONS = {
+    "count": "how many shapes are there?", "colour": "what colour are the shapes?",
+    "shape": "what shape are they?", "position": "where are the shapes?",
+    "background": "what colour is the background?", "size": "are the shapes small or large?",
+}
+VQA_STYLES = ("Q: {q} A:", "Question: {q} Answer:", "based on the picture, {q} short answer:")
+EXAMPLE_SEPARATOR = "."
+SHAPE_FACTS = {"triangle": "three corners", "square": "four corners", "pentagon": "five corners",
+               "hexagon": "six corners", "diamond": "four corners", "star": "five points", "cross": "four arms",
+               "circle": "no corners"}
+
+
+# ------------------------------------------------------------------------------------------ answer formats
+def attribute_value(scene: Scene, attribute: str, numbers: str = "digit") -> str:
+    g = scene.groups[0]
+    if attribute == "count":
+        return str(g.count) if numbers == "digit" else NUMBER_WORDS[g.count]
+    if attribute == "position":
+        return scene.position(g)
+    if attribute == "background":
+        return scene.background
+    return getattr(g, attribute)
+
+
+@dataclass(frozen=True)
+class AttributeFormat:
+    """How an attribute tuple is written: which attributes in which order, brackets, delimiter, numbers, keys."""
+
+    attributes: tuple[str, ...]
+    brackets: str = "square"  # a key of BRACKETS
+    separator: str = "comma"  # a key of SEPARATORS
+    numbers: str = "digit"  # or "word"
+    keyed: bool = False  # "colour: red" instead of "red"
+
+    @property
+    def id(self) -> str:
+        """e.g. "attributes:colour,background,count,position/square/comma/digit/plain"."""
+        return (f"attributes:{','.join(self.attributes)}/{self.brackets}/{self.separator}/{self.numbers}/"
+                f"{'keyed' if self.keyed else 'plain'}")
+
+    @classmethod
+    def from_id(cls, format_id: str) -> AttributeFormat:
+        attributes, brackets, separator, numbers, keyed = format_id.removeprefix("attributes:").split("/")
+        return cls(tuple(attributes.split(",")), brackets, separator, numbers, keyed == "keyed")
+
+    def render(self, scene: Scene) -> str:
+        values = [attribute_value(scene, a, self.numbers) for a in self.attributes]
+        items = [f"{a}: {v}" for a, v in zip(self.attributes, values)] if self.keyed else values
+        opening, closing = BRACKETS[self.brackets]
+        return opening + SEPARATORS[self.separator].join(items) + closing
+
+
+README_FORMAT = AttributeFormat(("colour", "background", "count", "position"))  # official README example
+
+
+def is_heldout_format(fmt: AttributeFormat, seed: int) -> bool:
+    if fmt == README_FORMAT:
+        return False
+    return random.Random(f"{seed}:format:{fmt.id}").random() < HELDOUT_FORMAT_FRACTION
+
+
+def sample_attribute_format(rng: random.Random, seed: int, heldout: bool) -> AttributeFormat:
+    while True:
+        fmt = AttributeFormat(tuple(rng.sample(ATTRIBUTES, rng.randint(2, 4))), rng.choice(sorted(BRACKETS)),
+                              rng.choice(sorted(SEPARATORS)), rng.choice(("digit", "word")), rng.random() < 0.25)
+        if rng.random() < 0.05:
+            fmt = README_FORMAT
+        if is_heldout_format(fmt, seed) == heldout:
+            return fmt
+
+
+def example_text(prompt: str, answer: str) -> str:
+    """The text after an example's image: prompt, answer, separator (same in training documents and eval)."""
+    return (prompt + " " if prompt else "") + answer + EXAMPLE_SEPARATOR
+
+
+@dataclass
+class Task:
+    """A hidden in-context task: produces (scene, prompt, answer) examples."""
+
+    name: str
+    format: str
+    scene_split: str  # "train" or "heldout" scenes
+    attribute_format: AttributeFormat | None = None
+    label_attribute: str = ""
+    label_map: dict = field(default_factory=dict)  # attribute value -> label word
+    label_template: str = "{w}"
+    vqa_style: str = ""
+
+    def example(self, world: World, rng: random.Random) -> tuple[Scene, str, str]:
+        if self.name == "attributes":
+            scene = world.group_scene(rng, self.scene_split)
+            return scene, "", self.attribute_format.render(scene)
+        if self.name == "labels":
+            value = rng.choice(sorted(self.label_map, key=str))
+            scene = world.group_scene(rng, self.scene_split, **{self.label_attribute: value})
+            return scene, "", self.label_template.format(w=self.label_map[value])
+        scene = world.group_scene(rng, self.scene_split)
+        question = rng.choice(sorted(VQA_QUESTIONS))
+        return scene, self.vqa_style.format(q=VQA_QUESTIONS[question]), attribute_value(scene, question)
+
+
+def _label_values(world: World, attribute: str, scene_split: str) -> list:
+    if attribute == "shape":
+        return sorted({s for s, _ in world.heldout_combos}) if scene_split == "heldout" else list(SHAPES)
+    if attribute == "colour":
+        return sorted({c for _, c in world.heldout_combos}) if scene_split == "heldout" else list(COLOURS)
+    if attribute == "count":
+        return list(NUMBER_WORDS)
+    return list(SIZES)
+
+
+def sample_task(world: World, rng: random.Random, split: str) -> Task:
+    """A task for a document of ``split``: training tasks for train/val/heldout_combos (held-out scenes for the
+    latter), held-out formats for heldout_formats, held-out label words for heldout_labels."""
+    scene_split = "heldout" if split == "heldout_combos" else "train"
+    if split == "heldout_formats":
+        name = "attributes"
+    elif split == "heldout_labels":
+        name = "labels"
+    else:
+        name = rng.choices(("attributes", "labels", "vqa"), weights=(0.4, 0.4, 0.2))[0]
+    if name == "attributes":
+        fmt = sample_attribute_format(rng, world.seed, heldout=split == "heldout_formats")
+        return Task(name, fmt.id, scene_split, attribute_format=fmt)
+    if name == "labels":
+        attribute = rng.choice(LABEL_ATTRIBUTES)
+        options = _label_values(world, attribute, scene_split)
+        values = rng.sample(options, min(len(options), rng.randint(2, 3)))
+        words = rng.sample(HELDOUT_LABEL_WORDS if split == "heldout_labels" else LABEL_WORDS, len(values))
+        template = rng.choice(LABEL_TEMPLATES)
+        # the label vocabulary is part of the answer format: held-out words make a format unseen in training
+        return Task(name, f"labels:{attribute}|{template}|{','.join(sorted(words))}", scene_split,
+                    label_attribute=attribute,
+                    label_map=dict(zip(values, words)), label_template=template)
+    style = rng.choice(VQA_STYLES)
+    return Task(name, f"vqa:{style}", scene_split, vqa_style=style)
+
+
+def task_meta(task: Task, scenes: list[Scene]) -> dict:
+    return {"task": task.name, "format": task.format, "combos": _combos(scenes),
+            "label_words": sorted(task.label_map.values())}
+
+
+def _combos(scenes: list[Scene]) -> list[list[str]]:
+    return sorted([list(c) for c in set().union(*(s.combos for s in scenes))]) if scenes else []
+
+
+# ------------------------------------------------------------------------------------------------ captions
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def grounded_caption(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[int, int, Group]]]:
+    """A caption naming every group, with the character span of each group's noun phrase."""
+    with_position = rng.random() < 0.5
+    start = rng.choice(("", "a picture of ", "there is "))
+    text, spans = start, []
+    for i, g in enumerate(scene.groups):
+        if i:
+            text += " and " if i == len(scene.groups) - 1 else ", "
+        phrase = describe(g)
+        spans.append((len(text), len(text) + len(phrase), g))
+        text += phrase
+        if with_position:
+            text += f" in the {scene.position(g)}"
+    text += f" on a {scene.background} background."
+    return text[0].upper() + text[1:], spans
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    if len(scene.groups) > 1 or rng.random() < 0.5:
+        return grounded_caption(scene, rng)[0]
+    g = scene.groups[0]
+    verb = "is" if g.count == 1 else "are"
+    template = rng.choice((
+        "{d} {v} in the {p} of the picture, on a {b} background.",
+        "A {b} background with {d} in the {p}.",
+        "{d} on {b}, in the {p}.",
+    ))
+    text = template.format(d=describe(g), v=verb, p=scene.position(g), b=scene.background)
+    return text[0].upper() + text[1:]
+
+
+# ---------------------------------------------------------------------------------------------------- video
+def _interpolate(a: Scene, b: Scene, t: float) -> Scene:
+    groups = []
+    for ga, gb in zip(a.groups, b.groups):
+        boxes = tuple(tuple(round(va + (vb - va) * t, 4) for va, vb in zip(ba, bb)) for ba, bb in zip(ga.boxes, gb.boxes))
+        groups.append(replace(ga if t < 0.5 else gb, boxes=boxes))
+    return replace(a if t < 0.5 else b, groups=tuple(groups))
+
+
+def video_event(world: World, scene: Scene, rng: random.Random, split: str) -> tuple[Scene, str, str]:
+    """An event happening to the scene's first group: (end scene, event name, sentence predicate)."""
+    g = scene.groups[0]
+    s = "s" if g.count == 1 else ""
+    event = rng.choice(("move", "recolour", "resize"))
+    if event == "move":
+        cell = rng.choice([c for c in sorted(CELL_NAMES[scene.grid]) if c != g.cell])
+        # same jitter pattern in the new cell, so the objects glide without reshuffling
+        end = moved(scene, 0, cell, random.Random(0))
+        start = moved(scene, 0, g.cell, random.Random(0))
+        return (start, end), event, f"move{s} from the {scene.position(g)} to the {CELL_NAMES[scene.grid][cell]}"
+    if event == "recolour":
+        options = world.colours_for(g.shape, split, exclude=(g.colour, scene.background))
+        colour = rng.choice(options) if options else g.colour
+        return (scene, changed(scene, 0, colour=colour)), event, f"turn{s} from {g.colour} to {colour}"
+    size = "small" if g.size == "large" else "large"
+    verb = "grow" if size == "large" else "shrink"
+    start = changed(scene, 0, random.Random(0), size=g.size)
+    return (start, changed(scene, 0, random.Random(0), size=size)), event, f"{verb}{s} from {g.size} to {size}"
+
+
+def video_frames(start: Scene, end: Scene, frames: int, size: int) -> list[Image.Image]:
+    return [render_scene(_interpolate(start, end, k / (frames - 1)), size) for k in range(frames)]
+
+
+# ----------------------------------------------------------------------------------------------- the maker
+@dataclass
+class ShapesMaker:
+    """Makes one record of any sample kind, plus json metadata (combinations shown, task, format)."""
+
+    world: World
+    image_size: int = 64
+    video_frames: int = 8
+    clip_frames: int = 4
+
+    def make(self, kind: str, rng: random.Random, split: str) -> tuple[K.Record, dict]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        scene_split = "heldout" if split == "heldout_combos" else "train"
+        if kind == "interleaved" and split.startswith("heldout") or kind == "fewshot":
+            return self.fewshot_document(rng, split)
+        return getattr(self, kind)(rng, scene_split)
+
+    def render(self, scene: Scene) -> Image.Image:
+        return render_scene(scene, self.image_size)
+
+    def _scene(self, rng: random.Random, split: str) -> Scene:
+        if rng.random() < 0.7:
+            return self.world.group_scene(rng, split)
+        return self.world.multi_scene(rng, split, objects=rng.randint(2, 3))
+
+    # -- pretraining kinds
+    def pair(self, rng, split):
+        scene = self._scene(rng, split)
+        return K.ImageTextPair(self.render(scene), caption(scene, rng)), {"combos": _combos([scene])}
+
+    def text_to_image(self, rng, split):
+        scene = self._scene(rng, split)
+        return K.TextToImage(caption(scene, rng), self.render(scene)), {"combos": _combos([scene])}
+
+    def video_pair(self, rng, split):
+        scene = self.world.group_scene(rng, split)
+        (start, end), event, predicate = video_event(self.world, scene, rng, split)
+        text = f"{describe(scene.groups[0])} {predicate}."
+        frames = video_frames(start, end, self.video_frames, self.image_size)
+        return K.VideoTextPair(frames, text[0].upper() + text[1:]), {"combos": _combos([start, end]), "event": event}
+
+    def video_interleaved(self, rng, split):
+        scene = self.world.group_scene(rng, split)
+        texts, clips, scenes = [], [], [scene]
+        for k in range(rng.randint(2, 3)):
+            (start, end), _, predicate = video_event(self.world, scene, rng, split)
+            subject = describe(scene.groups[0]) if k == 0 else ("then it" if scene.groups[0].count == 1 else "then they")
+            sentence = f"{subject} {predicate}."
+            texts.append(sentence[0].upper() + sentence[1:])
+            clips.append(video_frames(start, end, self.clip_frames, self.image_size))
+            scene = end
+            scenes.append(end)
+        return K.VideoDocument(texts, clips, list(range(len(clips)))), {"combos": _combos(scenes)}
+
+    def interleaved(self, rng, split):
+        if rng.random() < 0.8:
+            return self.fewshot_document(rng, "heldout_combos" if split == "heldout" else "train")
+        # an MMC4-like document: captions and a few text-only sentences, images before/after at random
+        scenes, texts, index = [], [], []
+        for _ in range(rng.randint(2, 5)):
+            if rng.random() < 0.3:
+                texts.append(rng.choice(("Here is another picture.", "The next one is different.",
+                                         "Look at this one.")))
+            scene = self._scene(rng, split)
+            scenes.append(scene)
+            index.append(len(texts))
+            texts.append(caption(scene, rng))
+        doc = K.InterleavedDocument(texts, [self.render(s) for s in scenes], index, "random")
+        return doc, {"task": "captions", "format": "captions", "combos": _combos(scenes), "label_words": []}
+
+    def fewshot_document(self, rng: random.Random, split: str, examples: int | None = None):
+        """A document following one hidden task: each image followed by its answer (image_position "before")."""
+        task = sample_task(self.world, rng, split)
+        scenes, texts = [], []
+        for _ in range(examples or rng.randint(4, 8)):
+            scene, prompt, answer = task.example(self.world, rng)
+            scenes.append(scene)
+            texts.append(example_text(prompt, answer))
+        doc = K.InterleavedDocument(texts, [self.render(s) for s in scenes], list(range(len(texts))), "before")
+        return doc, task_meta(task, scenes)
+
+    def grounded(self, rng, split):
+        scene = self.world.multi_scene(rng, split, objects=rng.randint(2, 3), max_count=2)
+        text, spans = grounded_caption(scene, rng)
+        objects = [K.GroundedObject(s, e, list(g.boxes)) for s, e, g in spans]
+        return K.GroundedPair(self.render(scene), text, objects), {"combos": _combos([scene])}
+
+    def text(self, rng, split):
+        sentences = []
+        for _ in range(rng.randint(3, 6)):
+            choice = rng.random()
+            if choice < 0.4:
+                shape = rng.choice(SHAPES)
+                sentences.append(f"A {shape} has {SHAPE_FACTS[shape]}.")
+            elif choice < 0.8:
+                text = caption(self.world.group_scene(rng, split), rng)
+                sentences.append(f"Imagine {text[0].lower()}{text[1:]}")
+            else:
+                n = rng.randint(2, 4)
+                sentences.append(f"Counting to {NUMBER_WORDS[n]}: " + ", ".join(NUMBER_WORDS[k] for k in range(1, n + 1)) + ".")
+        return K.Text(" ".join(sentences)), {"combos": []}
+
+    # -- chat
+    def chat(self, rng, split):
+        choice = rng.random()
+        short = P.SHORT_ANSWER_SYSTEM_MESSAGE
+        if choice < 0.4:  # VQA with the output-format instruction (2.3.1)
+            scene = self.world.group_scene(rng, split)
+            questions = rng.sample(sorted(VQA_QUESTIONS), rng.randint(1, 3))
+            messages = []
+            for k, q in enumerate(questions):
+                ask = VQA_QUESTIONS[q][0].upper() + VQA_QUESTIONS[q][1:]
+                prefix = P.IMAGE_PLACEHOLDER if k == 0 else ""
+                messages += [f"{prefix}{ask}\nAnswer the question using a single word or phrase.",
+                             attribute_value(scene, q)]
+            return K.Conversation(messages, [self.render(scene)], system=short), {"combos": _combos([scene])}
+        if choice < 0.6:
+            scene = self._scene(rng, split)
+            messages = [f"{P.IMAGE_PLACEHOLDER}Describe the image in detail.", caption(scene, rng)]
+            return K.Conversation(messages, [self.render(scene)]), {"combos": _combos([scene])}
+        if choice < 0.75:  # referring expression comprehension: answer with the box
+            scene = self.world.multi_scene(rng, split, objects=rng.randint(2, 3))
+            g = rng.choice(scene.groups)
+            messages = [f"{P.IMAGE_PLACEHOLDER}Where is the {describe(g, article='').strip()}? Give its box.",
+                        P.box_to_tokens(g.box, 1.0, 1.0)]
+            return K.Conversation(messages, [self.render(scene)], system=short), {"combos": _combos([scene])}
+        if choice < 0.9:
+            record, meta = self.video_pair(rng, split)
+            messages = [f"{P.VIDEO_TOKEN}What happens in the video?", record.text]
+            return K.Conversation(messages, frames=record.frames), meta
+        shape = rng.choice(SHAPES)
+        messages = [f"How many corners does a {shape} have?", f"A {shape} has {SHAPE_FACTS[shape]}."]
+        return K.Conversation(messages), {"combos": []}
+
+    # -- generation (Emu2-Gen)
+    def edit(self, rng, split):
+        scene = self.world.group_scene(rng, split)
+        g = scene.groups[0]
+        things = f"the {g.size} {g.colour} {g.shape if g.count == 1 else plural(g.shape)}"
+        choice = rng.choice(("colour", "move", "background", "count", "size"))
+        if choice == "colour" and (colours := self.world.colours_for(g.shape, split, (g.colour, scene.background))):
+            colour = rng.choice(colours)
+            edited, instruction = changed(scene, 0, colour=colour), f"make {things} {colour}"
+        elif choice == "move":
+            cell = rng.choice([c for c in sorted(CELL_NAMES[scene.grid]) if c != g.cell])
+            edited, instruction = moved(scene, 0, cell, rng), f"move {things} to the {CELL_NAMES[scene.grid][cell]}"
+        elif choice == "background":
+            options = [b for b in BACKGROUNDS if b not in (scene.background, g.colour)]
+            background = rng.choice(options)
+            edited, instruction = replace(scene, background=background), f"change the background to {background}"
+        elif choice == "count" and g.count < 4:
+            edited, instruction = changed(scene, 0, rng, count=g.count + 1), f"add one more {g.shape}"
+        else:
+            size = "small" if g.size == "large" else "large"
+            edited, instruction = changed(scene, 0, rng, size=size), f"make {things} {size}"
+        record = K.ImageEdit(self.render(scene), instruction[0].upper() + instruction[1:] + ".", self.render(edited))
+        return record, {"combos": _combos([scene, edited])}
+
+    def grounded_generation(self, rng, split):
+        scene = self.world.multi_scene(rng, split, objects=rng.randint(2, 3))
+        text, spans = grounded_caption(scene, rng)
+        objects = [K.GroundedObject(s, e, list(g.boxes)) for s, e, g in spans]
+        subjects = [render_object(g.shape, g.colour, scene.background, self.image_size) for _, _, g in spans]
+        return K.GroundedGeneration(self.render(scene), text, objects, subjects), {"combos": _combos([scene])}
+
+
+# --------------------------------------------------------------------------------------------- eval episodes
+def make_episode(maker: ShapesMaker, rng: random.Random, split: str, support: int = 8, queries: int = 4) -> dict:
+    """One few-shot evaluation episode of a held-out split: ``support`` examples, then ``queries``.
+
+    A k-shot prompt uses the first k support examples (see `fewshot_prompt`). Images are PIL images under
+    "image"; `write.py` replaces them by file paths.
+    """
+    task = sample_task(maker.world, rng, split)
+    examples = []
+    for _ in range(support + queries):
+        scene, prompt, answer = task.example(maker.world, rng)
+        examples.append({"image": maker.render(scene), "prompt": prompt, "answer": answer,
+                         "combos": _combos([scene])})
+    return {"split": split, "task": task.name, "format": task.format, "label_words": sorted(task.label_map.values()),
+            "support": examples[:support], "queries": examples[support:]}
+
+
+def fewshot_prompt(episode: dict, shots: int, query: int) -> tuple[str, list, str]:
+    """(prompt with ``[<IMG_PLH>]`` placeholders, the images in order, expected answer) for a k-shot query.
+
+    The layout matches the training documents: ``[<IMG_PLH>]`` + example text per support example, then
+    ``[<IMG_PLH>]`` + the query's prompt; the model continues with the answer.
+    """
+    if shots > len(episode["support"]):
+        raise ValueError(f"the episode has {len(episode['support'])} support examples, asked for {shots} shots")
+    examples = episode["support"][:shots]
+    text = "".join(P.IMAGE_PLACEHOLDER + example_text(e["prompt"], e["answer"]) for e in examples)
+    q = episode["queries"][query]
+    text += P.IMAGE_PLACEHOLDER + q["prompt"]
+    return text, [e["image"] for e in examples] + [q["image"]], q["answer"]

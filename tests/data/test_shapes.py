@@ -1,0 +1,159 @@
+"""The procedural shapes world: determinism, every kind, true boxes, held-out splits and few-shot episodes."""
+
+import argparse
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from emu2 import processing as P
+from emu2.data.kinds import KINDS
+from emu2.data.mixing import sources_from_manifest
+from emu2.data.shapes import ShapesMaker, World, fewshot_prompt, write_shapes
+from emu2.data.shapes.cli import add_parser, main
+from emu2.data.shapes.tasks import LABEL_WORDS, README_FORMAT, AttributeFormat, is_heldout_format
+from emu2.data.shapes.world import COLOURS, Group, Scene
+from emu2.data.shards import ShardDataset
+
+
+def small_world(out, seed=0, processes=1):
+    return write_shapes(out, seed=seed, num_train=6, num_val=3, num_heldout=3, num_episodes=1, image_size=16,
+                        shard_size=4, processes=processes)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def json_members(root: Path, split: str, kind: str | None = None):
+    for shard in sorted((root / split).glob(f"{kind or '*'}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    yield member.name.split("-")[0], json.loads(tar.extractfile(member).read())
+
+
+def test_same_seed_gives_byte_identical_shards(tmp_path):
+    small_world(tmp_path / "a", seed=3)
+    small_world(tmp_path / "b", seed=3, processes=2)
+    small_world(tmp_path / "c", seed=4)
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys() and a != c
+    with tarfile.open(tmp_path / "a" / "train" / "pair-000000.tar") as tar:
+        member = tar.getmembers()[0]
+        assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (0, 0, 0, "emu2", "emu2")
+
+
+def test_every_kind_is_present_and_builds(shapes_dir, tokenizer, config):
+    manifest = json.loads((shapes_dir / "dataset.json").read_text())
+    assert set(manifest["splits"]["train"]) == set(KINDS)
+    sources = sources_from_manifest(shapes_dir, "train")
+    dataset = ShardDataset(sources, tokenizer, config, shuffle_buffer=1, repeat=False)
+    kinds = [s.kind for s in dataset]
+    assert {k: kinds.count(k) for k in KINDS} == {k: 30 for k in KINDS}
+    assert not [k for k in dataset.stats if k.startswith("skipped") or k == "read_errors"]
+
+
+def test_grounded_boxes_are_the_true_object_boxes():
+    maker = ShapesMaker(World.from_seed(0), image_size=64)
+    for seed in range(10):
+        record, _ = maker.make("grounded", random.Random(seed), "train")
+        for obj in record.objects:
+            phrase = record.caption[obj.start:obj.end]
+            colour = next(c for c in COLOURS if f" {c} " in f" {phrase} ")
+            for x1, y1, x2, y2 in obj.boxes:
+                centre = record.image.getpixel((int((x1 + x2) / 2 * 64), int((y1 + y2) / 2 * 64)))
+                assert max(abs(a - b) for a, b in zip(centre, COLOURS[colour])) < 40, (phrase, centre)
+
+
+def test_videos_show_the_event_their_caption_names():
+    maker = ShapesMaker(World.from_seed(0), image_size=32)
+    record, meta = maker.make("video_pair", random.Random(1), "train")
+    assert len(record.frames) == 8 and record.frames[0].tobytes() != record.frames[-1].tobytes()
+    assert {"move": "move", "recolour": "turn", "resize": "from"}[meta["event"]] in record.text
+
+
+def test_readme_format_is_the_official_example():
+    group = Group("square", "red", "small", 3, (1, 0), ((0.0, 0.5, 0.1, 0.6),) * 3)
+    assert README_FORMAT.render(Scene("white", 2, (group,))) == "[red, white, 3, bottom left]"
+    assert not is_heldout_format(README_FORMAT, seed=0)
+
+
+def test_fewshot_documents_put_each_image_before_its_answer(shapes_dir):
+    docs = [meta for kind, meta in json_members(shapes_dir, "train", "interleaved") if meta["meta"]["task"] != "captions"]
+    assert {d["meta"]["task"] for d in docs} >= {"attributes", "labels"}
+    for doc in docs:
+        assert doc["image_position"] == "before" and doc["image_text_index"] == list(range(len(doc["texts"])))
+        assert 4 <= len(doc["texts"]) <= 8 and all(t.endswith(".") for t in doc["texts"])
+        if doc["meta"]["task"] == "labels":  # every answer is one of the document's own label words
+            assert all(any(w in t.split(" ")[-1] for w in doc["meta"]["label_words"]) for t in doc["texts"])
+
+
+def test_heldout_splits_share_no_format_or_combination_with_training(shapes_dir):
+    world = World.from_seed(0)
+    train = [meta["meta"] for split in ("train", "val") for _, meta in json_members(shapes_dir, split)]
+    train_combos = {tuple(c) for m in train for c in m.get("combos", [])}
+    train_formats = {m["format"] for m in train if "format" in m}
+    train_words = {w for m in train for w in m.get("label_words", [])}
+    assert train_combos and train_formats and train_words
+    assert not train_combos & world.heldout_combos
+    assert all(not is_heldout_format_id(f) for f in train_formats)
+    assert train_words <= set(LABEL_WORDS)
+    pairs = {(m["format"], tuple(c)) for m in train if "format" in m for c in m["combos"]}
+    for split in ("heldout_combos", "heldout_formats", "heldout_labels"):
+        metas = [meta["meta"] for _, meta in json_members(shapes_dir, split)]
+        assert metas
+        for m in metas:
+            assert not {(m.get("format"), tuple(c)) for c in m["combos"]} & pairs
+            if split == "heldout_combos":
+                assert {tuple(c) for c in m["combos"]} <= world.heldout_combos
+            if split == "heldout_formats":
+                assert m["format"] not in train_formats and is_heldout_format_id(m["format"])
+            if split == "heldout_labels":
+                assert m["label_words"] and not set(m["label_words"]) & set(LABEL_WORDS)
+    train_text = " ".join(json.dumps(meta) for split in ("train", "val") for _, meta in json_members(shapes_dir, split))
+    for word in {w for _, meta in json_members(shapes_dir, "heldout_labels") for w in meta["meta"]["label_words"]}:
+        assert f" {word}" not in train_text and f'"{word}' not in train_text
+
+
+def is_heldout_format_id(format_id: str) -> bool:
+    """Held-out formats are attribute formats the seed-0 world marks as held out."""
+    if not format_id.startswith("attributes:"):
+        return False
+    fmt = AttributeFormat.from_id(format_id)
+    assert fmt.id == format_id
+    return is_heldout_format(fmt, seed=0)
+
+
+def test_eval_episodes_give_0_1_2_4_8_shot_prompts(shapes_dir):
+    episodes = json.loads((shapes_dir / "eval" / "episodes.json").read_text())
+    assert episodes["shots"] == [0, 1, 2, 4, 8]
+    assert {e["split"] for e in episodes["episodes"]} == {"heldout_combos", "heldout_formats", "heldout_labels"}
+    for episode in episodes["episodes"]:
+        assert len(episode["support"]) == 8 and episode["queries"]
+        for shots in episodes["shots"]:
+            text, images, answer = fewshot_prompt(episode, shots, query=0)
+            assert text.count(P.IMAGE_PLACEHOLDER) == len(images) == shots + 1
+            assert answer == episode["queries"][0]["answer"]
+            assert all((shapes_dir / "eval" / image).is_file() for image in images)
+        if episode["split"] == "heldout_labels":
+            assert episode["queries"][0]["answer"].split()[-1] in episode["label_words"]
+
+
+def test_cli_runs_standalone_and_as_a_subcommand(tmp_path, capsys):
+    main(["--out", str(tmp_path / "w"), "--seed", "1", "--num-train", "2", "--num-episodes", "1", "--image-size", "16"])
+    assert json.loads(capsys.readouterr().out)["samples"]["train"] == 2 * len(KINDS)
+    assert (tmp_path / "w" / "dataset.json").is_file()
+    parser = argparse.ArgumentParser(prog="emu2")
+    data = parser.add_subparsers(dest="command").add_parser("data").add_subparsers(dest="data_command")
+    add_parser(data)
+    args = parser.parse_args(["data", "shapes", "--out", "x", "--seed", "5", "--image-size", "32"])
+    assert (args.seed, args.image_size, args.num_train) == (5, 32, 1000) and callable(args.func)
+
+
+def test_unknown_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown split"):
+        ShapesMaker(World.from_seed(0)).make("pair", random.Random(0), "test")
