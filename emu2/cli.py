@@ -69,10 +69,34 @@ def _bench(args) -> int:
         from .bench.regression import run
 
         result = run(repeats=args.repeats)
+    elif args.what == "data":
+        result = _bench_data(args)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {args.what}")
     print(json.dumps(result, indent=2 if not args.json else None))
     return 0
+
+
+def _bench_data(args) -> dict:
+    """Samples/s through decode + preprocess + sequence build, with 1 and 2 loader workers, side by side."""
+    import tempfile
+
+    from .data.bench import benchmark_pipeline
+    from .data.sequence import SequenceConfig
+    from .data.shapes import write_shapes
+    from .processing import load_tokenizer
+
+    tokenizer = load_tokenizer(instruct=True)
+    config = SequenceConfig(n_query=16, v_query=4, image_size=64, max_length=1024)  # the `shapes` preset
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = Path(tmp) / "shapes"
+            write_shapes(data, seed=0, num_train=200, num_episodes=2)
+        runs = {f"workers_{w}": benchmark_pipeline(data, workers=w, seconds=args.seconds, tokenizer=tokenizer,
+                                                   config=config) for w in (1, 2)}
+    runs["speedup_2_over_1"] = round(runs["workers_2"]["samples_per_s"] / runs["workers_1"]["samples_per_s"], 2)
+    return runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
-    p.add_argument("what", choices=["image-regression"], help="which benchmark")
+    p.add_argument("what", choices=["image-regression", "data"], help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
+    p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
+    p.add_argument("--seconds", type=float, default=10.0, help="data: seconds timed per worker count")
     p.set_defaults(func=_bench)
+
+    from .data.cli import add_parser as add_data_parser
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""The shapes benchmark: the paper's Table 1 / Figure 1 analogue on the procedural shapes world.
+
+Tasks (all on held-out material: attribute combinations, answer formats and label words never trained on):
+- few-shot: the `eval/episodes.json` episodes of `emu2 data shapes` at k = 0, 1, 2, 4, 8 shots, with the base
+  model; exact match and per-field accuracy of the answer (e.g. "[red; 3; top left]" has three fields);
+- with an instruction-tuned (chat) model, on freshly rendered held-out scenes with known answers: VQA (the
+  chat data's short-answer format), captioning (attribute recall), grounding (box from "Where is the X?
+  Give its box.", accuracy at IoU >= 0.5) and video QA (what happened: event words recalled).
+Generation attribute accuracy comes from the visual-decoder metrics (`emu2.gen`) when a Gen model is given.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import processing as P
+from .metrics import box_iou
+
+_FIELDS = re.compile(r"[^\w\s]+")
+
+
+def _cut_answer(text: str) -> str:
+    """The generated continuation up to the end of the answer: the next image, `</s>` or the separator."""
+    for stop in (P.BOI, "</s>", "\n"):
+        text = text.split(stop)[0]
+    text = text.strip()
+    return text[:-1].strip() if text.endswith(".") else text
+
+
+def _fields(answer: str) -> list[str]:
+    return [f.strip() for f in _FIELDS.split(answer.lower()) if f.strip()]
+
+
+def field_accuracy(prediction: str, answer: str) -> float:
+    """Fraction of the answer's fields (split at punctuation) found at the same place in the prediction."""
+    want, got = _fields(answer), _fields(prediction)
+    if not want:
+        return float(prediction.strip() == answer.strip())
+    return sum(w == g for w, g in zip(want, got)) / len(want)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2, 4, 8),
+                     max_new_tokens: int = 24, batch_size: int = 8) -> dict:
+    """Few-shot accuracy per held-out split and shot count on the dataset's evaluation episodes.
+
+    Returns ``{split: {shots: {"exact": float, "fields": float, "n": int}}}`` plus ``"all"`` over splits.
+    """
+    from ..data.shapes import fewshot_prompt
+
+    episodes_path = Path(data_dir) / "eval" / "episodes.json"
+    episodes = json.loads(episodes_path.read_text())["episodes"]
+    root = episodes_path.parent
+    items = [(ep["split"], k, q) for ep in episodes for k in shots for q in range(len(ep["queries"]))
+             if k <= len(ep["support"])]
+    prompts = []
+    for ep in episodes:
+        for k in shots:
+            if k > len(ep["support"]):
+                continue
+            for q in range(len(ep["queries"])):
+                text, images, answer = fewshot_prompt(ep, k, q)
+                prompts.append((text, [Image.open(root / im).convert("RGB") for im in images], answer))
+    scores: dict = {}
+    for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
+        chunk = prompts[start:start + batch_size]
+        batch = pipe.encode([t for t, _, _ in chunk], [im for _, ims, _ in chunk for im in ims])
+        ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)
+        for (split, k, _), (_, _, answer), text in zip(items[start:], chunk, texts):
+            prediction = _cut_answer(text)
+            for key in (split, "all"):
+                cell = scores.setdefault(key, {}).setdefault(k, {"exact": 0.0, "fields": 0.0, "n": 0})
+                cell["exact"] += float(_normal(prediction) == _normal(answer))
+                cell["fields"] += field_accuracy(prediction, answer)
+                cell["n"] += 1
+    for per_shot in scores.values():
+        for cell in per_shot.values():
+            cell["exact"] = round(cell["exact"] / cell["n"], 4)
+            cell["fields"] = round(cell["fields"] / cell["n"], 4)
+    return scores
+
+
+# ------------------------------------------------------------------------------------ instruction tasks
+def _chat(pipe, messages_images: list[tuple[str, list, list]], system: str | None, max_new_tokens: int) -> list[str]:
+    prompts = [P.chat_prompt([m], system=system) for m, _, _ in messages_images]
+    batch = pipe.encode(prompts, [im for _, ims, _ in messages_images for im in ims],
+                        [fr for _, _, frs in messages_images for fr in frs])
+    ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.split("</s>")[0].strip() for t in pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)]
+
+
+def evaluate_instructions(pipe, data_dir: str | Path, items: int = 32, seed: int = 1234,
+                          batch_size: int = 8) -> dict:
+    """VQA, captioning, grounding and video QA of a chat model on rendered held-out scenes."""
+    from ..data.shapes.render import render_scene
+    from ..data.shapes.tasks import VQA_QUESTIONS, attribute_value, video_event, video_frames
+    from ..data.shapes.world import COLOURS, SHAPES, World, describe
+
+    manifest = json.loads((Path(data_dir) / "dataset.json").read_text())
+    world = World.from_seed(manifest.get("seed", 0))
+    size = manifest.get("image_size", pipe.model.config.vision_config.image_size)
+    rng = random.Random(seed)
+    short = P.SHORT_ANSWER_SYSTEM_MESSAGE
+    vqa, captions, grounding, video = [], [], [], []
+    for _ in range(items):
+        scene = world.group_scene(rng, "heldout")
+        image = render_scene(scene, size)
+        question = rng.choice(sorted(VQA_QUESTIONS))
+        ask = VQA_QUESTIONS[question][0].upper() + VQA_QUESTIONS[question][1:]
+        vqa.append((f"{P.IMAGE_PLACEHOLDER}{ask}\nAnswer the question using a single word or phrase.", [image], [],
+                    attribute_value(scene, question)))
+        g = scene.groups[0]
+        captions.append((f"{P.IMAGE_PLACEHOLDER}Describe the image in detail.", [image], [],
+                         {g.shape, g.colour, scene.position(g), scene.background}))
+        multi = world.multi_scene(rng, "heldout", objects=rng.randint(2, 3))
+        target = rng.choice(multi.groups)
+        grounding.append((f"{P.IMAGE_PLACEHOLDER}Where is the {describe(target, article='').strip()}? Give its box.",
+                          [render_scene(multi, size)], [], target.box))
+        (start, end), event, predicate = video_event(world, scene, rng, "heldout")
+        video.append((f"{P.VIDEO_TOKEN}{P.VIDEO_PLACEHOLDER * 8}What happens in the video?", [],
+                      video_frames(start, end, 8, size), set(predicate.replace(",", "").split()) - {"the", "to", "from"}))
+
+    def run(tasks, system, max_new_tokens):
+        out = []
+        for start in range(0, len(tasks), batch_size):
+            chunk = tasks[start:start + batch_size]
+            out += _chat(pipe, [(m, ims, frs) for m, ims, frs, _ in chunk], system, max_new_tokens)
+        return out
+
+    results = {}
+    answers = run(vqa, short, 8)
+    results["vqa_exact"] = sum(_normal(_cut_answer(a)) == _normal(t[3]) for a, t in zip(answers, vqa)) / len(vqa)
+    answers = run(captions, P.CHAT_SYSTEM_MESSAGE, 32)
+    results["caption_attribute_recall"] = sum(
+        len({w for w in t[3] if w in a.lower()}) / len(t[3]) for a, t in zip(answers, captions)) / len(captions)
+    answers = run(grounding, short, 8)
+    boxes = [P.parse_box(a) for a in answers]
+    results["grounding_acc_iou50"] = sum(b is not None and box_iou(b, t[3]) >= 0.5
+                                         for b, t in zip(boxes, grounding)) / len(grounding)
+    results["grounding_parsed"] = sum(b is not None for b in boxes) / len(boxes)
+    answers = run(video, P.CHAT_SYSTEM_MESSAGE, 24)
+    results["video_event_recall"] = sum(len({w for w in t[3] if w in a.lower()}) / max(1, len(t[3]))
+                                        for a, t in zip(answers, video)) / len(video)
+    # Chance levels, to read the numbers against: one shape of 8, one colour of 9.
+    results["chance"] = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS)}
+    results["items"] = items
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
+
+
+def fewshot_table(scores: dict) -> str:
+    """Markdown: rows = shots, columns = held-out splits (exact match %, field accuracy % in brackets)."""
+    splits = [s for s in scores if s != "all"] + ["all"]
+    shots = sorted({k for s in splits for k in scores[s]}, key=int)
+    lines = ["| shots | " + " | ".join(splits) + " |", "|---:|" + "---:|" * len(splits)]
+    for k in shots:
+        cells = [f"{100 * scores[s][k]['exact']:.1f} ({100 * scores[s][k]['fields']:.1f})" if k in scores[s] else "-"
+                 for s in splits]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_shots(scores: dict, path: str | Path) -> None:
+    """PNG of exact-match and field accuracy against the number of shots, one line per held-out split."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.4))
+    FigureCanvasAgg(fig)
+    for index, metric in enumerate(("exact", "fields")):
+        ax = fig.add_subplot(1, 2, index + 1)
+        for split, per_shot in scores.items():
+            shots = sorted(per_shot, key=int)
+            ax.plot(shots, [100 * per_shot[k][metric] for k in shots], marker="o", label=split,
+                    linewidth=2.5 if split == "all" else 1.2)
+        ax.set_xlabel("shots (in-context examples)")
+        ax.set_ylabel(f"{'exact match' if metric == 'exact' else 'field accuracy'} (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle("shapes world: held-out few-shot accuracy vs shots")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
