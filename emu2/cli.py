@@ -71,6 +71,12 @@ def _bench(args) -> int:
         result = run(repeats=args.repeats)
     elif args.what == "data":
         result = _bench_data(args)
+    elif args.what == "serve":
+        from .serve.bench import run_fuzz, run_serve_benchmark
+
+        result = {"load": run_serve_benchmark(clients=args.clients, seconds=args.seconds, torch_threads=1)}
+        if args.fuzz:
+            result["fuzz"] = run_fuzz(max_examples=args.fuzz, seconds=max(args.seconds, 60))
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {args.what}")
     print(json.dumps(result, indent=2 if not args.json else None))
@@ -128,18 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
-    p.add_argument("what", choices=["image-regression", "data"], help="which benchmark")
+    p.add_argument("what", choices=["image-regression", "data", "serve"], help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
-    p.add_argument("--seconds", type=float, default=10.0, help="data: seconds timed per worker count")
+    p.add_argument("--seconds", type=float, default=10.0, help="data/serve: seconds timed per run")
+    p.add_argument("--clients", type=int, default=8, help="serve: concurrent clients on loopback")
+    p.add_argument("--fuzz", type=int, default=50, help="serve: schemathesis examples per operation (0: no fuzz)")
     p.set_defaults(func=_bench)
 
     from .data.cli import add_parser as add_data_parser
     from .eval.cli import add_parser as add_eval_parser
 
+    from .serve.cli import add_parsers as add_serve_parsers
+
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_serve_parsers(sub)
     return parser
 
 

@@ -69,7 +69,8 @@ def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, instruct: bool = False)
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True)
     wanted = [*SPECIAL_TOKENS, *(INSTRUCT_TOKENS if instruct else ())]
-    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # builds a dict each call: once, not per token
+    missing = [t for t in wanted if t not in vocab]
     if missing:
         if len(missing) != len(wanted) and not (instruct and missing == list(INSTRUCT_TOKENS)):
             raise PromptError(f"tokenizer at {path} has only some of the Emu2 special tokens; missing {missing[:5]}")

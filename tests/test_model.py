@@ -172,3 +172,9 @@ def test_other_llama_family_backbone_builds_through_auto_classes():
     ids = torch.tensor([[BOS] + image_block() + [EOS]])
     out = model(ids, images=torch.randn(1, 3, 56, 56), labels=ids, image_is_target=torch.tensor([True]))
     assert torch.isfinite(out.loss)
+
+
+def test_device_map_loading(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = Emu2ForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from emu2.convert.official import config_from_official, load_official, read_official_state_dict
 from emu2.processing import expand_placeholders, load_tokenizer
 
-from .conftest import FIXTURE
+from .conftest import FIXTURE, official_initial_latents
 
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"official fixture not found at {FIXTURE}")
 ATOL = 1e-4
@@ -146,3 +146,51 @@ def test_chat_generation_ids_match(cases, chat, chat_tokenizer, expected):
     ids = _ids(chat_tokenizer, chat, cases["chat_prompt"])
     out = chat.generate_text(ids, images=expected["pixel_values"][:1], do_sample=False, **case["kwargs"])
     assert out.tolist() == _generated(case["ids"])
+
+
+# ------------------------------------------------------------------------------------ Emu2-Gen (decoder)
+@pytest.fixture(scope="module")
+def gen(cases):
+    pytest.importorskip("diffusers")
+    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.model.decoder import load_official_gen_decoder
+    from emu2.pipeline import Emu2Pipeline
+
+    state = read_official_state_dict(FIXTURE / "gen.safetensors")
+    configs = cases["gen_configs"]
+    decoder = load_official_gen_decoder(state, configs["unet"], configs["vae"], configs["scheduler"])
+    decoder.set_progress_bar_config(disable=True)
+    encoder = _load("gen", cases["base_vision_cfg"])
+    return Emu2GenPipeline(Emu2Pipeline(encoder, load_tokenizer(FIXTURE / "tokenizer")), decoder)
+
+
+def _gen_inputs(prompt, expected):
+    """cases.json writes an input image as "<image:KEY>" (a uint8 tensor in expected.safetensors)."""
+    from PIL import Image
+
+    def item(p):
+        if p.startswith("<image:"):
+            return Image.fromarray(expected[p[len("<image:"):-1]].numpy())
+        return p
+
+    return [item(p) for p in prompt] if isinstance(prompt, list) else [item(prompt)]
+
+
+@pytest.mark.parametrize("run", ["t2i", "edit", "autoencode"])
+def test_gen_prompt_embeddings_match(cases, gen, expected, run):
+    cond, uncond = gen.conditioning(_gen_inputs(cases["gen_runs"][run]["prompt"], expected))
+    _close(torch.cat([cond, uncond]), expected[f"gen.{run}.prompt_embeds"])
+
+
+@pytest.mark.parametrize("run", ["t2i", "edit", "autoencode"])
+def test_gen_images_within_one_grey_level(cases, gen, expected, run):
+    """End to end: our encoder's embeddings (not the recorded ones) through our decoder."""
+    import numpy as np
+
+    args = dict(cases["gen_runs"][run])
+    out = gen(_gen_inputs(args.pop("prompt"), expected), height=args["height"], width=args["width"],
+              num_inference_steps=args["num_inference_steps"], guidance_scale=args["guidance_scale"],
+              original_size=tuple(args["original_size"]), crops_coords_top_left=tuple(args["crop_info"]),
+              latents=official_initial_latents(expected[f"gen.{run}.latents"], args["num_inference_steps"]))
+    diff = np.abs(np.asarray(out.image).astype(int) - expected[f"gen.{run}.image_uint8"].numpy().astype(int))
+    assert diff.max() <= 1, f"max grey-level difference {diff.max()}"

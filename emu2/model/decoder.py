@@ -1,0 +1,409 @@
+"""Visual decoder: the Emu2-Gen diffusion pipeline (paper 2.2.3; official-format sections 2.3 and 7).
+
+An SDXL-style UNet denoises latents conditioned on visual embeddings (B, Q, Dv) instead of text: the
+embeddings are the cross-attention context, and their mean over Q is the pooled "text_embeds" of SDXL's
+"text_time" added conditions. Where the embeddings come from is not this module's business: Emu2-Gen regresses them with the
+language model (`Emu2ForCausalLM.regress_image_embeddings`), autoencoding takes them straight from the vision
+encoder. The unconditional embeddings for classifier-free guidance are passed in the same way.
+
+    pipe = load_official_gen_decoder(state_dict, unet_config, vae_config)
+    images = pipe(cond_embeds, uncond_embeds, height=1024, width=1024).images
+
+Swap the sampler the diffusers way (DPM-Solver++ needs only 20-25 steps):
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.getLogger(__name__)
+
+# Official-format section 7: Euler, SD "scaled_linear" betas, "leading" spacing, offset 1 (981, 961, ..., 1).
+OFFICIAL_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class Emu2VisualDecoderPipeline(DiffusionPipeline):
+    """Decode visual embeddings (B, Q, Dv) into images with a conditional UNet, Euler sampling and CFG.
+
+    Components: ``unet`` (`UNet2DConditionModel`, ``cross_attention_dim`` = Dv, ``addition_embed_type``
+    "text_time"), ``scheduler`` (any diffusers scheduler; official Euler by default), ``vae``
+    (`AutoencoderKL`, or None for pixel-space diffusion: the UNet then denoises 3-channel pixels in [-1, 1]),
+    and optionally the official ``safety_checker`` + ``feature_extractor`` (flagged images become black).
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
+
+    def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None):
+        super().__init__()
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            vae=vae,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+        )
+
+    @classmethod
+    def from_configs(
+        cls,
+        unet_config: Mapping,
+        vae_config: Mapping | None = None,
+        scheduler_config: Mapping | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Emu2VisualDecoderPipeline:
+        """Randomly initialised pipeline from config dicts (diffusers kwargs, like cases.json
+        ``gen_configs``). ``vae_config=None`` gives pixel-space diffusion; ``scheduler_config=None`` the
+        official Euler settings.
+        """
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+        vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config is not None else None
+        scheduler = EulerDiscreteScheduler.from_config(dict(scheduler_config or OFFICIAL_SCHEDULER_CONFIG))
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae)
+        return pipe.to(dtype=dtype) if dtype not in (None, torch.float32) else pipe
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (the official pipeline computes it from the VAE, not a fixed 8)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample images conditioned on visual embeddings.
+
+        Args:
+            prompt_embeds: (B, Q, Dv) conditional visual embeddings (regressed by Emu2, or encoded images).
+            negative_prompt_embeds: (B or 1, Q, Dv) unconditional embeddings for classifier-free guidance;
+                required when ``guidance_scale > 1``, a single row is shared by the whole batch.
+            height, width: output size in pixels; default ``unet.config.sample_size * vae_scale_factor``.
+            generator: seeds the initial noise (one per prompt, or one for the batch).
+            latents: (B, C, height / vae_scale_factor, width / vae_scale_factor) initial standard-normal
+                latents, before ``init_noise_sigma`` scaling; drawn from ``generator`` when None.
+            original_size, crops_coords_top_left: SDXL size conditions; ``original_size`` defaults to
+                (height, width), as in the official call (official-format section 7).
+            output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float in [0, 1], "pt" (B, 3, H, W)
+                float in [0, 1], or "latent" (the final latents, undecoded).
+
+        Returns:
+            `ImagePipelineOutput(images=...)`, or the tuple ``(images,)`` when ``return_dict`` is False.
+        """
+        # 0. Default size from the UNet, as diffusers pipelines do.
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        original_size = tuple(original_size or (height, width))
+
+        # 1. Check inputs.
+        do_cfg = guidance_scale > 1.0
+        self.check_inputs(prompt_embeds, negative_prompt_embeds, height, width, do_cfg, latents, output_type)
+        batch_size = prompt_embeds.shape[0]
+        device, dtype = self._execution_device, self.unet.dtype
+
+        # 2. Conditioning: the CFG batch is [cond, uncond], in that order, as the official pipeline stacks it.
+        encoder_hidden_states, added_cond_kwargs = self.prepare_conditioning(
+            prompt_embeds,
+            negative_prompt_embeds if do_cfg else None,
+            original_size,
+            crops_coords_top_left,
+            (height, width),
+            device,
+            dtype,
+        )
+
+        # 3. Timesteps.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        # 4. Initial latents, scaled by the scheduler's init_noise_sigma.
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype)
+
+        # 5. Denoise.
+        step_kwargs = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
+        for t in self.progress_bar(timesteps):
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                added_cond_kwargs=added_cond_kwargs,
+            ).sample
+            if do_cfg:
+                noise_cond, noise_uncond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        # 6. Decode (and run the safety checker when one is loaded).
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.decode_latents(latents)  # (B, 3, H, W) in [0, 1]
+            images = self.run_safety_checker(images)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)  # uint8 via round(x * 255), as the official code
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def check_inputs(
+        self, prompt_embeds, negative_prompt_embeds, height, width, do_cfg, latents, output_type
+    ):
+        if prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be (B, Q, Dv), got shape {tuple(prompt_embeds.shape)}")
+        width_expected = self.unet.config.cross_attention_dim
+        if prompt_embeds.shape[-1] != width_expected:
+            raise ValueError(
+                f"prompt_embeds have width {prompt_embeds.shape[-1]} but the UNet's cross_attention_dim is "
+                f"{width_expected}; pass vision-width embeddings (after project_down), not LM hidden states"
+            )
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative_prompt_embeds (the unconditional embeddings: Emu2-Gen "
+                    "regresses them from the empty prompt, autoencoding encodes an all-zero image); "
+                    "or pass guidance_scale=1.0 to sample without guidance"
+                )
+            b, b_neg = prompt_embeds.shape[0], negative_prompt_embeds.shape[0]
+            if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:] or b_neg not in (1, b):
+                raise ValueError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must be (1 or {b}, "
+                    f"{', '.join(map(str, prompt_embeds.shape[1:]))}) to match prompt_embeds"
+                )
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        if latents is not None:
+            shape = (prompt_embeds.shape[0], self.unet.config.in_channels, height // factor, width // factor)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    def prepare_conditioning(
+        self,
+        prompt_embeds,
+        negative_prompt_embeds,
+        original_size,
+        crops_coords_top_left,
+        target_size,
+        device,
+        dtype,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> encoder_hidden_states (B or 2B, Q, Dv) and the SDXL added conditions for it.
+
+        text_embeds (2B, Dv) is the mean over Q; time_ids (2B, 6) = original_size + crop + target size.
+        """
+        embeds = prompt_embeds
+        if negative_prompt_embeds is not None:
+            uncond = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
+            embeds = torch.cat([prompt_embeds, uncond.to(prompt_embeds)])
+        embeds = embeds.to(device=device, dtype=dtype)
+        time_ids = torch.tensor([*original_size, *crops_coords_top_left, *target_size], device=device)
+        added = {"text_embeds": embeds.mean(dim=1), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
+        return embeds, added
+
+    def prepare_latents(self, batch_size, height, width, generator, latents, device, dtype) -> torch.Tensor:
+        """-> (B, C, h, w) initial latents times init_noise_sigma (which depends on set_timesteps)."""
+        if latents is None:
+            factor = self.vae_scale_factor
+            shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (pixel space: the latents are the image)."""
+        if self.vae is None:
+            images = latents
+        else:
+            # The official pipelines decode in the VAE's dtype (bf16) and ignore force_upcast; fp16
+            # overflows in the SDXL VAE, so only that case is decoded in fp32.
+            vae_dtype = self.vae.dtype
+            upcast = vae_dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+            if upcast:
+                self.vae.to(torch.float32)
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if self.vae.config.get("shift_factor") is not None:
+                latents = latents + self.vae.config.shift_factor
+            images = self.vae.decode(latents).sample
+            if upcast:
+                self.vae.to(vae_dtype)
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def run_safety_checker(self, images: torch.Tensor) -> torch.Tensor:
+        """Official post-processing when a checker is loaded: flagged images become black."""
+        if self.safety_checker is None:
+            return images
+        array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        checker_input = self.feature_extractor(self.numpy_to_pil(array), return_tensors="pt")
+        pixel_values = checker_input.pixel_values.to(self.safety_checker.device, self.safety_checker.dtype)
+        _, has_nsfw = self.safety_checker(images=array, clip_input=pixel_values)
+        flagged = torch.tensor(has_nsfw, dtype=torch.bool, device=images.device)
+        return torch.where(flagged[:, None, None, None], torch.zeros_like(images), images)
+
+
+def load_official_gen_decoder(
+    state_dict: Mapping[str, torch.Tensor],
+    unet_config: Mapping,
+    vae_config: Mapping | None,
+    scheduler_config: Mapping | None = None,
+    *,
+    safety_checker_config: Mapping | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Emu2VisualDecoderPipeline:
+    """Build the decoder from a native Emu2-Gen state dict (``unet.*``, ``vae.*``; official-format 1, 2.3).
+
+    ``multimodal_encoder.*`` keys are the encoder's and are skipped (``state_dict`` is not modified).
+    ``safety_checker.*`` keys are ignored unless ``safety_checker_config`` (a `transformers.CLIPConfig`
+    dict) is given, in which case the official checker and its CLIP feature extractor are loaded too. Any missing or
+    unexpected key raises a ValueError that names it.
+    """
+    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config, vae_config, scheduler_config)
+    parts = {"unet": pipe.unet}
+    if pipe.vae is not None:
+        parts["vae"] = pipe.vae
+    if safety_checker_config is not None:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPConfig, CLIPImageProcessor
+
+        checker = StableDiffusionSafetyChecker(CLIPConfig(**safety_checker_config))
+        # Official feature extractor = CLIPImageProcessor defaults (224 short side, centre crop, CLIP stats).
+        pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor())
+        parts["safety_checker"] = checker
+
+    ignored = ("multimodal_encoder.", "safety_checker.")
+    by_part: dict[str, dict[str, torch.Tensor]] = {name: {} for name in parts}
+    unexpected = []
+    for key, tensor in state_dict.items():
+        name, _, rest = key.partition(".")
+        if name in by_part:
+            by_part[name][rest] = tensor
+        elif not key.startswith(ignored):
+            unexpected.append(key)
+    missing = []
+    for name, module in parts.items():
+        # Non-persistent buffers (CLIP position_ids) are not in the official files: compare state_dict keys.
+        expected = set(module.state_dict())
+        missing += [f"{name}.{k}" for k in sorted(expected - set(by_part[name]))]
+        unexpected += [f"{name}.{k}" for k in sorted(set(by_part[name]) - expected)]
+    if missing or unexpected:
+        raise ValueError(
+            "official Gen decoder weights do not match the configs: "
+            f"missing {_first(missing)} ({len(missing)} in all), "
+            f"unexpected {_first(unexpected)} ({len(unexpected)} in all); "
+            "check that unet_config/vae_config are the checkpoint's (official-format section 2.3)"
+        )
+    for name, module in parts.items():
+        module.load_state_dict(by_part[name], strict=True)
+    if safety_checker_config is None and any(k.startswith("safety_checker.") for k in state_dict):
+        logger.info("safety_checker.* weights ignored (pass safety_checker_config to load the checker)")
+    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+
+
+def load_diffusers_gen_decoder(
+    path: str | Path,
+    *,
+    variant: str | None = "bf16",
+    dtype: torch.dtype | None = None,
+    with_safety_checker: bool = False,
+) -> Emu2VisualDecoderPipeline:
+    """Load the decoder from a local HF diffusers layout (BAAI/Emu2-Gen: ``unet/``, ``vae/``, ``scheduler/``).
+
+    Only those subfolders are read, so the repo's ``multimodal_encoder/`` and ``tokenizer/`` (remote code) are
+    left to the encoder loader. ``variant`` picks ``diffusion_pytorch_model.<variant>.safetensors``;
+    nothing is downloaded.
+    """
+    path = Path(path)
+    if not (path / "unet").is_dir():
+        raise FileNotFoundError(
+            f"{path} has no unet/ folder; expected a local diffusers layout (unet/, vae/, scheduler/)"
+        )
+    load = {"local_files_only": True, "dtype": dtype}
+    unet = UNet2DConditionModel.from_pretrained(
+        path, subfolder="unet", variant=_variant(path / "unet", variant), **load
+    )
+    vae = None
+    if (path / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", variant=_variant(path / "vae", variant), **load
+        )
+    if (path / "scheduler").is_dir():
+        scheduler = EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    else:
+        scheduler = EulerDiscreteScheduler.from_config(OFFICIAL_SCHEDULER_CONFIG)
+    extras = {}
+    if with_safety_checker:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        extras["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
+            path / "safety_checker", local_files_only=True, dtype=dtype
+        )
+        extras["feature_extractor"] = CLIPImageProcessor.from_pretrained(path / "feature_extractor")
+    return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, **extras)
+
+
+def _first(keys: list[str], n: int = 20) -> str:
+    return str(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def _variant(folder: Path, variant: str | None) -> str | None:
+    """The requested weight variant if its file is there, else the plain file (our saves have none)."""
+    if variant and any(
+        f.name.split(".")[-2:-1] == [variant] for f in folder.glob("diffusion_pytorch_model*")
+    ):
+        return variant
+    return None
+
+
+def images_to_uint8(images: np.ndarray | torch.Tensor | Sequence[PIL.Image.Image]) -> np.ndarray:
+    """Pipeline output ("np", "pt" or "pil") -> (B, H, W, 3) uint8, rounding as the official code does."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    if isinstance(images, np.ndarray):
+        return (images * 255).round().astype(np.uint8)
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])

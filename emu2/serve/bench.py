@@ -1,0 +1,277 @@
+"""Serving benchmarks: a bounded load test and a bounded schema fuzz, both against a real server on loopback.
+
+    run_serve_benchmark(clients=8, seconds=10)   # requests/s, latency percentiles, errors, peak RSS
+    run_fuzz(max_examples=25, seconds=60)        # schemathesis against /openapi.json; 5xx responses must be 0
+
+Both start the server in this process (uvicorn on a thread, 127.0.0.1, a free port) with a tiny random model
+unless given model directories, send traffic only to it, and stop by themselves: every loop is bounded in
+request count and in time.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .app import ServerThread, create_app
+from .limits import ServeLimits
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process now (Linux /proc), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _png_data_url(side: int = 64) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 40, 40)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _load_chat(model_dir):
+    from ..pipeline import Emu2Pipeline
+
+    return Emu2Pipeline.from_pretrained(model_dir) if model_dir else Emu2Pipeline.from_preset("tiny-chat")
+
+
+def run_serve_benchmark(clients: int = 8, seconds: float = 10.0, max_tokens: int = 8, with_image: bool = True,
+                        stream: bool = False, model_dir: str | Path | None = None,
+                        max_requests: int = 100_000, pipeline=None, torch_threads: int | None = None) -> dict:
+    """``clients`` concurrent clients posting chat completions for ``seconds`` (at most ``max_requests`` in all).
+
+    Returns requests/s, latency percentiles (ms), error count (any non-200), the latency of /healthz probes made
+    during the load (the event loop must stay responsive while the model computes), and memory (RSS, MiB; the
+    server and the clients share this process). ``pipeline``: an already loaded `Emu2Pipeline` to serve.
+    ``torch_threads``: intra-op threads for the run (default: torch's); on a CPU shared with other work, 1 can be
+    many times faster than spinning threads that wait for cores.
+    """
+    import httpx
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline,
+                                httpx, torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline, httpx,
+                     torch_threads) -> dict:
+
+    pipeline = pipeline or _load_chat(model_dir)
+    limits = ServeLimits(max_queue=max(clients, 1), max_tokens=max(max_tokens, 1), timeout=max(60.0, 2 * seconds))
+    content = [{"type": "text", "text": "What is in the image?"}]
+    if with_image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": _png_data_url()}})
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream}
+    latencies, statuses, tokens, health = [], Counter(), [0], []
+    lock, stop = threading.Lock(), threading.Event()
+    rss = {"before": None, "peak": 0.0}
+
+    with ServerThread(create_app(pipeline, limits=limits)) as server:
+        url = server.url + "/v1/chat/completions"
+        with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
+            warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
+        rss["before"] = _rss_mb()
+        started = time.monotonic()
+        end = started + seconds
+
+        def client() -> None:
+            with httpx.Client(trust_env=False, timeout=limits.timeout) as http:
+                while time.monotonic() < end and not stop.is_set():
+                    with lock:
+                        if sum(statuses.values()) >= max_requests:
+                            return
+                    t0 = time.monotonic()
+                    try:
+                        reply = http.post(url, json=body)
+                        status = reply.status_code
+                        used = reply.json().get("usage", {}).get("completion_tokens", 0) if (
+                            status == 200 and not stream) else 0
+                    except httpx.HTTPError:
+                        status, used = "connection_error", 0
+                    with lock:
+                        statuses[status] += 1
+                        tokens[0] += used
+                        if status == 200:
+                            latencies.append(time.monotonic() - t0)
+
+        def monitor() -> None:
+            with httpx.Client(trust_env=False, timeout=10) as http:
+                while not stop.wait(0.05):
+                    rss["peak"] = max(rss["peak"], _rss_mb() or 0.0)
+                    t0 = time.monotonic()
+                    try:
+                        http.get(server.url + "/healthz").raise_for_status()
+                        health.append(time.monotonic() - t0)
+                    except httpx.HTTPError:
+                        pass
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=seconds + limits.timeout + 5)
+        elapsed = time.monotonic() - started
+        stop.set()
+        watcher.join(timeout=5)
+
+    requests = sum(statuses.values())
+    ms = lambda v: None if v is None else round(1000 * v, 1)
+    return {
+        "benchmark": "serve", "model": str(model_dir) if model_dir else "tiny-chat (random)",
+        "clients": clients, "seconds": round(elapsed, 2), "max_tokens": max_tokens, "with_image": with_image,
+        "stream": stream, "torch_threads": torch_threads, "requests": requests, "ok": statuses.get(200, 0),
+        "errors": requests - statuses.get(200, 0), "status_counts": {str(k): v for k, v in statuses.items()},
+        "requests_per_s": round(statuses.get(200, 0) / elapsed, 2),
+        "completion_tokens_per_s": round(tokens[0] / elapsed, 1) if not stream else None,
+        "latency_ms": {"p50": ms(_percentile(latencies, 50)), "p99": ms(_percentile(latencies, 99)),
+                       "max": ms(max(latencies, default=None))},
+        "healthz_under_load_ms": {"probes": len(health), "p50": ms(_percentile(health, 50)),
+                                  "p99": ms(_percentile(health, 99))},
+        "rss_mb": {"before_load": rss["before"] and round(rss["before"], 1), "peak_sampled": round(rss["peak"], 1),
+                   "peak_process": round(_peak_rss_mb(), 1)},
+    }
+
+
+def run_fuzz(max_examples: int = 25, seconds: float = 60.0, model_dir: str | Path | None = None,
+             gen_model_dir: str | Path | None = None, seed: int = 0, chat_pipeline=None,
+             gen_pipeline=None) -> dict:
+    """Schemathesis against the served OpenAPI schema: ``max_examples`` generated requests per operation and
+    generation mode (valid and invalid bodies), stopping early after ``seconds``.
+
+    Counts responses by status; ``server_errors`` (5xx) must be 0, and every 4xx must be an OpenAI-style JSON
+    error (``malformed_errors`` counts those that are not). Each 5xx comes back with the request that caused it.
+    ``chat_pipeline`` / ``gen_pipeline``: already loaded pipelines to serve instead of loading or building them.
+    """
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    from ..gen.pipeline import Emu2GenPipeline
+
+    chat = chat_pipeline or _load_chat(model_dir)
+    gen = gen_pipeline or (Emu2GenPipeline.from_pretrained(gen_model_dir) if gen_model_dir
+                           else Emu2GenPipeline.from_preset("tiny"))
+    # Tight limits keep every valid request cheap, so the fuzzer spends its time on breadth.
+    limits = ServeLimits(max_images=2, max_image_pixels=256 * 256, max_image_bytes=100_000,
+                         max_request_bytes=1_000_000, max_prompt_tokens=256, max_tokens=4, default_max_tokens=4,
+                         max_n=2, max_num_beams=2, max_inference_steps=2, max_output_side=32, max_queue=4,
+                         timeout=30)
+    tally = _FuzzTally(deadline=time.monotonic() + seconds)
+    session = requests.Session()
+    session.trust_env = False  # loopback only: never through a proxy from the environment
+
+    with ServerThread(create_app(chat, gen, limits=limits)) as server:
+        schema = schemathesis.openapi.from_url(server.url + "/openapi.json", timeout=10)
+        operations = [result.ok() for result in schema.get_all_operations()]
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                test = given(case=operation.as_strategy(generation_mode=mode))(
+                    tally.test_for(operation.label, server.url, session))
+                test = settings(max_examples=max_examples, deadline=None, database=None,
+                                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
+                                report_multiple_bugs=False)(test)
+                try:
+                    hypothesis_seed(seed)(test)()
+                except Unsatisfiable:  # e.g. no invalid request exists for a GET without parameters
+                    tally.skipped.append(f"{operation.label} {mode.value}")
+        healthy = requests.get(server.url + "/healthz", timeout=10).status_code == 200
+
+    statuses = tally.statuses
+    return {
+        "benchmark": "fuzz", "operations": len(operations), "max_examples_per_operation_and_mode": max_examples,
+        "requests": tally.requests, "seconds_budget": seconds, "timed_out": time.monotonic() > tally.deadline,
+        "status_counts": {str(k): v for k, v in sorted(statuses.items(), key=lambda kv: str(kv[0]))},
+        "by_operation": dict(sorted(tally.per_operation.items())),
+        "server_errors": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
+        "connection_errors": statuses.get("connection_error", 0), "malformed_errors": len(tally.malformed),
+        "server_alive_after": healthy, "modes_without_cases": tally.skipped, "failures": tally.failures[:20],
+        "malformed": tally.malformed[:20], "seed": seed,
+    }
+
+
+@dataclass
+class _FuzzTally:
+    """What the fuzzer saw: statuses, 5xx failures with their requests, 4xx bodies not in OpenAI's shape."""
+
+    deadline: float
+    requests: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    per_operation: Counter = field(default_factory=Counter)
+    failures: list = field(default_factory=list)
+    malformed: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def test_for(self, label: str, base_url: str, session):
+        """The hypothesis test body for one operation: send the case, tally the response."""
+
+        def test(case) -> None:
+            self.send(case, label, base_url, session)
+
+        return test
+
+    def send(self, case, label: str, base_url: str, session) -> None:
+        import requests
+
+        if time.monotonic() > self.deadline:
+            return
+        try:
+            response = case.call(base_url=base_url, session=session, timeout=30)
+        except requests.RequestException as error:
+            self.statuses["connection_error"] += 1
+            self.failures.append({"operation": label, "error": repr(error)[:300]})
+            return
+        status = response.status_code
+        self.requests += 1
+        self.statuses[status] += 1
+        self.per_operation[f"{label} {status}"] += 1
+        if status >= 500:
+            self.failures.append({"operation": label, "status": status, "response": response.text[:300],
+                                  "request": case.as_curl_command()[:600]})
+        elif status >= 400 and not _is_openai_error(response):
+            self.malformed.append({"operation": label, "status": status, "response": response.text[:200]})
+
+
+def _is_openai_error(response) -> bool:
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error)

@@ -1,0 +1,29 @@
+"""The serving benchmarks run, stay within their bounds, and report what they promise."""
+
+import time
+
+import pytest
+
+
+@pytest.mark.slow
+def test_serve_benchmark_reports_throughput_latency_errors_and_memory(chat_pipeline):
+    from emu2.serve.bench import run_serve_benchmark
+
+    started = time.monotonic()
+    result = run_serve_benchmark(clients=3, seconds=2, max_tokens=2, pipeline=chat_pipeline)
+    assert time.monotonic() - started < 60
+    assert result["requests"] > 0 and result["errors"] == 0 and result["requests_per_s"] > 0
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert result["healthz_under_load_ms"]["probes"] > 0 and result["rss_mb"]["peak_process"] > 0
+
+
+@pytest.mark.slow
+def test_fuzzing_the_openapi_schema_finds_no_server_errors(chat_pipeline, gen_pipeline):
+    pytest.importorskip("schemathesis", reason="pip install schemathesis")
+    from emu2.serve.bench import run_fuzz
+
+    result = run_fuzz(max_examples=4, seconds=30, chat_pipeline=chat_pipeline, gen_pipeline=gen_pipeline)
+    assert result["operations"] == 5 and result["requests"] > 15
+    assert result["server_errors"] == 0, result["failures"]
+    assert result["malformed_errors"] == 0, result["malformed"]
+    assert result["connection_errors"] == 0 and result["server_alive_after"]
