@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from emu2 import processing as P
 
@@ -122,18 +122,14 @@ def collate(samples: Sequence[Sample], pad_id: int, image_size: int | None = Non
     }
 
 
-def draw_box_image(boxes: Sequence[Sequence[float]], size: int, width: int = 3) -> Image.Image:
-    """A black ``size`` x ``size`` RGB image with a white ``width``-px rectangle outline per box.
+def draw_box_image(boxes: Sequence[Sequence[float]], size: int) -> Image.Image:
+    """The box image of Emu2-Gen's grounded prompt for boxes given as fractions (x1, y1, x2, y2) of the image.
 
-    Boxes are (x1, y1, x2, y2) as fractions of the image. This is the box image of Emu2-Gen's grounded
-    generation prompt (official-format section 5: "white 3-px rectangle on black 448x448").
+    Drawn by `emu2.gen.boxes.draw_box_image` (the official OpenCV outline, reproduced pixel for pixel).
     """
-    image = Image.new("RGB", (size, size), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    for box in boxes:
-        x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) * (size - 1) for v in box)
-        draw.rectangle((round(x1), round(y1), round(x2), round(y2)), outline=(255, 255, 255), width=width)
-    return image
+    from ..gen.boxes import draw_box_image as draw_pixels
+
+    return draw_pixels([tuple(min(max(float(v), 0.0), 1.0) * (size - 1) for v in box) for box in boxes], size)
 
 
 # Strings that must never reach the tokenizer from raw data: they would become Emu2 control tokens.

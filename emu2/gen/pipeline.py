@@ -42,15 +42,15 @@ def tiny_decoder_config(vision_width: int) -> dict:
     """A few-thousand-parameter UNet + VAE of the official shape (SDXL "text_time" conditions) for tests."""
     time_dim = 8
     return {
-        "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
-                     attention_head_dim=[2, 4], cross_attention_dim=vision_width, norm_num_groups=8,
-                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-                     projection_class_embeddings_input_dim=vision_width + 6 * time_dim),
-        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                    norm_num_groups=8, sample_size=16, scaling_factor=0.13025),
+        "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [32, 64],
+                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
+                     "attention_head_dim": [2, 4], "cross_attention_dim": vision_width, "norm_num_groups": 8,
+                     "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                     "projection_class_embeddings_input_dim": vision_width + 6 * time_dim},
+        "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 32], "layers_per_block": 1,
+                    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                    "norm_num_groups": 8, "sample_size": 16, "scaling_factor": 0.13025},
     }
 
 
@@ -67,13 +67,13 @@ class Emu2GenPipeline:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "Emu2GenPipeline":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> Emu2GenPipeline:
         """A directory with ``encoder/`` (an `Emu2Pipeline` directory) and ``decoder/`` (diffusers layout)."""
         path = Path(path)
         for part in ("encoder", "decoder"):
             if not (path / part).is_dir():
                 raise FileNotFoundError(f"{path} is not an Emu2-Gen directory: no {part}/ folder")
-        decoder = Emu2VisualDecoderPipeline.from_pretrained(path / "decoder", torch_dtype=dtype)
+        decoder = Emu2VisualDecoderPipeline.from_pretrained(path / "decoder", dtype=dtype)
         return cls(Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype), decoder)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -82,7 +82,7 @@ class Emu2GenPipeline:
         self.decoder.save_pretrained(path / "decoder")
 
     @classmethod
-    def from_preset(cls, name: str = "tiny", seed: int = 0) -> "Emu2GenPipeline":
+    def from_preset(cls, name: str = "tiny", seed: int = 0) -> Emu2GenPipeline:
         """Random encoder of a preset and a tiny random decoder: smoke tests and examples."""
         encoder = Emu2Pipeline.from_preset(name, seed=seed)
         torch.manual_seed(seed)

@@ -1,0 +1,243 @@
+"""Video decoder: a 3D UNet that decodes per-frame visual embeddings into a clip (paper 2.2.3).
+
+The paper adapts a 2D UNet to 3D by adding a temporal convolution after each spatial one and extending
+spatial attention to spatio-temporal attention, initialised from Stable Diffusion 2.1, and conditions it on
+Emu2's visual embeddings. diffusers' `UNet3DConditionModel` is that architecture (temporal convolutions and
+temporal attention after every spatial layer).
+
+Conditioning choice: **per-frame cross-attention**. Frame f's spatial cross-attention attends only to
+frame f's Q embeddings. The alternative, every frame attending to all F x Q embeddings at once, gives a
+frame no way to tell its own embeddings from the others': cross-attention is permutation-invariant over its
+keys and the UNet has no frame-position code. The temporal layers still mix information across frames. diffusers' 3D UNet
+repeats one context per frame, so the pipeline passes the concatenated (B, F*Q, Dv) embeddings and
+`PerFrameCrossAttnProcessor` gives each (batch, frame) row its own Q-slice.
+
+Sampling is the image decoder's: Euler, classifier-free guidance with the [cond, uncond] batch order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet3DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from emu2.gen.train_decoder import drop_conditioning, offset_noise
+from emu2.model.decoder import OFFICIAL_SCHEDULER_CONFIG, OUTPUT_TYPES
+
+
+class PerFrameCrossAttnProcessor(AttnProcessor2_0):
+    """Cross-attention of frame f to its own embeddings only.
+
+    The 3D UNet flattens (B, F) into rows b * F + f and repeats the context per row; given ``num_frames`` (via
+    ``cross_attention_kwargs``) this picks slice f of each row's (F*Q, Dv) context. Self-attention (no
+    context) is unchanged.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        num_frames: int | None = None,
+    ):
+        if encoder_hidden_states is not None and num_frames:
+            rows = encoder_hidden_states.shape[0]
+            if encoder_hidden_states.shape[1] % num_frames:
+                raise ValueError(
+                    f"context length {encoder_hidden_states.shape[1]} is not num_frames ({num_frames}) x Q"
+                )
+            per_frame = encoder_hidden_states.unflatten(1, (num_frames, -1))  # (B*F, F, Q, Dv)
+            index = torch.arange(rows, device=per_frame.device)
+            encoder_hidden_states = per_frame[index, index % num_frames]  # (B*F, Q, Dv)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+@dataclass
+class VideoPipelineOutput(BaseOutput):
+    """``frames``: list (per clip) of lists of PIL images, (B, F, H, W, 3) float array, or (B, F, 3, H, W)
+    tensor, in [0, 1], or (B, C, F, h, w) latents, as ``output_type`` asked."""
+
+    frames: list | np.ndarray | torch.Tensor
+
+
+class Emu2VideoDecoderPipeline(DiffusionPipeline):
+    """Decode per-frame visual embeddings (B, F, Q, Dv) into F frames with a `UNet3DConditionModel`.
+
+    ``vae`` is optional (None: pixel space, the UNet denoises 3-channel pixels in [-1, 1]); frames are
+    VAE-decoded independently.
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components: ClassVar[list[str]] = ["vae"]
+
+    def __init__(self, unet: UNet3DConditionModel, scheduler, vae: AutoencoderKL | None = None):
+        super().__init__()
+        unet.set_attn_processor(PerFrameCrossAttnProcessor())
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+
+    @classmethod
+    def from_configs(
+        cls, unet_config: dict, vae_config: dict | None = None, scheduler_config: dict | None = None
+    ):
+        unet = UNet3DConditionModel.from_config(dict(unet_config))
+        vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config is not None else None
+        scheduler = EulerDiscreteScheduler.from_config(dict(scheduler_config or OFFICIAL_SCHEDULER_CONFIG))
+        return cls(unet=unet, scheduler=scheduler, vae=vae)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        frame_embeds: torch.Tensor,
+        negative_frame_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> VideoPipelineOutput | tuple:
+        """Sample clips.
+
+        Args:
+            frame_embeds: (B, F, Q, Dv) visual embeddings, one set per frame.
+            negative_frame_embeds: (B or 1, F or 1, Q, Dv) unconditional embeddings, needed when guidance > 1.
+            latents: (B, C, F, height / vae_scale_factor, width / vae_scale_factor) standard-normal noise,
+                before ``init_noise_sigma`` scaling.
+        """
+        # 0-1. Sizes and input checks.
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if frame_embeds.ndim != 4:
+            raise ValueError(f"frame_embeds must be (B, F, Q, Dv), got {tuple(frame_embeds.shape)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        do_cfg = guidance_scale > 1.0
+        if do_cfg and negative_frame_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative_frame_embeds (or pass guidance_scale=1.0)")
+        batch, num_frames = frame_embeds.shape[:2]
+        device, dtype = self._execution_device, self.unet.dtype
+
+        # 2. Conditioning: [cond, uncond], each (B, F*Q, Dv) for the per-frame processor.
+        embeds = frame_embeds
+        if do_cfg:
+            embeds = torch.cat([embeds, negative_frame_embeds.to(embeds).expand_as(frame_embeds)])
+        context = embeds.flatten(1, 2).to(device=device, dtype=dtype)
+        attn_kwargs = {"num_frames": num_frames}
+
+        # 3. Timesteps.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 4. Latents (B, C, F, h, w).
+        factor = self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, num_frames, height // factor, width // factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        # 5. Denoise.
+        step_kwargs = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+            noise_pred = self.unet(
+                model_input, t, encoder_hidden_states=context, cross_attention_kwargs=attn_kwargs
+            ).sample
+            if do_cfg:
+                noise_cond, noise_uncond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        # 6. Decode frame by frame.
+        if output_type == "latent":
+            frames = latents
+        else:
+            frames = self.decode_latents(latents)  # (B, F, 3, H, W) in [0, 1]
+            if output_type != "pt":
+                frames = frames.cpu().permute(0, 1, 3, 4, 2).float().numpy()
+                if output_type == "pil":
+                    frames = [self.numpy_to_pil(clip) for clip in frames]
+        self.maybe_free_model_hooks()
+        return VideoPipelineOutput(frames=frames) if return_dict else (frames,)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, h, w) -> (B, F, 3, H, W) in [0, 1]."""
+        batch, _, num_frames = latents.shape[:3]
+        flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        if self.vae is not None:
+            flat = self.vae.decode(flat.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (flat / 2 + 0.5).clamp(0, 1).unflatten(0, (batch, num_frames))
+
+
+def video_decoder_training_step(
+    pipeline_parts,
+    frames: torch.Tensor,
+    frame_embeds: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_scheduler=None,
+    uncond_embeds: torch.Tensor | None = None,
+    condition_drop_prob: float = 0.1,
+    noise_offset: float = 0.1,
+    max_grad_norm: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> float:
+    """One step of the video decoder: epsilon MSE on noised clips, UNet only (VAE frozen).
+
+    Args:
+        pipeline_parts: anything with ``.unet`` (3D), ``.vae`` (or None) and ``.scheduler``.
+        frames: (B, F, 3, H, W) clips in [-1, 1].
+        frame_embeds: (B, F, Q, Dv) embeddings from the frozen encoder.
+        uncond_embeds: (F*Q, Dv) unconditional embeddings for guidance dropout (whole clips are dropped);
+            zeros when None.
+    """
+    unet, vae = pipeline_parts.unet, pipeline_parts.vae
+    device, dtype = unet.device, unet.dtype
+    batch, num_frames = frames.shape[:2]
+
+    context = frame_embeds.flatten(1, 2).to(device=device, dtype=dtype)
+    context, _ = drop_conditioning(context, condition_drop_prob, uncond_embeds, generator)
+
+    with torch.no_grad():
+        flat = frames.flatten(0, 1).to(device=device)
+        if vae is not None:
+            flat = vae.encode(flat.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+        latents = flat.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).to(dtype)  # (B, C, F, h, w)
+
+    noise = offset_noise(latents, noise_offset, generator)
+    alphas_cumprod = pipeline_parts.scheduler.alphas_cumprod.to(device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(device)
+    a = alphas_cumprod[timesteps].to(dtype).view(-1, 1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    pred = unet(
+        noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"num_frames": num_frames}
+    ).sample
+    loss = F.mse_loss(pred.float(), noise.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return loss.item()

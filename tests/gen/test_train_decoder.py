@@ -1,0 +1,207 @@
+"""Decoder training (paper A.3): only the UNet learns; guidance dropout, noise offset, SDXL crop conditions."""
+
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from emu2.gen.train_decoder import (
+    DecoderTrainingConfig,
+    configure_decoder_optimizer,
+    decoder_training_step,
+    drop_conditioning,
+    freeze_for_decoder_training,
+    offset_noise,
+    prepare_decoder_batch,
+    random_scale_and_crop,
+    reconstruction_psnr,
+    small_autoencoder_config,
+    train_decoder,
+    train_small_autoencoder,
+)
+
+from . import tiny
+
+Q = 4
+
+
+class FrozenEncoder(torch.nn.Module):
+    """Stands in for the vision encoder: (B, 3, S, S) pixels in [-1, 1] -> (B, Q, Dv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, tiny.WIDTH)
+        self.requires_grad_(False)
+
+    def forward(self, pixels):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(pixels, 2).flatten(2).transpose(1, 2)  # (B, 4, 3)
+        return self.proj(pooled)
+
+
+def _images(n, seed=0, size=(20, 28)):
+    rng = np.random.default_rng(seed)
+    return [PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _batch(n=2, seed=0):
+    # The tiny pipeline decodes 16 px images; the encoder sees the same crops as tensors.
+    batch = prepare_decoder_batch(_images(n, seed), 16, random.Random(seed))
+    batch["encoder_inputs"] = batch["pixel_values"]
+    return batch
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _unchanged(module, snapshot):
+    return all(torch.equal(v, snapshot[k]) for k, v in module.state_dict().items())
+
+
+def test_training_step_updates_only_the_unet():
+    pipe, encoder = tiny.pipeline(), FrozenEncoder()
+    freeze_for_decoder_training(pipe)
+    optimizer, _ = configure_decoder_optimizer(
+        pipe.unet, DecoderTrainingConfig(warmup_steps=0, learning_rate=1e-3)
+    )
+    before = {
+        name: _snapshot(m) for name, m in [("unet", pipe.unet), ("vae", pipe.vae), ("encoder", encoder)]
+    }
+    loss = decoder_training_step(pipe, _batch(), encoder, optimizer)
+    assert np.isfinite(loss)
+    assert not _unchanged(pipe.unet, before["unet"])
+    assert _unchanged(pipe.vae, before["vae"]) and _unchanged(encoder, before["encoder"])
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    assert not any(p.requires_grad or p.grad is not None for p in encoder.parameters())
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in pipe.unet.parameters()
+    }
+
+
+def test_loss_falls_on_a_fixed_batch():
+    pipe, encoder, batch = tiny.pipeline(), FrozenEncoder(), _batch()
+    freeze_for_decoder_training(pipe)
+    optimizer, _ = configure_decoder_optimizer(
+        pipe.unet, DecoderTrainingConfig(warmup_steps=0, learning_rate=3e-3)
+    )
+    # Same timesteps, noise and dropout draws every step, so the objective itself is fixed.
+    losses = [
+        decoder_training_step(pipe, batch, encoder, optimizer, generator=torch.Generator().manual_seed(0))
+        for _ in range(12)
+    ]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_condition_dropout_rate_and_replacement():
+    embeds = torch.randn(20000, 2, 3)
+    dropped_embeds, dropped = drop_conditioning(embeds, 0.1, generator=torch.Generator().manual_seed(0))
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert (dropped_embeds[dropped] == 0).all() and torch.equal(dropped_embeds[~dropped], embeds[~dropped])
+    uncond = torch.randn(2, 3)
+    all_dropped, _ = drop_conditioning(embeds[:5], 1.0, uncond)
+    assert torch.equal(all_dropped, uncond.expand(5, 2, 3))
+    assert torch.equal(drop_conditioning(embeds[:5], 0.0)[0], embeds[:5])
+
+
+def test_dropped_samples_reach_the_unet_as_uncond_with_sdxl_conditions():
+    pipe, encoder = tiny.pipeline(), FrozenEncoder()
+    seen = {}
+    forward = pipe.unet.forward
+
+    def record(sample, t, encoder_hidden_states, added_cond_kwargs):
+        seen.update(hidden=encoder_hidden_states.detach().clone(), **added_cond_kwargs)
+        return forward(
+            sample, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+        )
+
+    pipe.unet.forward = record
+    optimizer, _ = configure_decoder_optimizer(pipe.unet, DecoderTrainingConfig(warmup_steps=0))
+    uncond = torch.randn(Q, tiny.WIDTH)
+    batch = _batch()
+    decoder_training_step(pipe, batch, encoder, optimizer, uncond_embeds=uncond, condition_drop_prob=1.0)
+    torch.testing.assert_close(seen["hidden"], uncond.expand(2, Q, tiny.WIDTH))
+    torch.testing.assert_close(seen["text_embeds"], uncond.mean(0).expand(2, -1))
+    expected_ids = torch.cat(
+        [batch["original_size"], batch["crops_coords_top_left"], torch.tensor([[16, 16]] * 2)], 1
+    )
+    assert torch.equal(seen["time_ids"], expected_ids)
+
+
+def test_random_scale_keeps_aspect_ratio_and_reports_sdxl_conditions():
+    image = _images(1, size=(30, 50))[0]  # 50 wide, 30 high
+    for seed in range(5):
+        crop, original_size, (top, left) = random_scale_and_crop(
+            image, 16, random.Random(seed), max_scale=1.5
+        )
+        assert crop.size == (16, 16) and original_size == (30, 50)
+        short = random.Random(seed).uniform(1.0, 1.5) * 16
+        scaled_w, scaled_h = round(50 * short / 30), round(short)
+        assert 0 <= top <= scaled_h - 16 and 0 <= left <= scaled_w - 16
+        scaled = image.resize((scaled_w, scaled_h), PIL.Image.BICUBIC)
+        np.testing.assert_array_equal(
+            np.asarray(crop), np.asarray(scaled.crop((left, top, left + 16, top + 16)))
+        )
+
+
+def test_batch_pixels_are_in_minus_one_to_one():
+    batch = _batch(3)
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    assert batch["original_size"].tolist() == [[20, 28]] * 3
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    latents = torch.zeros(4, 3, 8, 8)
+    plain = offset_noise(latents, 0.0, torch.Generator().manual_seed(0))
+    offset = offset_noise(latents, 0.1, torch.Generator().manual_seed(0))
+    shift = offset - plain
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift))  # constant over space
+    assert 0 < shift.abs().max() < 0.5
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    unet = torch.nn.Linear(1, 1)
+    config = DecoderTrainingConfig(learning_rate=1.0, warmup_steps=4, total_steps=12)
+    optimizer, schedule = configure_decoder_optimizer(unet, config)
+    rates = []
+    for _ in range(12):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4:] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_small_autoencoder_learns_and_sets_its_scaling_factor():
+    images = _images(8, size=(16, 16))
+    config = small_autoencoder_config(block_out_channels=(8, 16))
+    untrained = train_small_autoencoder(images, size=16, steps=0, config=config)
+    trained = train_small_autoencoder(
+        images, size=16, steps=25, batch_size=8, learning_rate=3e-3, config=config
+    )
+    assert reconstruction_psnr(trained, images, 16) > reconstruction_psnr(untrained, images, 16) + 0.5
+    pixels = (
+        torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5
+        - 1
+    )
+    with torch.no_grad():
+        latents = trained.encode(pixels).latent_dist.mode() * trained.config.scaling_factor
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_training_loop_runs_in_pixel_space():
+    pipe, encoder = tiny.pipeline(pixel_space=True), FrozenEncoder()
+    before = _snapshot(pipe.unet)
+    config = DecoderTrainingConfig(warmup_steps=1, total_steps=3)
+    losses = train_decoder(pipe, _images(4), encoder, config, batch_size=2, encoder_preprocess=_pixels)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert not _unchanged(pipe.unet, before)
+
+
+def _pixels(crops):
+    return (
+        torch.from_numpy(np.stack([np.asarray(c, np.float32) for c in crops])).permute(0, 3, 1, 2) / 127.5 - 1
+    )
