@@ -71,6 +71,10 @@ def _bench(args) -> int:
         result = run(repeats=args.repeats)
     elif args.what == "data":
         result = _bench_data(args)
+    elif args.what == "train":
+        from .train.bench import run_train_benchmark
+
+        result = run_train_benchmark()
     elif args.what == "serve":
         from .serve.bench import run_fuzz, run_serve_benchmark
 
@@ -105,6 +109,15 @@ def _bench_data(args) -> dict:
     return runs
 
 
+def _quickstart(args) -> int:
+    from .train.quickstart import run_quickstart
+
+    report = run_quickstart(args.out, budget_minutes=args.budget, seed=args.seed, num_train=args.num_train,
+                            preset=args.preset)
+    print(f"report: {args.out}/report/report.md ({report['total_seconds'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -134,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
-    p.add_argument("what", choices=["image-regression", "data", "serve"], help="which benchmark")
+    p.add_argument("what", choices=["image-regression", "data", "train", "serve"], help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
@@ -147,7 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parser as add_eval_parser
 
     from .serve.cli import add_parsers as add_serve_parsers
+    from .train.cli import add_parser as add_train_parser
 
+    add_train_parser(sub)
+    p = sub.add_parser("quickstart", help="the main job: shapes world -> every training stage -> evaluation -> "
+                       "report, on a laptop CPU within a time budget")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (data, one folder per stage, report/)")
+    p.add_argument("--budget", type=float, default=20.0, help="wall-clock budget in minutes (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes world and of training")
+    p.add_argument("--num-train", type=int, default=1500, help="shapes training samples per kind")
+    p.add_argument("--preset", default="shapes", choices=["shapes", "shapes-large"],
+                   help="model size (shapes-large: ~130M parameters, for a GPU)")
+    p.set_defaults(func=_quickstart)
     add_data_parser(sub)
     add_eval_parser(sub)
     add_serve_parsers(sub)

@@ -378,3 +378,98 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Sequence[PIL.Image.Image], s
     recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(64)])
     mse = (((recon.clamp(-1, 1) - x) / 2) ** 2).flatten(1).mean(1)
     return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
+
+
+# ------------------------------------------------------------------------------------ recipe entry point
+
+
+def _decoder_unet_config(vision_width: int, size: int, pixel_space: bool, channels: Sequence[int]) -> dict:
+    """A small SDXL-shaped UNet (text_time conditions, cross-attention on the visual embeddings)."""
+    time_dim = 32
+    n = len(channels)
+    return dict(
+        sample_size=size, in_channels=3 if pixel_space else 4, out_channels=3 if pixel_space else 4,
+        layers_per_block=1, block_out_channels=list(channels),
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=[max(1, c // 32) for c in channels], cross_attention_dim=vision_width,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=vision_width + 6 * time_dim,
+    )
+
+
+def _stage_images(config, limit: int) -> list[PIL.Image.Image]:
+    """Images of the recipe's data sources (only the images of pairs / text-to-image samples are used)."""
+    from collections import Counter
+
+    from ..data.mixing import expand_urls, sources_from_manifest
+    from ..data.shards import decode_record, read_shard
+
+    kinds = {s.kind for stream in config.data.streams.values() for s in stream.sources}
+    images: list[PIL.Image.Image] = []
+    stats: Counter = Counter()
+    for source in sources_from_manifest(config.data.root, config.data.split, {k: 1.0 for k in kinds}):
+        for url in expand_urls(source.urls):
+            for sample in read_shard(url, stats):
+                record = decode_record(source.kind, sample)
+                images.append(record.image)
+                if len(images) >= limit:
+                    return images
+    return images
+
+
+def train_decoder_stage(config, resume: bool = False) -> dict:
+    """``stage: decoder`` of `emu2 train`: the visual decoder learns to reconstruct images from the frozen
+    stage-1 encoder's pooled embeddings (paper 2.2.3 autoencoding; A.3 hyper-parameters from the recipe).
+
+    The recipe's free-form ``decoder`` section: ``output_image_size``, ``pixel_space`` (default true: no VAE,
+    the right choice for short CPU runs, see the README), ``channels``, ``cfg_drop_prob``, ``noise_offset``,
+    ``max_images``. Output: a diffusers-layout `Emu2VisualDecoderPipeline` in ``output_dir`` plus
+    ``metrics.jsonl``. A decoder run is short and restarts from scratch (``resume`` is not supported).
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipeline import Emu2Pipeline
+    from ..processing import preprocess_images
+
+    if resume:
+        raise NotImplementedError("the decoder stage does not resume; rerun it (it keeps no optimizer state)")
+    opts = dict(config.decoder)
+    size = int(opts.get("output_image_size", 64))
+    pixel_space = bool(opts.get("pixel_space", True))
+    torch.manual_seed(config.seed)
+    encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
+    vision = encoder.config.vision_config
+    unet_config = _decoder_unet_config(vision.width, size, pixel_space, opts.get("channels", (32, 64, 64)))
+    if not pixel_space:
+        raise NotImplementedError("decoder.pixel_space=false needs a trained VAE: use train_small_autoencoder")
+    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config)
+
+    @torch.no_grad()
+    def encode(crops):
+        return encoder.encode_image(preprocess_images(crops, vision.image_size))
+
+    with torch.no_grad():  # the official unconditional embedding: an all-zero image in normalised space
+        uncond = encoder.encode_image(torch.zeros(1, 3, vision.image_size, vision.image_size))
+    lr = next(iter(config.optim.lr.values())) if isinstance(config.optim.lr, dict) else config.optim.lr
+    train_config = DecoderTrainingConfig(
+        learning_rate=lr, weight_decay=config.optim.weight_decay, warmup_steps=config.warmup_steps,
+        total_steps=config.steps, max_grad_norm=config.optim.grad_clip,
+        condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
+    )
+    images = _stage_images(config, int(opts.get("max_images", 4000)))
+    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    losses = train_decoder(pipe, images, encode, train_config, batch_size=batch_size, uncond_embeds=uncond,
+                           seed=config.seed)
+    with open(out / "metrics.jsonl", "w") as f:
+        for step, loss in enumerate(losses, 1):
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    pipe.save_pretrained(out)
+    return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
+            "seconds": round(time.perf_counter() - started, 1), "images": len(images)}

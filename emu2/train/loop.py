@@ -1,0 +1,272 @@
+"""The training loop shared by every Emu2 stage (paper 2.2, 2.3): a readable function over composable parts.
+
+    config = load_config("shapes-stage1", ["steps=100"])
+    summary = train(config)                 # or: emu2 train shapes-stage1 steps=100 [--resume]
+
+Distribution is accelerate's: launch with ``accelerate launch --config_file ... -m emu2.train RECIPE`` for DDP or
+FSDP; a plain ``emu2 train`` is one process. Stages differ only in their recipe YAML.
+
+Loss normalisation (torchtune): an optimizer step sums cross-entropy over every supervised token and squared
+error over every regressed visual slot of all its micro-batches, on all ranks, and divides each by its global
+count, so the gradient is the same for any split into ranks x accumulation steps (not a mean of means).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import build_data
+from .metrics import MetricsWriter, progress_bar, progress_text
+from .model import base_model, build_model, is_lora, merged_model
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stopped before updating the weights."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, reduced over ranks. Losses are per token / per slot means over the whole step."""
+
+    loss: float
+    text_loss: float
+    regression_loss: float
+    text_targets: int
+    regression_targets: int
+    tokens: int  # non-padding input tokens
+    grad_norm: float
+
+
+def count_targets(batch: dict, n_query: int, v_query: int) -> tuple[int, int]:
+    """(supervised text tokens, regressed visual slots) of a collated batch, counted as the model counts them."""
+    n_text = int((batch["labels"][:, 1:] != -100).sum())
+    images, frames = batch.get("image_is_target"), batch.get("frame_is_target")
+    n_reg = (int(images.sum()) * n_query if images is not None else 0) + \
+            (int(frames.sum()) * v_query if frames is not None else 0)
+    return n_text, n_reg
+
+
+def diverged(result: StepResult, config: TrainConfig) -> bool:
+    """A NaN/inf loss, or gradient norm (except under fp16, whose loss scaler skips such steps by design)."""
+    return not math.isfinite(result.loss) or (not math.isfinite(result.grad_norm) and config.mixed_precision != "fp16")
+
+
+def train_step(model, optimizer, window: list[dict], accelerator, config: TrainConfig) -> StepResult:
+    """Forward/backward every micro-batch of ``window`` (gradients synchronised on the last), clip, update."""
+    emu2_config = base_model(accelerator.unwrap_model(model)).config
+    w_text, w_reg = emu2_config.text_loss_weight, emu2_config.regression_loss_weight
+    counts = [count_targets(b, emu2_config.n_query, emu2_config.v_query) for b in window]
+    local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts),
+                          sum(int(b["attention_mask"].sum()) for b in window)], dtype=torch.float64)
+    n_text, n_reg, tokens = (int(x) for x in accelerator.reduce(local.to(accelerator.device), "sum").tolist())
+
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # CE summed over tokens, MSE over slots
+    for i, batch in enumerate(window):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        last = i == len(window) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            out = model(**batch)
+            if (out.num_text_targets, out.num_regression_targets) != counts[i]:
+                raise RuntimeError(f"the model counted {out.num_text_targets} text / {out.num_regression_targets} "
+                                   f"regression targets, the batch {counts[i]}: data and model n_query disagree?")
+            text_sum = out.text_loss * out.num_text_targets
+            reg_sum = out.regression_loss * out.num_regression_targets
+            loss = w_text * text_sum / max(n_text, 1) + w_reg * reg_sum / max(n_reg, 1)
+            if not counts[i][0] and not counts[i][1]:
+                # Nothing to learn in this micro-batch, but every rank must run the same backward passes (DDP).
+                loss = loss + 0.0 * out.last_hidden_state.sum()
+            # DDP/FSDP average gradients over ranks; the normalisation above is already global.
+            accelerator.backward(loss * accelerator.num_processes)
+        sums += torch.stack([text_sum.detach(), reg_sum.detach()]).double()
+
+    sums = accelerator.reduce(sums, "sum")
+    text_loss = sums[0].item() / n_text if n_text else 0.0
+    regression_loss = sums[1].item() / n_reg if n_reg else 0.0
+    loss = w_text * text_loss + w_reg * regression_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    result = StepResult(loss, text_loss, regression_loss, n_text, n_reg, tokens, grad_norm)
+    if diverged(result, config):
+        return result  # the caller stops the run, before any weight changes
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: int | None = None) -> dict:
+    """Run (or resume) one stage; returns a summary. The stage output is an Emu2Pipeline at ``output_dir``.
+
+    ``data``: an iterable of collated batches with ``state_dict``/``load_state_dict`` (and optionally
+    ``micro_batches_per_step``) instead of the recipe's data section. ``stop_after``: checkpoint and return
+    once this step is done (time-sliced jobs; tests of resumption).
+    """
+    if config.stage == "decoder":
+        return _train_decoder(config, resume)
+    from accelerate.utils import set_seed
+
+    accelerator = _accelerator(config)
+    set_seed(config.seed)
+    model, tokenizer = build_model(config)
+    model, optimizer = _prepare(accelerator, model, config)
+    scheduler = build_scheduler(optimizer, config)
+    emu2_config = base_model(accelerator.unwrap_model(model)).config
+    if data is None:
+        data = build_data(config, emu2_config, tokenizer, accelerator.process_index, accelerator.num_processes)
+    per_step = getattr(data, "micro_batches_per_step", config.gradient_accumulation_steps)
+
+    out = Path(config.output_dir)
+    checkpoints = out / "checkpoints"
+    start, tokens_seen = 0, 0
+    if resume:
+        state = load_checkpoint(checkpoints, accelerator, model, optimizer, scheduler, data)
+        start, tokens_seen = state["step"], state.get("tokens", 0)
+    elif list_checkpoints(checkpoints):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
+                              "set output_dir to a new directory")
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(config.to_yaml())
+    metrics = MetricsWriter(out, enabled=main, tensorboard=config.log.tensorboard,
+                            resume_step=start if resume else None)
+    bar = progress_bar(config.steps, start, main and config.log.progress, f"{config.stage}")
+
+    batches = iter(data)
+    step = start
+    try:
+        while step < config.steps and (stop_after is None or step < stop_after):
+            began = time.perf_counter()
+            window = [next(batches) for _ in range(per_step)]
+            lrs = {g["group"]: g["lr"] for g in optimizer.param_groups}
+            result = train_step(model, optimizer, window, accelerator, config)
+            if diverged(result, config):
+                last = list_checkpoints(checkpoints)
+                raise TrainingDiverged(
+                    f"step {step + 1}: loss {result.loss} (text {result.text_loss}, regression "
+                    f"{result.regression_loss}), gradient norm {result.grad_norm}; stopped before updating the "
+                    f"weights. Last good checkpoint: {last[0][1] if last else 'none'} (resume from it with a lower "
+                    "learning rate, more warm-up or a smaller grad_clip, or check the data of this step)")
+            scheduler.step()
+            step += 1
+            tokens_seen += result.tokens
+            seconds = time.perf_counter() - began
+            values = {"loss": result.loss, "text_loss": result.text_loss, "regression_loss": result.regression_loss,
+                      "text_targets": result.text_targets, "regression_targets": result.regression_targets,
+                      "grad_norm": result.grad_norm, "lr": lrs.get("lm", next(iter(lrs.values()))),
+                      **{f"lr/{g}": v for g, v in lrs.items()}, "tokens": tokens_seen,
+                      "tokens_per_s": result.tokens / seconds, "step_seconds": seconds}
+            bar.set_postfix_str(progress_text(values), refresh=False)
+            bar.update(1)
+            if step % config.log.every == 0 or step == config.steps or step == start + 1:
+                metrics.log(step, values)
+            if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
+                save_checkpoint(checkpoints, step, accelerator, model, optimizer, scheduler, data,
+                                {"tokens": tokens_seen}, config.checkpoint.keep_last)
+    finally:
+        bar.close()
+        metrics.close()
+
+    finished = step >= config.steps
+    if finished:
+        save_output(accelerator, model, tokenizer, out)
+    accelerator.wait_for_everyone()
+    return {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
+            "loss": result.loss if step > start else None}
+
+
+def save_output(accelerator, model, tokenizer, out: Path) -> None:
+    """The stage output: an Emu2Pipeline directory (config, safetensors, tokenizer), LoRA merged."""
+    from emu2.pipeline import Emu2Pipeline
+
+    from .checkpoint import full_model_state
+
+    unwrapped = accelerator.unwrap_model(model)
+    if is_lora(unwrapped):
+        if accelerator.is_main_process:
+            Emu2Pipeline(merged_model(unwrapped), tokenizer).save_pretrained(out)
+        return
+    state = full_model_state(accelerator, model)  # a collective under FSDP: every rank calls it
+    if accelerator.is_main_process:
+        Emu2Pipeline(unwrapped, tokenizer).save_pretrained(out, state_dict=state)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    # find_unused_parameters: stage 1 never uses project_down, text-only batches never use the vision tower.
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not _has_device(),  # lets `accelerate launch --multi_gpu` run gloo ranks on a CPU-only machine
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    kind = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
+        raise RuntimeError(
+            f"the accelerate config asks for FSDP but accelerate set up {kind.value}: accelerate enables FSDP only "
+            "on GPU/XPU/NPU/HPU devices, and on CPU it would silently train with plain DDP instead. Use a DDP "
+            "config (distributed_type: MULTI_GPU) on CPU.")
+    if kind == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "DeepSpeed is not supported by this trainer yet: DeepSpeed owns gradient accumulation, clipping and "
+            "its checkpoint format, which the exact token-normalised accumulation and the verified checkpoints "
+            "here do not hand over to it. Use FSDP (accelerate config distributed_type: FSDP).")
+    if kind == DistributedType.FSDP and config.lora.enabled:
+        raise NotImplementedError("LoRA with FSDP: merging the adapters needs the full weights on one process; "
+                                  "train LoRA with DDP or a single process")
+    return accelerator
+
+
+def _has_device() -> bool:
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return api.is_available() if api is not None else torch.cuda.is_available()
+
+
+def _prepare(accelerator, model, config: TrainConfig):
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        if not accelerator.state.fsdp_plugin.use_orig_params:
+            raise ValueError("FSDP (version 1) needs fsdp_use_orig_params: true in the accelerate config: the "
+                             "per-group learning rates and freezing address the original parameters")
+        model = accelerator.prepare(model)  # FSDP1 flattens parameters: build the optimizer on the wrapped model
+        return model, accelerator.prepare(build_optimizer(model, config))
+    return accelerator.prepare(model, build_optimizer(model, config))
+
+
+def _train_decoder(config: TrainConfig, resume: bool) -> dict:
+    """``stage: decoder`` (paper 2.2.3): the visual decoder is trained by `emu2.gen.train_decoder`.
+
+    The entry point it needs is ``train_decoder_stage(config: TrainConfig, resume: bool) -> dict``: the recipe's
+    ``model.init_from`` (the frozen stage-1 encoder), ``data`` (image shards), ``optim``, ``schedule``, ``steps``,
+    ``checkpoint``, ``output_dir`` and the free-form ``decoder`` section (unet_init, output_image_size,
+    cfg_drop_prob, noise_offset, ...).
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module("emu2.gen.train_decoder")
+    except ImportError as exn:
+        raise NotImplementedError(f"stage: decoder needs emu2.gen.train_decoder, which does not import ({exn})") from exn
+    entry = getattr(module, "train_decoder_stage", None)
+    if entry is None:
+        raise NotImplementedError(
+            "stage: decoder hands off to emu2.gen.train_decoder.train_decoder_stage(config, resume=...), which does "
+            "not exist yet: that module has the decoder training step and an in-memory loop (train_decoder), not "
+            "a recipe entry point. Until it does, train the decoder with emu2.gen.train_decoder directly.")
+    return entry(config, resume=resume)

@@ -1,0 +1,198 @@
+"""`emu2 quickstart`: the whole paper at shapes scale on a laptop CPU, within a wall-clock budget.
+
+1. generate the shapes world (`emu2 data shapes`);
+2. train stage 1 -> stage 2 -> visual decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
+3. evaluate: held-out few-shot accuracy at 0/1/2/4/8 shots (base model), chat VQA / captioning / grounding /
+   video QA (chat model), autoencoding and text-to-image samples (Gen model + decoder);
+4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png.
+
+Each stage gets a share of the budget. It runs a few steps, measures its seconds per step, then resumes
+with the number of steps that fills its share, so the learning-rate schedule always completes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+# (stage, recipe, init_from stage, share of the training budget)
+STAGES = (
+    ("stage1", "shapes-stage1", None, 0.17),
+    ("stage2", "shapes-stage2", "stage1", 0.43),
+    ("decoder", "shapes-decoder", "stage1", 0.14),
+    ("chat", "shapes-chat", "stage2", 0.13),
+    ("gen", "shapes-gen", "stage2", 0.13),
+)
+PROBE_STEPS = 3
+EVAL_RESERVE_S = 150  # evaluation and report at the end
+DATA_RESERVE_S = 40
+
+
+def _seconds_per_step(stage_dir: Path) -> float:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = sorted(r["step_seconds"] for r in rows if "step_seconds" in r)
+    return times[len(times) // 2] if times else 1.0
+
+
+def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[str]) -> dict:
+    from .config import load_config
+    from .loop import train
+
+    stage_dir = out / name
+    common = [f"output_dir={stage_dir}", f"data.root={out / 'data'}", "log.tensorboard=false", *overrides]
+    if init_from:
+        common.append(f"model.init_from={out / init_from}")
+    started = time.perf_counter()
+    if name == "decoder":  # no resumable state: probe in a scratch directory, then run once
+        probe = train(load_config(recipe, [*common, f"steps={PROBE_STEPS}", f"output_dir={out / 'decoder-probe'}"]))
+        per_step = probe["seconds"] / PROBE_STEPS
+        steps = max(PROBE_STEPS, int((seconds - (time.perf_counter() - started)) / per_step))
+        result = train(load_config(recipe, [*common, f"steps={steps}"]))
+    else:
+        big = [*common, "steps=100000", f"checkpoint.every={PROBE_STEPS}"]
+        train(load_config(recipe, big), stop_after=PROBE_STEPS)
+        per_step = _seconds_per_step(stage_dir)
+        steps = max(PROBE_STEPS + 1, PROBE_STEPS + int((seconds - (time.perf_counter() - started)) / per_step))
+        result = train(load_config(recipe, [*common, f"steps={steps}", f"checkpoint.every={steps}"]), resume=True)
+    result.update(seconds=round(time.perf_counter() - started, 1), seconds_per_step=round(per_step, 3),
+                  budget_s=round(seconds, 1))
+    return result
+
+
+def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 20.0, seed: int = 0,
+                   num_train: int = 1500, preset: str = "shapes", extra: tuple[str, ...] = ()) -> dict:
+    """Everything above; returns the metrics written to ``out/report/metrics.json``."""
+    from ..data.shapes import write_shapes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = {"budget_minutes": budget_minutes, "seed": seed, "preset": preset, "stages": {}}
+    if not (out / "data" / "dataset.json").is_file():
+        write_shapes(out / "data", seed=seed, num_train=num_train, num_episodes=20)
+    report["data_seconds"] = round(time.perf_counter() - started, 1)
+    training = budget_minutes * 60 - EVAL_RESERVE_S - (time.perf_counter() - started)
+    for name, recipe, init_from, share in STAGES:
+        if (out / name / "config.json").is_file() or (out / name / "model_index.json").is_file():
+            print(f"[quickstart] {name}: already trained, reusing {out / name}")
+            continue
+        overrides = [f"seed={seed}", *extra] + ([f"model.preset={preset}"] if name == "stage1" else [])
+        print(f"[quickstart] {name}: {recipe}, about {share * training / 60:.1f} min")
+        report["stages"][name] = _train_stage(name, recipe, init_from, share * training, out, overrides)
+    report["train_seconds"] = round(time.perf_counter() - started, 1)
+    report.update(evaluate_quickstart(out))
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    (out / "report" / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report_markdown(out, report)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate_quickstart(out: Path, items: int = 24) -> dict:
+    from ..eval.shapes import evaluate_fewshot, evaluate_instructions, plot_accuracy_vs_shots
+    from ..pipeline import Emu2Pipeline
+
+    report_dir = out / "report"
+    report_dir.mkdir(exist_ok=True)
+    results = {}
+    base = Emu2Pipeline.from_pretrained(out / "stage2")
+    results["fewshot"] = evaluate_fewshot(base, out / "data")
+    plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
+    results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(out / "chat"), out / "data",
+                                                    items=items)
+    results["generation"] = generation_gallery(out, report_dir / "gallery.png")
+    plot_loss_curves(out, report_dir / "loss_curves.png")
+    return results
+
+
+def generation_gallery(out: Path, path: Path, rows: int = 6) -> dict:
+    """Held-out prompts -> images with the Gen model + decoder, beside the true renders; CLIP-I-style scores
+    under the model's own encoder for text-to-image and autoencoding."""
+    import random
+
+    import torch
+    from PIL import Image, ImageDraw
+
+    from ..data.shapes.render import render_scene
+    from ..data.shapes.tasks import caption
+    from ..data.shapes.world import World
+    from ..gen.pipeline import Emu2GenPipeline
+    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipeline import Emu2Pipeline
+
+    decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "decoder")
+    decoder.set_progress_bar_config(disable=True)
+    gen = Emu2GenPipeline(Emu2Pipeline.from_pretrained(out / "gen"), decoder)
+    manifest = json.loads((out / "data" / "dataset.json").read_text())
+    world, rng = World.from_seed(manifest.get("seed", 0)), random.Random(7)
+    size = manifest.get("image_size", 64)
+    model = gen.encoder.model
+    cells, sims = [], {"text_to_image": [], "autoencode": []}
+
+    def embed(image):
+        from ..processing import preprocess_image
+
+        with torch.no_grad():
+            return model.encode_image(preprocess_image(image, model.config.vision_config.image_size)[None]).flatten()
+
+    for row in range(rows):
+        scene = world.group_scene(rng, "heldout")
+        truth, prompt = render_scene(scene, size), caption(scene, rng)
+        generator = torch.Generator().manual_seed(row)
+        made = gen([prompt], num_inference_steps=25, generator=generator).image
+        recon = gen([truth], num_inference_steps=25, generator=generator).image
+        for key, image in (("text_to_image", made), ("autoencode", recon)):
+            sims[key].append(float(torch.nn.functional.cosine_similarity(embed(image), embed(truth), dim=0)))
+        cells.append((prompt, truth, made, recon))
+    tile, text_w = 96, 330
+    sheet = Image.new("RGB", (text_w + 3 * tile, rows * tile + 20), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), "prompt (held-out combination)", fill="black")
+    for i, name in enumerate(("true render", "text-to-image", "autoencoded")):
+        draw.text((text_w + i * tile + 4, 4), name, fill="black")
+    for r, (prompt, *images) in enumerate(cells):
+        y = 20 + r * tile
+        draw.text((4, y + tile // 2 - 6), prompt[:52], fill="black")
+        for i, image in enumerate(images):
+            sheet.paste(image.resize((tile - 4, tile - 4)), (text_w + i * tile, y))
+    sheet.save(path)
+    return {f"clip_i_own_encoder_{k}": round(sum(v) / len(v), 4) for k, v in sims.items()} | {"rows": rows}
+
+
+def plot_loss_curves(out: Path, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.2))
+    FigureCanvasAgg(fig)
+    for index, (name, *_rest) in enumerate(STAGES):
+        metrics = out / name / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        ax = fig.add_subplot(1, len(STAGES), index + 1)
+        for key in ("text_loss", "regression_loss", "loss"):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points and (key != "loss" or name == "decoder"):
+                ax.plot(*zip(*points), label=key.replace("_loss", ""))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+
+
+def write_report_markdown(out: Path, report: dict) -> None:
+    from ..eval.shapes import fewshot_table
+
+    lines = ["# emu2 quickstart report", "",
+             f"Budget {report['budget_minutes']} min; total {report['total_seconds'] / 60:.1f} min.", "",
+             "## Held-out few-shot accuracy (base model after stage 2)", "",
+             "Exact match % (field accuracy %) by number of in-context examples.", "",
+             fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
+             "## Chat model (held-out scenes)", "", "```", json.dumps(report["instructions"], indent=2), "```", "",
+             "## Generation", "", "```", json.dumps(report["generation"], indent=2), "```", "",
+             "![gallery](gallery.png)", "", "## Training", "", "![loss curves](loss_curves.png)", "", "```",
+             json.dumps(report["stages"], indent=2), "```", ""]
+    (out / "report" / "report.md").write_text("\n".join(lines))
