@@ -71,6 +71,10 @@ def _bench(args) -> int:
         result = run(repeats=args.repeats)
     elif args.what == "data":
         result = _bench_data(args)
+    elif args.what == "generate":
+        from .bench.generate import run as run_generate
+
+        result = run_generate()
     elif args.what == "train":
         from .train.bench import run_train_benchmark
 
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
-    p.add_argument("what", choices=["image-regression", "data", "train", "serve"], help="which benchmark")
+    p.add_argument("what", choices=["image-regression", "generate", "data", "train", "serve"], help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")

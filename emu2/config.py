@@ -113,3 +113,8 @@ PRESETS = {
         text_config=_llama(768, 2048, 10, 12, INSTRUCT_VOCAB), n_query=16, v_query=4, instruct=True,
     ),
 }
+
+
+# Let transformers' Auto classes (e.g. AutoTokenizer reading a model directory's config.json) know our types.
+AutoConfig.register(Emu2VisionConfig.model_type, Emu2VisionConfig, exist_ok=True)
+AutoConfig.register(Emu2Config.model_type, Emu2Config, exist_ok=True)
