@@ -162,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import add_parser as add_data_parser
     from .eval.cli import add_parser as add_eval_parser
-
     from .serve.cli import add_parsers as add_serve_parsers
     from .train.cli import add_parser as add_train_parser
 

@@ -63,7 +63,7 @@ class Emu2Config(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Emu2Config":
+    def from_preset(cls, name: str, **overrides) -> Emu2Config:
         """A named preset; keyword overrides replace top-level fields."""
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ class Emu2Pipeline:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs) -> "Emu2Pipeline":
+                        device: str | torch.device | None = None, **kwargs) -> Emu2Pipeline:
         """A directory written by `save_pretrained` (config.json, safetensors weights, tokenizer files)."""
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -49,7 +49,7 @@ class Emu2Pipeline:
         return cls(model.eval(), P.load_tokenizer(tokenizer_dir, instruct=model.config.instruct))
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **overrides) -> "Emu2Pipeline":
+    def from_preset(cls, name: str, seed: int = 0, **overrides) -> Emu2Pipeline:
         """Randomly initialised model of a named preset, with the packaged LLaMA tokenizer."""
         from .config import Emu2Config
 

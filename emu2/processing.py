@@ -11,9 +11,9 @@ Placeholders used in prompt strings:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -203,7 +203,7 @@ def pixels_to_pil(pixels: torch.Tensor) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ boxes
 _PATCH_RE = re.compile(r"<patch_index_(\d{4})>")
 _GROUNDED_RE = re.compile(
-    r"<phrase>(?P<phrase>.*?)</phrase>\s*<object>(?P<coords>(?:\s*<patch_index_\d{4}>)+)\s*</object>", re.S
+    r"<phrase>(?P<phrase>.*?)</phrase>\s*<object>(?P<coords>(?:\s*<patch_index_\d{4}>)+)\s*</object>", re.DOTALL
 )
 
 

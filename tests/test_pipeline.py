@@ -48,8 +48,9 @@ def test_wrong_placeholder_count_is_rejected(pipe):
 
 
 def test_chat_uses_template_and_streams(pipe):
-    from transformers import TextIteratorStreamer
     from threading import Thread
+
+    from transformers import TextIteratorStreamer
 
     chat_pipe = Emu2Pipeline.from_preset("tiny-chat")
     answer = chat_pipe.chat([[image("red"), "What is it?"]], max_new_tokens=3, num_beams=1)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..config import Emu2Config, Emu2VisionConfig, _llama, BASE_VOCAB
+from ..config import BASE_VOCAB, Emu2Config, Emu2VisionConfig, _llama
 from ..model import Emu2ForCausalLM
 
 

@@ -102,8 +102,8 @@ class EVAVisionTransformer(nn.Module):
         """
         tokens = self(pixels)[:, 1:]
         B, N, D = tokens.shape
-        grid = int(math.isqrt(N))
-        side = int(math.isqrt(n_query))
+        grid = math.isqrt(N)
+        side = math.isqrt(n_query)
         if side * side != n_query or grid % side:
             raise ValueError(f"n_query={n_query} must be a square whose side divides the {grid}x{grid} patch grid")
         grid_map = tokens.transpose(1, 2).reshape(B, D, grid, grid)

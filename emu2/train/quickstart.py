@@ -13,6 +13,7 @@ with the number of steps that fills its share, so the learning-rate schedule alw
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
     started = time.perf_counter()
     if name == "decoder":  # no resumable state: probe in a scratch directory, then run once
         probe = train(load_config(recipe, [*common, f"steps={PROBE_STEPS}", f"output_dir={out / 'decoder-probe'}"]))
+        shutil.rmtree(out / "decoder-probe", ignore_errors=True)
         per_step = probe["seconds"] / PROBE_STEPS
         steps = max(PROBE_STEPS, int((seconds - (time.perf_counter() - started)) / per_step))
         result = train(load_config(recipe, [*common, f"steps={steps}"]))
