@@ -61,23 +61,21 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
     episodes_path = Path(data_dir) / "eval" / "episodes.json"
     episodes = json.loads(episodes_path.read_text())["episodes"]
     root = episodes_path.parent
-    items = [(ep["split"], k, q) for ep in episodes for k in shots for q in range(len(ep["queries"]))
-             if k <= len(ep["support"])]
-    prompts = []
+    prompts = []  # (split, shots, prompt text, images, answer)
     for ep in episodes:
         for k in shots:
             if k > len(ep["support"]):
                 continue
             for q in range(len(ep["queries"])):
                 text, images, answer = fewshot_prompt(ep, k, q)
-                prompts.append((text, [Image.open(root / im).convert("RGB") for im in images], answer))
+                prompts.append((ep["split"], k, text, [Image.open(root / im).convert("RGB") for im in images], answer))
     scores: dict = {}
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
         chunk = prompts[start:start + batch_size]
-        batch = pipe.encode([t for t, _, _ in chunk], [im for _, ims, _ in chunk for im in ims])
+        batch = pipe.encode([c[2] for c in chunk], [im for c in chunk for im in c[3]])
         ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         texts = pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)
-        for (split, k, _), (_, _, answer), text in zip(items[start:], chunk, texts):
+        for (split, k, _, _, answer), text in zip(chunk, texts):
             prediction = _cut_answer(text)
             for key in (split, "all"):
                 cell = scores.setdefault(key, {}).setdefault(k, {"exact": 0.0, "fields": 0.0, "n": 0})
