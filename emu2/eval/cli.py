@@ -34,7 +34,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory for metrics.json, table.md and accuracy_vs_shots.png "
                    "(default: <model>/eval)")
     p.add_argument("--shots", type=_shots, default=[0, 1, 2, 4, 8], help="comma-separated shot counts")
-    p.add_argument("--items", type=int, default=48, help="rendered held-out items per chat task")
+    p.add_argument("--items", type=int, default=48,
+                   help="rendered held-out items per chat task and for generation")
+    p.add_argument("--gen", help="Emu2-Gen model for generation attribute accuracy (text-to-image, "
+                   "autoencoding): a directory with encoder/ and decoder/, or an encoder directory (the "
+                   "quickstart's gen/) with --decoder")
+    p.add_argument("--decoder", help="visual decoder directory for --gen (default: <gen>/../decoder when "
+                   "<gen> has no decoder/)")
+    p.add_argument("--gen-steps", type=int, default=25, help="diffusion steps per generated image")
     p.set_defaults(func=run_shapes)
 
     for name in BENCHMARKS:
@@ -58,10 +65,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ shapes
+def load_gen_pipeline(gen: str | Path, decoder: str | Path | None = None):
+    """An `Emu2GenPipeline` from ``gen`` (encoder/ + decoder/), or from an encoder directory ``gen`` plus a
+    decoder directory (``decoder``, else ``gen``'s sibling ``decoder/``, as the quickstart lays them out)."""
+    from ..gen.pipeline import Emu2GenPipeline
+    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipeline import Emu2Pipeline
+
+    gen = Path(gen)
+    if decoder is None and (gen / "encoder").is_dir() and (gen / "decoder").is_dir():
+        pipe = Emu2GenPipeline.from_pretrained(gen)
+    else:
+        if decoder is None and not (gen.parent / "decoder").is_dir():
+            raise SystemExit(f"--gen {gen} has no decoder/ and there is no {gen.parent / 'decoder'}: "
+                             "pass --decoder")
+        decoder = Path(decoder) if decoder else gen.parent / "decoder"
+        if not decoder.is_dir():
+            raise SystemExit(f"--decoder {decoder} is not a directory")
+        encoder = gen / "encoder" if (gen / "encoder").is_dir() else gen
+        pipe = Emu2GenPipeline(Emu2Pipeline.from_pretrained(encoder),
+                               Emu2VisualDecoderPipeline.from_pretrained(decoder))
+    pipe.decoder.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def run_shapes(args) -> dict:
     from ..pipeline import Emu2Pipeline
     from .shapes import evaluate_fewshot, evaluate_instructions, fewshot_table, plot_accuracy_vs_shots
+    from .shapes_generation import evaluate_generation, generation_table
 
+    if args.decoder and not args.gen:
+        raise SystemExit("--decoder needs --gen (the Emu2-Gen encoder it decodes for)")
     model_dir = Path(args.model)
     data = Path(args.data) if args.data else model_dir.parent / "data"
     out = Path(args.out) if args.out else model_dir / "eval"
@@ -71,9 +105,17 @@ def run_shapes(args) -> dict:
     if args.chat_model:
         results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(args.chat_model), data,
                                                         items=args.items)
+    if args.gen:
+        results["generation"] = evaluate_generation(load_gen_pipeline(args.gen, args.decoder), data,
+                                                    items=args.items, num_inference_steps=args.gen_steps)
     table = fewshot_table(results["fewshot"])
+    text = "Held-out few-shot accuracy: exact match % (field accuracy %)\n\n" + table + "\n"
+    if "generation" in results:
+        table += "\n\n" + generation_table(results["generation"])
+        text += ("\nGeneration attribute accuracy % on held-out scenes (pixel detector; true renders = its "
+                 "ceiling)\n\n" + generation_table(results["generation"]) + "\n")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "table.md").write_text("Held-out few-shot accuracy: exact match % (field accuracy %)\n\n" + table + "\n")
+    (out / "table.md").write_text(text)
     plot_accuracy_vs_shots(results["fewshot"], out / "accuracy_vs_shots.png")
     print(table)
     if "instructions" in results:
@@ -101,7 +143,7 @@ def make_answer_fn(pipe, num_beams: int, max_new_tokens: int):
 
     def answer(prompts, images):
         batch = pipe.encode(prompts, [im for ims in images for im in ims])
-        kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False)
+        kwargs = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "do_sample": False}
         if num_beams > 1:
             kwargs["length_penalty"] = -1.0
         ids = pipe.model.generate_text(**batch, **kwargs)

@@ -59,3 +59,21 @@ def test_shapes_eval_writes_metrics_table_and_plot(model_dir, tmp_path):
     assert 0 <= metrics["fewshot"]["all"]["1"]["exact"] <= 1
     assert {"vqa_exact", "grounding_acc_iou50", "caption_attribute_recall"} <= set(metrics["instructions"])
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").stat().st_size > 1000
+
+
+def test_shapes_eval_with_a_gen_model_adds_generation_attribute_accuracy(model_dir, tmp_path, capsys):
+    from emu2.data.shapes import write_shapes
+    from emu2.gen.pipeline import Emu2GenPipeline
+
+    write_shapes(tmp_path / "data", seed=0, num_train=4, num_val=1, num_heldout=1, num_episodes=1)
+    gen = Emu2GenPipeline.from_preset("tiny")
+    gen.encoder.save_pretrained(tmp_path / "gen")  # the quickstart layout: gen/ (encoder) beside decoder/
+    gen.decoder.save_pretrained(tmp_path / "decoder")
+    main(["eval", "shapes", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--shots", "0",
+          "--gen", str(tmp_path / "gen"), "--decoder", str(tmp_path / "decoder"), "--items", "1",
+          "--gen-steps", "1", "--out", str(tmp_path / "eval")])
+    generation = json.loads((tmp_path / "eval" / "metrics.json").read_text())["generation"]
+    assert set(generation) == {"text_to_image", "autoencode", "truth_renders", "items"}
+    assert generation["truth_renders"]["all"] == 1.0
+    assert "| text-to-image |" in (tmp_path / "eval" / "table.md").read_text()
+    assert "| autoencoded |" in capsys.readouterr().out
