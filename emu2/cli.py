@@ -117,7 +117,7 @@ def _quickstart(args) -> int:
     from .train.quickstart import run_quickstart
 
     report = run_quickstart(args.out, budget_minutes=args.budget, seed=args.seed, num_train=args.num_train,
-                            preset=args.preset)
+                            preset=args.preset, precision=args.precision)
     print(f"report: {args.out}/report/report.md ({report['total_seconds'] / 60:.1f} min)")
     return 0
 
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=1500, help="shapes training samples per kind")
     p.add_argument("--preset", default="shapes", choices=["shapes", "shapes-large"],
                    help="model size (shapes-large: ~130M parameters, for a GPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the GPU or CPU (AVX512-BF16/AMX) runs bf16 natively, else fp32")
     p.set_defaults(func=_quickstart)
     add_data_parser(sub)
     add_eval_parser(sub)

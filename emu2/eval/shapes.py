@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -54,7 +55,8 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
                      max_new_tokens: int = 24, batch_size: int = 8) -> dict:
     """Few-shot accuracy per held-out split and shot count on the dataset's evaluation episodes.
 
-    Returns ``{split: {shots: {"exact": float, "fields": float, "n": int}}}`` plus ``"all"`` over splits.
+    Returns ``{split: {shots: {"exact": float, "fields": float, "nll": float, "n": int}}}`` plus ``"all"`` over
+    splits; ``nll`` is the gold answer's mean per-token negative log-likelihood (`answer_nll`).
     """
     from ..data.shapes import fewshot_prompt
 
@@ -75,18 +77,49 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
         batch = pipe.encode([c[2] for c in chunk], [im for c in chunk for im in c[3]])
         ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         texts = pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)
-        for (split, k, _, _, answer), text in zip(chunk, texts):
+        nlls = answer_nll(pipe, [c[2] for c in chunk], [c[4] for c in chunk], batch["images"])
+        for (split, k, _, _, answer), text, nll in zip(chunk, texts, nlls):
             prediction = _cut_answer(text)
             for key in (split, "all"):
-                cell = scores.setdefault(key, {}).setdefault(k, {"exact": 0.0, "fields": 0.0, "n": 0})
+                cell = scores.setdefault(key, {}).setdefault(k, {"exact": 0.0, "fields": 0.0, "nll": 0.0, "n": 0})
                 cell["exact"] += float(_normal(prediction) == _normal(answer))
                 cell["fields"] += field_accuracy(prediction, answer)
+                cell["nll"] += nll
                 cell["n"] += 1
     for per_shot in scores.values():
         for cell in per_shot.values():
-            cell["exact"] = round(cell["exact"] / cell["n"], 4)
-            cell["fields"] = round(cell["fields"] / cell["n"], 4)
+            for metric in ("exact", "fields", "nll"):
+                cell[metric] = round(cell[metric] / cell["n"], 4)
     return scores
+
+
+@torch.no_grad()
+def answer_nll(pipe, prompts: Sequence[str], answers: Sequence[str], images: torch.Tensor | None) -> list[float]:
+    """Mean negative log-likelihood (nats per token) of each gold answer, with its closing separator, given its
+    prompt: how well the model predicts the answer when it is teacher-forced, not only whether greedy decoding
+    hits it. An in-context learner's answer NLL falls as examples are added, even before its answers are exact.
+
+    prompts/answers: one per row; images: the (N, 3, S, S) pixels of all the prompts' placeholders, in order.
+    """
+    from ..data.shapes.tasks import example_text
+
+    fulls = [p + (" " if p and not p.endswith(P.IMAGE_PLACEHOLDER) else "") + example_text("", a)
+             for p, a in zip(prompts, answers)]
+    cfg = pipe.model.config
+
+    def token_count(text: str) -> int:
+        return len(pipe.tokenizer(P.expand_placeholders(text, cfg.n_query, cfg.v_query))["input_ids"])
+
+    batch = pipe.encode(fulls) if images is None else pipe.encode(fulls, list(images))
+    logits = pipe.model(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["input_ids"][:, 1:]
+    out = []
+    for row, (prompt, full) in enumerate(zip(prompts, fulls)):
+        n = token_count(full) - token_count(prompt)  # left padding: the answer is the row's last n tokens
+        picked = logprobs[row, -n:].gather(-1, targets[row, -n:, None])
+        out.append(float(-picked.mean()))
+    return out
 
 
 # ------------------------------------------------------------------------------------ instruction tasks
@@ -165,6 +198,12 @@ def fewshot_table(scores: dict) -> str:
         cells = [f"{100 * scores[s][k]['exact']:.1f} ({100 * scores[s][k]['fields']:.1f})" if k in scores[s] else "-"
                  for s in splits]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all("nll" in scores[s][k] for s in splits for k in scores[s]):
+        lines += ["", "Gold-answer NLL (nats/token, lower is better):", "",
+                  "| shots | " + " | ".join(splits) + " |", "|---:|" + "---:|" * len(splits)]
+        for k in shots:
+            cells = [f"{scores[s][k]['nll']:.2f}" if k in scores[s] else "-" for s in splits]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -173,17 +212,21 @@ def plot_accuracy_vs_shots(scores: dict, path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.4))
+    metrics = [m for m in ("exact", "fields", "nll") if all(m in c for per in scores.values() for c in per.values())]
+    labels = {"exact": "exact match (%)", "fields": "field accuracy (%)", "nll": "gold-answer NLL (nats/token)"}
+    fig = Figure(figsize=(4 * len(metrics), 3.4))
     FigureCanvasAgg(fig)
-    for index, metric in enumerate(("exact", "fields")):
-        ax = fig.add_subplot(1, 2, index + 1)
+    for index, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), index + 1)
+        scale = 1 if metric == "nll" else 100
         for split, per_shot in scores.items():
             shots = sorted(per_shot, key=int)
-            ax.plot(shots, [100 * per_shot[k][metric] for k in shots], marker="o", label=split,
+            ax.plot(shots, [scale * per_shot[k][metric] for k in shots], marker="o", label=split,
                     linewidth=2.5 if split == "all" else 1.2)
         ax.set_xlabel("shots (in-context examples)")
-        ax.set_ylabel(f"{'exact match' if metric == 'exact' else 'field accuracy'} (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel(labels[metric])
+        if metric != "nll":
+            ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7)
     fig.suptitle("shapes world: held-out few-shot accuracy vs shots")

@@ -13,7 +13,7 @@ from emu2.data.kinds import KINDS
 from emu2.data.mixing import sources_from_manifest
 from emu2.data.shapes import ShapesMaker, World, fewshot_prompt, write_shapes
 from emu2.data.shapes.cli import add_parser, main
-from emu2.data.shapes.tasks import LABEL_WORDS, README_FORMAT, AttributeFormat, is_heldout_format
+from emu2.data.shapes.tasks import HELDOUT_LABEL_WORDS, README_FORMAT, AttributeFormat, is_heldout_format
 from emu2.data.shapes.world import COLOURS, Group, Scene
 from emu2.data.shards import ShardDataset
 
@@ -101,7 +101,7 @@ def test_heldout_splits_share_no_format_or_combination_with_training(shapes_dir)
     assert train_combos and train_formats and train_words
     assert not train_combos & world.heldout_combos
     assert all(not is_heldout_format_id(f) for f in train_formats)
-    assert train_words <= set(LABEL_WORDS)
+    assert not train_words & set(HELDOUT_LABEL_WORDS)
     pairs = {(m["format"], tuple(c)) for m in train if "format" in m for c in m["combos"]}
     for split in ("heldout_combos", "heldout_formats", "heldout_labels"):
         metas = [meta["meta"] for _, meta in json_members(shapes_dir, split)]
@@ -113,7 +113,8 @@ def test_heldout_splits_share_no_format_or_combination_with_training(shapes_dir)
             if split == "heldout_formats":
                 assert m["format"] not in train_formats and is_heldout_format_id(m["format"])
             if split == "heldout_labels":
-                assert m["label_words"] and not set(m["label_words"]) & set(LABEL_WORDS)
+                assert m["label_words"] and set(m["label_words"]) <= set(HELDOUT_LABEL_WORDS)
+                assert not set(m["label_words"]) & train_words
     train_text = " ".join(json.dumps(meta) for split in ("train", "val") for _, meta in json_members(shapes_dir, split))
     for word in {w for _, meta in json_members(shapes_dir, "heldout_labels") for w in meta["meta"]["label_words"]}:
         assert f" {word}" not in train_text and f'"{word}' not in train_text
@@ -157,3 +158,62 @@ def test_cli_runs_standalone_and_as_a_subcommand(tmp_path, capsys):
 def test_unknown_split_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown split"):
         ShapesMaker(World.from_seed(0)).make("pair", random.Random(0), "test")
+
+
+# ------------------------------------------------------------------------ language-only in-context documents
+def test_training_label_words_are_mostly_fresh_nonce_words_never_held_out():
+    from emu2.data.shapes.tasks import LABEL_WORDS, nonce_word, training_label_words
+
+    rng = random.Random(0)
+    drawn = [w for _ in range(400) for w in training_label_words(rng, 3)]
+    fresh = [w for w in drawn if w not in LABEL_WORDS]
+    assert 0.6 < len(fresh) / len(drawn) < 0.9  # NONCE_WORD_PROB of the documents
+    assert len(set(fresh)) > 0.5 * len(fresh)  # mostly new every time: only copying from context predicts them
+    words = [nonce_word(rng) for _ in range(2000)]
+    assert not any(h in w for w in words for h in HELDOUT_LABEL_WORDS)
+
+
+def test_recall_documents_ask_only_words_bound_earlier_with_the_same_value():
+    from emu2.data.shapes.tasks import ShapesMaker
+
+    maker = ShapesMaker(World.from_seed(0))
+    for seed in range(30):
+        record, meta = maker.recall_document(random.Random(seed))
+        sentences = [s.rstrip(".") for s in record.text.split(". ")]
+        n = len(meta["label_words"])
+        bound = {}
+        for sentence in sentences[:n]:
+            words = sentence.removeprefix("the ").split()
+            bound[words[0].rstrip(":")] = sentence
+        assert sorted(bound) == meta["label_words"]
+        for sentence in sentences[n:]:
+            assert sentence in bound.values()  # a query repeats its word's binding exactly
+
+
+def test_text_fewshot_documents_describe_each_scene_then_answer_in_one_hidden_format():
+    from emu2.data.shapes.tasks import ShapesMaker
+
+    maker = ShapesMaker(World.from_seed(0))
+    seen = set()
+    for seed in range(60):
+        record, meta = maker.text_fewshot_document(random.Random(seed), "train")
+        examples = [e for e in record.text.split(". ") if e]
+        assert 4 <= len(examples) <= 12 and record.text.endswith(".")
+        assert all(" on " in e.split(":")[0] for e in examples)  # "<scene description> on <background>: answer"
+        seen.add(meta["task"])
+        if meta["task"] == "labels":
+            answers = [e.split(": ", 1)[1] for e in examples]
+            assert all(any(w in a for w in meta["label_words"]) for a in answers)
+        assert not is_heldout_format_id(meta["format"])
+    assert seen == {"attributes", "labels", "vqa"}
+
+
+def test_kind_counts_change_one_kind_and_reject_unknown_kinds(tmp_path):
+    from emu2.data.shapes import write_shapes
+
+    manifest = write_shapes(tmp_path / "w", num_train=2, num_val=0, num_heldout=0, num_episodes=0,
+                            image_size=16, kind_counts={"text": 5})
+    assert manifest["splits"]["train"]["text"]["count"] == 5
+    assert manifest["splits"]["train"]["pair"]["count"] == 2
+    with pytest.raises(ValueError, match="unknown kinds"):
+        write_shapes(tmp_path / "x", num_train=2, kind_counts={"txt": 5})

@@ -77,3 +77,27 @@ def test_shapes_eval_with_a_gen_model_adds_generation_attribute_accuracy(model_d
     assert generation["truth_renders"]["all"] == 1.0
     assert "| text-to-image |" in (tmp_path / "eval" / "table.md").read_text()
     assert "| autoencoded |" in capsys.readouterr().out
+
+
+def test_answer_nll_is_the_models_own_cross_entropy_on_the_answer_tokens(model_dir):
+    import torch
+
+    from emu2 import processing as P
+    from emu2.eval.shapes import answer_nll
+
+    pipe = Emu2Pipeline.from_pretrained(model_dir)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    prompts = [f"{P.IMAGE_PLACEHOLDER}red.{P.IMAGE_PLACEHOLDER}", f"{P.IMAGE_PLACEHOLDER}Q: what colour? A:"]
+    answers = ["blue", "green leaf"]
+    pixels = pipe.encode(prompts, images)["images"]
+    got = answer_nll(pipe, prompts, answers, pixels)
+    for prompt, answer, image_slice, value in zip(prompts, answers, (images[:2], images[2:]), got):
+        full = prompt + (" " if not prompt.endswith(P.IMAGE_PLACEHOLDER) else "") + answer + "."
+        batch = pipe.encode([full], image_slice)
+        n_prompt = pipe.encode([prompt], image_slice)["input_ids"].shape[1]
+        labels = batch["input_ids"].clone()
+        labels[:, :n_prompt] = -100  # supervise only the answer and its "."
+        with torch.no_grad():
+            want = pipe.model(**batch, labels=labels).text_loss
+        assert value == pytest.approx(float(want), rel=1e-4)
+    assert got[0] != got[1]

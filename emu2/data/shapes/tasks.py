@@ -45,6 +45,12 @@ HELDOUT_FORMAT_FRACTION = 0.1
 LABEL_WORDS = ("dax", "wug", "blicket", "fep", "toma", "zup", "kiki", "bouba", "gazzer", "lorp", "tulver", "zorb",
                "fendle", "quip", "rask", "vorn", "yelt", "snib", "glorp", "drell", "jirn", "pilk", "moxo", "trud")
 HELDOUT_LABEL_WORDS = ("florp", "tazzle", "woog", "prell", "zindle", "krum", "sploo", "bimble")
+# Training documents mostly use fresh nonce words (consonant-vowel syllables), so the only way to predict a
+# label is to copy it from the document's own examples (an induction task), never to recall a memorised word.
+NONCE_WORD_PROB = 0.75
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "dr", "gl", "kr", "sn", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "oo", "ai")
+_CODAS = ("", "n", "m", "p", "k", "x", "sh", "rb", "g", "ll")
 LABEL_TEMPLATES = ("{w}", "a {w}", "this is a {w}", "it is called {w}", "that is {w}")
 LABEL_ATTRIBUTES = ("shape", "colour", "count", "size")
 VQA_QUESTIONS = {
@@ -54,6 +60,8 @@ VQA_QUESTIONS = {
 }
 VQA_STYLES = ("Q: {q} A:", "Question: {q} Answer:", "based on the picture, {q} short answer:")
 EXAMPLE_SEPARATOR = "."
+TEXT_FEWSHOT_PROB = 0.5  # share of language-only documents (kind `text`) that are in-context task documents
+TEXT_RECALL_PROB = 0.25  # ... and that are word-recall documents (made-up words bound to values, then queried)
 SHAPE_FACTS = {"triangle": "three corners", "square": "four corners", "pentagon": "five corners",
                "hexagon": "six corners", "diamond": "four corners", "star": "five points", "cross": "four arms",
                "circle": "no corners"}
@@ -159,6 +167,26 @@ def _label_values(world: World, attribute: str, scene_split: str) -> list:
     return list(SIZES)
 
 
+def nonce_word(rng: random.Random) -> str:
+    """A pronounceable made-up word of 1-2 syllables, never one of the held-out label words."""
+    while True:
+        syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 2))]
+        word = "".join(syllables) + rng.choice(_CODAS)
+        if not any(h in word for h in HELDOUT_LABEL_WORDS) and word not in LABEL_WORDS:
+            return word
+
+
+def training_label_words(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct label words for a training document: fresh nonce words, or the fixed training list."""
+    if rng.random() >= NONCE_WORD_PROB:
+        return rng.sample(LABEL_WORDS, n)
+    words: list[str] = []
+    while len(words) < n:
+        if (word := nonce_word(rng)) not in words:
+            words.append(word)
+    return words
+
+
 def sample_task(world: World, rng: random.Random, split: str) -> Task:
     """A task for a document of ``split``: training tasks for train/val/heldout_combos (held-out scenes for the
     latter), held-out formats for heldout_formats, held-out label words for heldout_labels."""
@@ -176,7 +204,8 @@ def sample_task(world: World, rng: random.Random, split: str) -> Task:
         attribute = rng.choice(LABEL_ATTRIBUTES)
         options = _label_values(world, attribute, scene_split)
         values = rng.sample(options, min(len(options), rng.randint(2, 3)))
-        words = rng.sample(HELDOUT_LABEL_WORDS if split == "heldout_labels" else LABEL_WORDS, len(values))
+        words = (rng.sample(HELDOUT_LABEL_WORDS, len(values)) if split == "heldout_labels"
+                 else training_label_words(rng, len(values)))
         template = rng.choice(LABEL_TEMPLATES)
         # the label vocabulary is part of the answer format: held-out words make a format unseen in training
         return Task(name, f"labels:{attribute}|{template}|{','.join(sorted(words))}", scene_split,
@@ -354,6 +383,11 @@ class ShapesMaker:
         return K.GroundedPair(self.render(scene), text, objects), {"combos": _combos([scene])}
 
     def text(self, rng, split):
+        choice = rng.random()
+        if choice < TEXT_FEWSHOT_PROB:
+            return self.text_fewshot_document(rng, split)
+        if choice < TEXT_FEWSHOT_PROB + TEXT_RECALL_PROB:
+            return self.recall_document(rng)
         sentences = []
         for _ in range(rng.randint(3, 6)):
             choice = rng.random()
@@ -367,6 +401,31 @@ class ShapesMaker:
                 n = rng.randint(2, 4)
                 sentences.append(f"Counting to {NUMBER_WORDS[n]}: " + ", ".join(NUMBER_WORDS[k] for k in range(1, n + 1)) + ".")
         return K.Text(" ".join(sentences)), {"combos": []}
+
+    def text_fewshot_document(self, rng: random.Random, split: str):
+        """A language-only in-context document: the hidden tasks of `fewshot_document` with each image replaced
+        by a sentence describing its scene ("a small red star in the top left on white: [red, 1]."). It lets the
+        language model learn to infer a task from examples (what a pretrained LLM brings to Emu2) from text."""
+        task = sample_task(self.world, rng, "heldout_combos" if split == "heldout" else "train")
+        scenes, texts = [], []
+        for _ in range(rng.randint(4, 12)):
+            scene, prompt, answer = task.example(self.world, rng)
+            scenes.append(scene)
+            g = scene.groups[0]
+            description = f"{describe(g)} in the {scene.position(g)} on {scene.background}:"
+            texts.append(f"{description} {example_text(prompt, answer)}")
+        return K.Text(" ".join(texts)), task_meta(task, scenes)
+
+    def recall_document(self, rng: random.Random):
+        """Made-up words bound to attribute values, then asked again in another order ("dax is red. wug is
+        two. ... wug is two."): predicting the second half needs looking the words up in the first."""
+        values = list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS.values()) + list(BACKGROUNDS) + list(SIZES)
+        words = training_label_words(rng, rng.randint(3, 6))
+        binding = {w: rng.choice(values) for w in words}
+        template = rng.choice(("{w} is {v}.", "{w} means {v}.", "{w}: {v}.", "the {w} is {v}."))
+        queries = [rng.choice(words) for _ in range(rng.randint(3, 8))]
+        text = " ".join(template.format(w=w, v=binding[w]) for w in words + queries)
+        return K.Text(text), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
 
     # -- chat
     def chat(self, rng, split):

@@ -72,16 +72,21 @@ def _write_episodes(out: str, seed: int, image_size: int, episodes: int) -> dict
 
 def write_shapes(out: str | Path, seed: int = 0, num_train: int = 1000, num_val: int | None = None,
                  num_heldout: int | None = None, num_episodes: int = 20, image_size: int = 64,
-                 shard_size: int = 250, processes: int | None = None) -> dict:
+                 shard_size: int = 250, processes: int | None = None, kind_counts: dict[str, int] | None = None) -> dict:
     """Generate the shapes world into ``out``; returns the manifest (also written as ``dataset.json``).
 
     ``num_train`` samples per kind (``num_val``/``num_heldout`` default to a tenth of it, at least 20);
     ``num_episodes`` evaluation episodes per held-out split; ``processes`` (default 1) only changes speed, not the bytes.
+    ``kind_counts`` replaces ``num_train`` for the kinds it names (e.g. more cheap language-only documents).
     """
     out = str(out)
     num_val = num_val if num_val is not None else max(num_train // 10, 20)
     num_heldout = num_heldout if num_heldout is not None else max(num_train // 10, 20)
-    jobs = [("train", kind, num_train) for kind in TRAIN_KINDS]
+    kind_counts = kind_counts or {}
+    unknown = set(kind_counts) - set(TRAIN_KINDS)
+    if unknown:
+        raise ValueError(f"kind_counts names unknown kinds {sorted(unknown)}; kinds are {list(TRAIN_KINDS)}")
+    jobs = [("train", kind, kind_counts.get(kind, num_train)) for kind in TRAIN_KINDS]
     jobs += [("val", kind, num_val) for kind in TRAIN_KINDS]
     jobs += [(split, kind, num_heldout) for split, kinds in HELDOUT_KINDS.items() for kind in kinds]
     jobs = [job for job in jobs if job[2] > 0]
