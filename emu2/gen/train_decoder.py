@@ -6,15 +6,22 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_
 1. encode the crop with the frozen encoder -> conditioning (B, Q, Dv);
 2. drop it to the unconditional embeddings (zeros by default) with probability 0.1, for classifier-free
    guidance (Table 6: 10%);
-3. VAE-encode the crop to latents (or use the pixels themselves in pixel space);
+3. VAE-encode the crop to latents (or use the pixels themselves in pixel space, optionally shrunk by the
+   pipeline's ``pixel_scale``);
 4. add noise with offset 0.1 (Table 6) at a uniformly drawn training timestep;
-5. predict the noise with SDXL's added conditions (pooled embeddings, original size, crop, target size) and
-   take the MSE to the true noise (epsilon objective);
+5. predict with SDXL's added conditions (pooled embeddings, original size, crop, target size) and take the MSE
+   to the scheduler's target: the noise (epsilon, the official decoder) or v (``prediction_type``
+   "v_prediction", used by the small shapes-world decoders);
 6. AdamW step with gradient clipping 1.0 under warm-up + linear decay (Table 6).
 
+Steps 4-6 (`diffusion_update`) are shared with the video decoder (`emu2.model.video_decoder`).
+
 Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
-corner are the SDXL size conditions (A.3.1). `train_small_autoencoder` trains the tiny VAE used for the
-shapes world, where no pretrained VAE is available offline.
+corner are the SDXL size conditions (A.3.1). `train_small_autoencoder` trains a tiny VAE (no pretrained VAE
+is available offline for the shapes world).
+
+Recipe entry points (`emu2 train`): `train_decoder_stage` (``stage: decoder``) and `train_video_decoder_stage`
+(``stage: video-decoder``), with resumable checkpoints (`emu2.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class DecoderTrainingConfig:
     condition_drop_prob: float = 0.1
     noise_offset: float = 0.1
     max_scale: float = 1.25  # largest random up-scaling of the short side before cropping (A.3.1)
+    snr_gamma: float | None = None  # Min-SNR loss weighting; None: plain MSE (the paper)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -120,14 +128,33 @@ def offset_noise(
 
 
 @torch.no_grad()
-def encode_to_latents(vae: AutoencoderKL | None, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents; in pixel space (``vae=None``) the pixels."""
+def encode_to_latents(
+    vae: AutoencoderKL | None, pixel_values: torch.Tensor, generator=None, pixel_scale: int = 1
+) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents; in pixel space (``vae=None``) the pixels, averaged
+    over ``pixel_scale`` x ``pixel_scale`` blocks (`emu2.model.decoder.pixels_to_latents`)."""
     if vae is None:
-        return pixel_values
+        from ..model.decoder import pixels_to_latents
+
+        return pixels_to_latents(pixel_values, pixel_scale)
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator)
     if vae.config.get("shift_factor") is not None:
         latents = latents - vae.config.shift_factor
     return latents * vae.config.scaling_factor
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, as the sampler (``scheduler.config.prediction_type``) reads it:
+    "epsilon" (the noise; the official decoder), "v_prediction" (v = sqrt(a) noise - sqrt(1 - a) x_0) or
+    "sample" (x_0). ``alpha_bar``: the cumulative alpha of each sample's timestep, broadcastable to latents."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon, v_prediction or sample)")
 
 
 def freeze_for_decoder_training(parts) -> None:
@@ -172,6 +199,7 @@ def decoder_training_step(
     noise_offset: float = 0.1,
     max_grad_norm: float = 1.0,
     generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
 ) -> float:
     """One optimisation step of the visual decoder; returns the loss.
 
@@ -194,31 +222,78 @@ def decoder_training_step(
         embeds = encode_fn(batch["encoder_inputs"]).to(device=device, dtype=dtype)
     embeds, _ = drop_conditioning(embeds, condition_drop_prob, uncond_embeds, generator)
 
-    # 3-4. Frozen VAE, then forward diffusion at a random timestep: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise.
-    latents = encode_to_latents(vae, pixel_values, generator).to(dtype)
-    noise = offset_noise(latents, noise_offset, generator)
-    alphas_cumprod = pipeline_parts.scheduler.alphas_cumprod.to(device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator).to(device)
-    a = alphas_cumprod[timesteps].to(dtype)[:, None, None, None]
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    # 3. Frozen VAE (pixel space: the pixels, shrunk by the pipeline's pixel_scale).
+    latents = encode_to_latents(vae, pixel_values, generator, pixel_scale_of(pipeline_parts)).to(dtype)
 
-    # 5. Epsilon prediction with SDXL's added conditions.
+    # 4-6. Noise, the UNet's prediction with SDXL's added conditions, the update.
     target_size = torch.tensor([height, width], device=device).expand(batch_size, 2)
     time_ids = torch.cat(
         [batch["original_size"].to(device), batch["crops_coords_top_left"].to(device), target_size], dim=1
     )
     added = {"text_embeds": embeds.mean(dim=1), "time_ids": time_ids}
-    pred = unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), noise.float())
 
-    # 6. Update the UNet.
+    def predict(noisy, timesteps):
+        return unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+
+    return diffusion_update(
+        pipeline_parts, latents, predict, optimizer, lr_scheduler=lr_scheduler, noise_offset=noise_offset,
+        max_grad_norm=max_grad_norm, generator=generator, snr_gamma=snr_gamma,
+    )
+
+
+def diffusion_update(
+    pipeline_parts,
+    latents: torch.Tensor,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_scheduler=None,
+    noise_offset: float = 0.1,
+    max_grad_norm: float = 1.0,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
+) -> float:
+    """Steps 4-6, shared by the image and the video decoder: offset noise at a uniformly drawn training timestep
+    (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise), the UNet's prediction ``predict(x_t, timesteps)``, MSE to the
+    scheduler's target (`prediction_target`), and the clipped AdamW update. ``latents``: (B, C, ...) clean
+    latents. ``snr_gamma``: Min-SNR loss weighting (each sample's MSE weighted as if its target were x_0 with
+    weight min(SNR, gamma)); None: the plain MSE of the paper. A non-finite loss returns before touching the
+    weights (the caller stops the run)."""
+    device, dtype = latents.device, latents.dtype
+    noise = offset_noise(latents, noise_offset, generator)
+    alphas_cumprod = pipeline_parts.scheduler.alphas_cumprod.to(device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(device)
+    a = alphas_cumprod[timesteps].to(dtype).view(-1, *([1] * (latents.ndim - 1)))
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = prediction_target(pipeline_parts.scheduler, latents, noise, a)
+    if snr_gamma is None:
+        loss = F.mse_loss(predict(noisy, timesteps).float(), target.float())
+    else:
+        per_sample = (predict(noisy, timesteps).float() - target.float()).pow(2).flatten(1).mean(1)
+        loss = (per_sample * min_snr_weight(pipeline_parts.scheduler, a.flatten().float(), snr_gamma)).mean()
+    if not torch.isfinite(loss):
+        return loss.item()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(pipeline_parts.unet.parameters(), max_grad_norm)
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
     return loss.item()
+
+
+def min_snr_weight(scheduler, alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the scheduler's prediction type: min(SNR, gamma)
+    divided by SNR (epsilon), by SNR + 1 (v) or by 1 (x_0), with SNR = a / (1 - a)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    return clipped / snr if kind == "epsilon" else clipped / (snr + 1) if kind == "v_prediction" else clipped
+
+
+def pixel_scale_of(parts) -> int:
+    """Pixel-space decoders may run their UNet below the output size (`Emu2VisualDecoderPipeline.pixel_scale`)."""
+    return int(getattr(parts, "pixel_scale", 1)) if getattr(parts, "vae", None) is None else 1
 
 
 def train_decoder(
@@ -238,7 +313,7 @@ def train_decoder(
     freeze_for_decoder_training(pipeline_parts)
     optimizer, lr_scheduler = configure_decoder_optimizer(pipeline_parts.unet, config)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    size = pipeline_parts.unet.config.sample_size * _spatial_factor(pipeline_parts.vae)
+    size = pipeline_parts.unet.config.sample_size * _spatial_factor(pipeline_parts)
     losses = []
     for step in range(config.total_steps):
         batch = prepare_decoder_batch(
@@ -260,6 +335,7 @@ def train_decoder(
                 noise_offset=config.noise_offset,
                 max_grad_norm=config.max_grad_norm,
                 generator=generator,
+                snr_gamma=config.snr_gamma,
             )
         )
         if log_every and step % log_every == 0:
@@ -267,8 +343,10 @@ def train_decoder(
     return losses
 
 
-def _spatial_factor(vae) -> int:
-    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+def _spatial_factor(parts) -> int:
+    from ..model.decoder import latent_scale_factor
+
+    return latent_scale_factor(parts.vae, pixel_scale_of(parts))
 
 
 # ---------------------------------------------------------------------------------------------- small VAE
@@ -382,94 +460,353 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Sequence[PIL.Image.Image], s
 
 # ------------------------------------------------------------------------------------ recipe entry point
 
+# The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
+IMAGE_OPTIONS = {
+    "output_image_size": "image side in pixels (the shapes world: 64)",
+    "pixel_space": "true: no VAE, the UNet denoises pixels (default true)",
+    "pixel_scale": "pixel space: the UNet works at output_image_size / pixel_scale, outputs are enlarged (1)",
+    "channels": "UNet block widths, e.g. [32, 64, 64]",
+    "attention": "per UNet level: cross-attention there or not (default: every level but the first)",
+    "layers_per_block": "resnet (+ attention) layers per UNet level (1)",
+    "scheduler": "overrides of the official Euler scheduler config (prediction_type, beta_schedule, ...)",
+    "cfg_drop_prob": "embeddings replaced by the unconditional ones with this probability (Table 6: 0.1)",
+    "noise_offset": "Table 6: 0.1",
+    "snr_gamma": "Min-SNR loss weighting gamma (null: the plain MSE of the paper)",
+    "max_scale": "largest random up-scaling before the random crop (A.3.1; 1.0: no crop augmentation)",
+    "cache_embeddings": "encode every training image once up front (needs max_scale 1.0)",
+    "max_images": "how many training images are read from the shards (4000)",
+    "unet_init": "(full scale, not implemented here) the pretrained UNet to start from",
+    "encoder_image_size": "(full scale, informational) the encoder's input size",
+    "min_image_size": "(full scale, informational) smaller images are filtered out",
+}
+VIDEO_OPTIONS = {
+    **{k: IMAGE_OPTIONS[k] for k in ("output_image_size", "pixel_space", "pixel_scale", "channels", "attention",
+                                     "layers_per_block", "scheduler", "cfg_drop_prob", "noise_offset",
+                                     "snr_gamma")},
+    "num_frames": "frames per clip (default: every frame of the first clip)",
+    "n_query": "embeddings per frame (default: the model's v_query, what Emu2 regresses per video frame)",
+    "max_clips": "how many training clips are read and encoded up front (256)",
+}
 
-def _decoder_unet_config(vision_width: int, size: int, pixel_space: bool, channels: Sequence[int]) -> dict:
-    """A small SDXL-shaped UNet (text_time conditions, cross-attention on the visual embeddings)."""
-    time_dim = 32
+
+def decoder_unet_config(
+    vision_width: int,
+    sample_size: int,
+    channels: Sequence[int] = (32, 64, 64),
+    attention: Sequence[bool] | None = None,
+    layers_per_block: int = 1,
+    in_channels: int = 3,
+) -> dict:
+    """A small SDXL-shaped UNet (text_time conditions, cross-attention on the visual embeddings).
+
+    ``attention[i]``: whether level i has (self + cross) attention; default every level but the first, as SD.
+    The mid block always has it.
+    """
+    time_dim, n = 32, len(channels)
+    attention = _attention_levels(attention, n)
+    return {
+        "sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
+        "layers_per_block": layers_per_block, "block_out_channels": list(channels),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_head_dim": [max(1, c // 32) for c in channels],
+        "cross_attention_dim": vision_width, "norm_num_groups": 8, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": vision_width + 6 * time_dim,
+    }
+
+
+def video_decoder_unet_config(
+    vision_width: int,
+    sample_size: int,
+    channels: Sequence[int] = (32, 64, 64),
+    attention: Sequence[bool] | None = None,
+    layers_per_block: int = 1,
+    in_channels: int = 3,
+) -> dict:
+    """A small `UNet3DConditionModel` (temporal convolutions and attention after every spatial layer), the
+    video counterpart of `decoder_unet_config`."""
     n = len(channels)
-    return dict(
-        sample_size=size, in_channels=3 if pixel_space else 4, out_channels=3 if pixel_space else 4,
-        layers_per_block=1, block_out_channels=list(channels),
-        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
-        up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"], mid_block_type="UNetMidBlock2DCrossAttn",
-        attention_head_dim=[max(1, c // 32) for c in channels], cross_attention_dim=vision_width,
-        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=vision_width + 6 * time_dim,
-    )
+    attention = _attention_levels(attention, n)
+    return {
+        "sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
+        "layers_per_block": layers_per_block, "block_out_channels": list(channels),
+        "down_block_types": ["CrossAttnDownBlock3D" if a else "DownBlock3D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock3D" if a else "UpBlock3D" for a in reversed(attention)],
+        "norm_num_groups": 8, "cross_attention_dim": vision_width, "attention_head_dim": max(1, min(channels) // 8),
+    }
 
 
-def _stage_images(config, limit: int) -> list[PIL.Image.Image]:
-    """Images of the recipe's data sources (only the images of pairs / text-to-image samples are used)."""
+def _attention_levels(attention, n: int) -> list[bool]:
+    levels = [i > 0 for i in range(n)] if attention is None else [bool(a) for a in attention]
+    if len(levels) != n:
+        raise ValueError(f"decoder.attention has {len(levels)} entries for {n} UNet levels (decoder.channels)")
+    return levels
+
+
+def decoder_scheduler_config(overrides: dict | None = None) -> dict:
+    """The official Euler settings with the recipe's ``decoder.scheduler`` overrides on top."""
+    from ..model.decoder import OFFICIAL_SCHEDULER_CONFIG
+
+    return {**OFFICIAL_SCHEDULER_CONFIG, **(overrides or {})}
+
+
+def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
+    """Up to ``limit`` records of the recipe's data sources (``data.streams``; shard urls, or the kinds of
+    ``data.root``'s dataset.json), read in source order."""
     from collections import Counter
 
-    from ..data.mixing import expand_urls, sources_from_manifest
+    from ..data.mixing import expand_urls
     from ..data.shards import decode_record, read_shard
+    from ..train.data import _sources
 
-    kinds = {s.kind for stream in config.data.streams.values() for s in stream.sources}
-    images: list[PIL.Image.Image] = []
+    records: list = []
     stats: Counter = Counter()
-    for source in sources_from_manifest(config.data.root, config.data.split, {k: 1.0 for k in kinds}):
-        for url in expand_urls(source.urls):
-            for sample in read_shard(url, stats):
-                record = decode_record(source.kind, sample)
-                images.append(record.image)
-                if len(images) >= limit:
-                    return images
-    return images
+    for name, stream in config.data.streams.items():
+        for source in _sources(config, name, stream):
+            if source.kind not in kinds_wanted:
+                raise ValueError(f"data source {source.name} has kind {source.kind!r}; this stage reads "
+                                 f"{' or '.join(kinds_wanted)}")
+            for url in expand_urls(source.urls):
+                for sample in read_shard(url, stats):
+                    records.append(decode_record(source.kind, sample))
+                    if len(records) >= limit:
+                        return records
+    if not records:
+        raise ValueError(f"the recipe's data sources hold no {' or '.join(kinds_wanted)} samples")
+    return records
 
 
-def train_decoder_stage(config, resume: bool = False) -> dict:
-    """``stage: decoder`` of `emu2 train`: the visual decoder learns to reconstruct images from the frozen
-    stage-1 encoder's pooled embeddings (paper 2.2.3 autoencoding; A.3 hyper-parameters from the recipe).
+class StageSampling:
+    """What a decoder stage draws at random, in one place so checkpoints can resume it exactly: ``rng`` picks
+    the samples and crops, ``generator`` the guidance dropout, noise and timesteps."""
 
-    The recipe's free-form ``decoder`` section: ``output_image_size``, ``pixel_space`` (default true: no VAE,
-    the right choice for short CPU runs, see the README), ``channels``, ``cfg_drop_prob``, ``noise_offset``,
-    ``max_images``. Output: a diffusers-layout `Emu2VisualDecoderPipeline` in ``output_dir`` plus
-    ``metrics.jsonl``. A decoder run is short and restarts from scratch (``resume`` is not supported).
-    """
-    import json
-    import time
-    from pathlib import Path
+    def __init__(self, seed: int):
+        self.rng, self.generator = random.Random(seed), torch.Generator().manual_seed(seed)
 
-    from ..model.decoder import Emu2VisualDecoderPipeline
-    from ..pipeline import Emu2Pipeline
-    from ..processing import preprocess_images
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
 
-    if resume:
-        raise NotImplementedError("the decoder stage does not resume; rerun it (it keeps no optimizer state)")
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+
+
+def _options(config, known: dict) -> dict:
+    import difflib
+
     opts = dict(config.decoder)
-    size = int(opts.get("output_image_size", 64))
-    pixel_space = bool(opts.get("pixel_space", True))
+    for key in opts:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            raise ValueError(f"unknown decoder option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (known: {', '.join(known)})")
+    if not bool(opts.get("pixel_space", True)):
+        raise NotImplementedError("decoder.pixel_space=false needs a trained VAE: use train_small_autoencoder")
+    size, scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    if scale < 1 or size % scale:
+        raise ValueError(f"decoder.pixel_scale {scale} must divide decoder.output_image_size {size}")
+    return opts
+
+
+def _stage_setup(config, opts: dict):
+    """(accelerator, frozen encoder on its device, the optimisation settings)."""
+    from accelerate import Accelerator
+
+    from ..pipeline import Emu2Pipeline
+    from ..train.loop import _has_device
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_device())
+    if accelerator.num_processes > 1:
+        raise NotImplementedError("the decoder stages run in one process (launch them without accelerate)")
     torch.manual_seed(config.seed)
     encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
-    vision = encoder.config.vision_config
-    unet_config = _decoder_unet_config(vision.width, size, pixel_space, opts.get("channels", (32, 64, 64)))
-    if not pixel_space:
-        raise NotImplementedError("decoder.pixel_space=false needs a trained VAE: use train_small_autoencoder")
-    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config)
-
-    @torch.no_grad()
-    def encode(crops):
-        return encoder.encode_image(preprocess_images(crops, vision.image_size))
-
-    with torch.no_grad():  # the official unconditional embedding: an all-zero image in normalised space
-        uncond = encoder.encode_image(torch.zeros(1, 3, vision.image_size, vision.image_size))
+    encoder.to(accelerator.device)
     lr = next(iter(config.optim.lr.values())) if isinstance(config.optim.lr, dict) else config.optim.lr
     train_config = DecoderTrainingConfig(
         learning_rate=lr, weight_decay=config.optim.weight_decay, warmup_steps=config.warmup_steps,
         total_steps=config.steps, max_grad_norm=config.optim.grad_clip,
         condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
+        max_scale=float(opts.get("max_scale", 1.25)),
+        snr_gamma=None if opts.get("snr_gamma") is None else float(opts["snr_gamma"]),
     )
-    images = _stage_images(config, int(opts.get("max_images", 4000)))
-    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+    return accelerator, encoder, train_config
+
+
+@torch.no_grad()
+def _encode(encoder, images: Sequence[PIL.Image.Image], n_query: int, chunk: int = 64) -> torch.Tensor:
+    """(N, n_query, Dv) embeddings, in fixed chunks (the same numbers on every run, so resumption is exact)."""
+    from ..processing import preprocess_images
+
+    size = encoder.config.vision_config.image_size
+    device = next(encoder.parameters()).device
+    return torch.cat([
+        encoder.encode_image(preprocess_images(list(images[i:i + chunk]), size).to(device), n_query)
+        for i in range(0, len(images), chunk)
+    ])
+
+
+@torch.no_grad()
+def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
+    """The official unconditional embedding: an all-zero image in normalised space -> (Q, Dv)."""
+    size = encoder.config.vision_config.image_size
+    device = next(encoder.parameters()).device
+    return encoder.encode_image(torch.zeros(1, 3, size, size, device=device), n_query)[0]
+
+
+def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
+               step_fn: Callable, summary: dict) -> dict:
+    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet, `step_fn(optimizer, schedule)`
+    per step, metrics.jsonl, atomic verified checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule,
+    step, RNG states and ``sampling``) and, once finished, the pipeline saved to ``output_dir``."""
+    import time
+    from pathlib import Path
+
+    from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from ..train.loop import TrainingDiverged
+    from ..train.metrics import MetricsWriter, progress_bar
+
+    freeze_for_decoder_training(pipe)
+    optimizer, schedule = configure_decoder_optimizer(pipe.unet, train_config)
     out = Path(config.output_dir)
+    checkpoints = out / "checkpoints"
+    start = 0
+    if resume:
+        start = load_checkpoint(checkpoints, accelerator, pipe.unet, optimizer, schedule, sampling)["step"]
+    elif list_checkpoints(checkpoints):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
+                              "set output_dir to a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    losses = train_decoder(pipe, images, encode, train_config, batch_size=batch_size, uncond_embeds=uncond,
-                           seed=config.seed)
-    with open(out / "metrics.jsonl", "w") as f:
-        for step, loss in enumerate(losses, 1):
-            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
-    pipe.save_pretrained(out)
-    return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
-            "seconds": round(time.perf_counter() - started, 1), "images": len(images)}
+    (out / "train_config.yaml").write_text(config.to_yaml())
+    metrics = MetricsWriter(out, tensorboard=config.log.tensorboard, resume_step=start if resume else None)
+    bar = progress_bar(config.steps, start, config.log.progress, config.stage)
+    step, loss, started = start, None, time.perf_counter()
+    try:
+        while step < config.steps and (stop_after is None or step < stop_after):
+            began = time.perf_counter()
+            lr = schedule.get_last_lr()[0]
+            with accelerator.autocast():
+                loss = step_fn(optimizer, schedule)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"step {step + 1}: decoder loss {loss}; stopped before updating the weights")
+            step += 1
+            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began}
+            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            bar.update(1)
+            if step % config.log.every == 0 or step == config.steps or step == start + 1:
+                metrics.log(step, values)
+            if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
+                save_checkpoint(checkpoints, step, accelerator, pipe.unet, optimizer, schedule, sampling, {},
+                                config.checkpoint.keep_last)
+    finally:
+        bar.close()
+        metrics.close()
+    finished = step >= config.steps
+    if finished:
+        pipe.save_pretrained(out)
+    return {"step": step, "finished": finished, "output_dir": str(out), "loss": loss if step > start else None,
+            "seconds": round(time.perf_counter() - started, 1), **summary}
+
+
+def train_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """``stage: decoder`` of `emu2 train`: the visual decoder learns to reconstruct images from the frozen
+    stage-1 encoder's pooled embeddings (paper 2.2.3 autoencoding; A.3 hyper-parameters from the recipe).
+
+    The recipe's free-form ``decoder`` section is described by `IMAGE_OPTIONS`. Output: a diffusers-layout
+    `Emu2VisualDecoderPipeline` in ``output_dir``, ``metrics.jsonl`` and ``checkpoints/`` (``resume=True``
+    continues the last valid one exactly; ``stop_after``: checkpoint and return once that step is done).
+    """
+    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..processing import preprocess_images
+
+    opts = _options(config, IMAGE_OPTIONS)
+    size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    accelerator, encoder, train_config = _stage_setup(config, opts)
+    vision = encoder.config.vision_config
+    unet_config = decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
+                                      opts.get("attention"), int(opts.get("layers_per_block", 1)))
+    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.get("scheduler")),
+                                                  pixel_scale=pixel_scale).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    uncond = _null_embeddings(encoder, encoder.config.n_query)
+    images = [r.image for r in _stage_records(config, int(opts.get("max_images", 4000)), ("pair", "text_to_image"))]
+    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+
+    cached = None
+    if opts.get("cache_embeddings", False):
+        if train_config.max_scale != 1.0:
+            raise ValueError("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the input)")
+        cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
+                         encoder.config.n_query)
+
+    def encode(inputs):
+        if cached is not None:
+            return cached[inputs]
+        return encoder.encode_image(preprocess_images(inputs, vision.image_size).to(accelerator.device))
+
+    sampling = StageSampling(config.seed)
+
+    def step_fn(optimizer, schedule):
+        index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
+        batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
+        if cached is not None:
+            batch["encoder_inputs"] = torch.tensor(index)
+        return decoder_training_step(
+            pipe, batch, encode, optimizer, lr_scheduler=schedule, uncond_embeds=uncond,
+            condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
+            max_grad_norm=train_config.max_grad_norm, generator=sampling.generator, snr_gamma=train_config.snr_gamma,
+        )
+
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
+                      {"images": len(images)})
+
+
+def _clip_tensor(frames: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
+    """A clip's frames -> (F, 3, size, size) in [-1, 1]."""
+    array = np.stack([np.asarray(f.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
+                      for f in frames])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_video_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """``stage: video-decoder`` (paper 2.2.3, video decoder): a 3D UNet (`Emu2VideoDecoderPipeline`, per-frame
+    cross-attention) learns to reconstruct clips from the frozen stage-1 encoder's per-frame embeddings.
+
+    Reads ``video_pair`` samples (their frames; the text is unused), encodes every frame of up to ``max_clips``
+    clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
+    `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
+    """
+    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
+
+    opts = _options(config, VIDEO_OPTIONS)
+    size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    accelerator, encoder, train_config = _stage_setup(config, opts)
+    vision = encoder.config.vision_config
+    n_query = int(opts.get("n_query", encoder.config.v_query))
+    clips = [r.frames for r in _stage_records(config, int(opts.get("max_clips", 256)), ("video_pair",))]
+    num_frames = int(opts.get("num_frames", len(clips[0])))
+    clips = [c[:num_frames] for c in clips if len(c) >= num_frames]
+    if not clips:
+        raise ValueError(f"no training clip has {num_frames} frames")
+    unet_config = video_decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
+                                            opts.get("attention"), int(opts.get("layers_per_block", 1)))
+    pipe = Emu2VideoDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.get("scheduler")),
+                                                 pixel_scale=pixel_scale).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    frames = torch.stack([_clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
+    embeds = _encode(encoder, [f for c in clips for f in c], n_query).unflatten(0, (len(clips), num_frames))
+    uncond = _null_embeddings(encoder, n_query).repeat(num_frames, 1)  # (F * Q, Dv): whole clips are dropped
+    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+    sampling = StageSampling(config.seed)
+
+    def step_fn(optimizer, schedule):
+        index = torch.tensor(sampling.rng.sample(range(len(clips)), min(batch_size, len(clips))))
+        return video_decoder_training_step(
+            pipe, frames[index].to(accelerator.device), embeds[index], optimizer, lr_scheduler=schedule,
+            uncond_embeds=uncond, condition_drop_prob=train_config.condition_drop_prob,
+            noise_offset=train_config.noise_offset, max_grad_norm=train_config.max_grad_norm,
+            generator=sampling.generator, snr_gamma=train_config.snr_gamma,
+        )
+
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
+                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query})

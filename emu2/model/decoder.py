@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -46,6 +47,79 @@ OFFICIAL_SCHEDULER_CONFIG: dict = {
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+# ------------------------------------------------------------------ shared by the image and video decoders
+def latent_scale_factor(vae: AutoencoderKL | None, pixel_scale: int = 1) -> int:
+    """Output pixels per UNet cell along a side: the VAE's down-sampling (the official pipeline computes it
+    from the VAE, not a fixed 8), or in pixel space ``pixel_scale`` (the UNet denoises the image shrunk by that
+    factor, and its output is enlarged back)."""
+    if vae is None:
+        return int(pixel_scale)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_pixel_scale(vae, pixel_scale: int) -> None:
+    if int(pixel_scale) != pixel_scale or pixel_scale < 1:
+        raise ValueError(f"pixel_scale must be a positive integer, got {pixel_scale!r}")
+    if vae is not None and pixel_scale != 1:
+        raise ValueError("pixel_scale applies to pixel-space decoders (vae=None) only; a VAE sets its own scale")
+
+
+def pixels_to_latents(pixel_values: torch.Tensor, pixel_scale: int = 1) -> torch.Tensor:
+    """Pixel space: (N, 3, H, W) in [-1, 1] -> what the UNet denoises, the image averaged over
+    ``pixel_scale`` x ``pixel_scale`` blocks (the inverse of `latents_to_pixels` up to the lost detail)."""
+    return pixel_values if pixel_scale == 1 else F.avg_pool2d(pixel_values, pixel_scale)
+
+
+def latents_to_pixels(latents: torch.Tensor, pixel_scale: int = 1) -> torch.Tensor:
+    """Pixel space: the UNet's (N, 3, h, w) -> (N, 3, h * pixel_scale, w * pixel_scale), bilinear."""
+    if pixel_scale == 1:
+        return latents
+    return F.interpolate(latents.float(), scale_factor=pixel_scale, mode="bilinear", align_corners=False).to(
+        latents.dtype
+    )
+
+
+def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_scale: int = 1) -> torch.Tensor:
+    """(N, C, h, w) final latents -> (N, 3, H, W) images in [0, 1] (pixel space: the latents, enlarged by
+    ``pixel_scale``)."""
+    if vae is None:
+        images = latents_to_pixels(latents, pixel_scale)
+    else:
+        # The official pipelines decode in the VAE's dtype (bf16) and ignore force_upcast; fp16
+        # overflows in the SDXL VAE, so only that case is decoded in fp32.
+        vae_dtype = vae.dtype
+        upcast = vae_dtype == torch.float16 and vae.config.get("force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        if vae.config.get("shift_factor") is not None:
+            latents = latents + vae.config.shift_factor
+        images = vae.decode(latents).sample
+        if upcast:
+            vae.to(vae_dtype)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None) -> torch.Tensor:
+    """The sampling loop of both decoders: ``pipe.scheduler``'s timesteps (``set_timesteps`` already called),
+    classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
+
+    ``latents``: already scaled by ``init_noise_sigma``; ``predict(model_input, t)``: the UNet's output for the
+    (doubled, when guiding) scaled model input. Returns the final latents.
+    """
+    do_cfg = guidance_scale > 1.0
+    scheduler = pipe.scheduler
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in pipe.progress_bar(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+        noise_pred = predict(model_input, t)
+        if do_cfg:
+            noise_cond, noise_uncond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+    return latents
+
+
 class Emu2VisualDecoderPipeline(DiffusionPipeline):
     """Decode visual embeddings (B, Q, Dv) into images with a conditional UNet, Euler sampling and CFG.
 
@@ -53,13 +127,16 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
     "text_time"), ``scheduler`` (any diffusers scheduler; official Euler by default), ``vae``
     (`AutoencoderKL`, or None for pixel-space diffusion: the UNet then denoises 3-channel pixels in [-1, 1]),
     and optionally the official ``safety_checker`` + ``feature_extractor`` (flagged images become black).
+    ``pixel_scale`` (pixel space only, saved in ``model_index.json``): the UNet works at 1 / ``pixel_scale`` of the
+    output size and its result is enlarged bilinearly (the shapes-world decoder: 32 px UNet, 64 px images).
     """
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
 
-    def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None):
+    def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None, pixel_scale: int = 1):
         super().__init__()
+        check_pixel_scale(vae, pixel_scale)
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
@@ -67,6 +144,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
+        self.register_to_config(pixel_scale=int(pixel_scale))
 
     @classmethod
     def from_configs(
@@ -75,6 +153,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         vae_config: Mapping | None = None,
         scheduler_config: Mapping | None = None,
         dtype: torch.dtype | None = None,
+        pixel_scale: int = 1,
     ) -> Emu2VisualDecoderPipeline:
         """Randomly initialised pipeline from config dicts (diffusers kwargs, like cases.json
         ``gen_configs``). ``vae_config=None`` gives pixel-space diffusion; ``scheduler_config=None`` the
@@ -83,15 +162,17 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config is not None else None
         scheduler = EulerDiscreteScheduler.from_config(dict(scheduler_config or OFFICIAL_SCHEDULER_CONFIG))
-        pipe = cls(unet=unet, scheduler=scheduler, vae=vae)
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale)
         return pipe.to(dtype=dtype) if dtype not in (None, torch.float32) else pipe
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (the official pipeline computes it from the VAE, not a fixed 8)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Output pixels per UNet cell along a side (`latent_scale_factor`)."""
+        return latent_scale_factor(self.vae, self.pixel_scale)
+
+    @property
+    def pixel_scale(self) -> int:
+        return int(self.config.get("pixel_scale", 1))
 
     @torch.no_grad()
     def __call__(
@@ -151,30 +232,17 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
 
         # 3. Timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
 
         # 4. Initial latents, scaled by the scheduler's init_noise_sigma.
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype)
 
         # 5. Denoise.
-        step_kwargs = (
-            {"generator": generator}
-            if "generator" in inspect.signature(self.scheduler.step).parameters
-            else {}
-        )
-        for t in self.progress_bar(timesteps):
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=encoder_hidden_states,
-                added_cond_kwargs=added_cond_kwargs,
+        def predict(model_input, t):
+            return self.unet(
+                model_input, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
             ).sample
-            if do_cfg:
-                noise_cond, noise_uncond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        latents = guided_denoising(self, latents, predict, guidance_scale, generator)
 
         # 6. Decode (and run the safety checker when one is loaded).
         if output_type == "latent":
@@ -256,23 +324,9 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         return latents * self.scheduler.init_noise_sigma
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (pixel space: the latents are the image)."""
-        if self.vae is None:
-            images = latents
-        else:
-            # The official pipelines decode in the VAE's dtype (bf16) and ignore force_upcast; fp16
-            # overflows in the SDXL VAE, so only that case is decoded in fp32.
-            vae_dtype = self.vae.dtype
-            upcast = vae_dtype == torch.float16 and self.vae.config.get("force_upcast", False)
-            if upcast:
-                self.vae.to(torch.float32)
-            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-            if self.vae.config.get("shift_factor") is not None:
-                latents = latents + self.vae.config.shift_factor
-            images = self.vae.decode(latents).sample
-            if upcast:
-                self.vae.to(vae_dtype)
-        return (images / 2 + 0.5).clamp(0, 1)
+        """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (pixel space: the latents are the image,
+        enlarged by ``pixel_scale``)."""
+        return decode_to_images(self.vae, latents, self.pixel_scale)
 
     def run_safety_checker(self, images: torch.Tensor) -> torch.Tensor:
         """Official post-processing when a checker is loaded: flagged images become black."""

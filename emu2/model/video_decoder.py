@@ -17,20 +17,25 @@ Sampling is the image decoder's: Euler, classifier-free guidance with the [cond,
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet3DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from emu2.gen.train_decoder import drop_conditioning, offset_noise
-from emu2.model.decoder import OFFICIAL_SCHEDULER_CONFIG, OUTPUT_TYPES
+from emu2.gen.train_decoder import diffusion_update, drop_conditioning, encode_to_latents, pixel_scale_of
+from emu2.model.decoder import (
+    OFFICIAL_SCHEDULER_CONFIG,
+    OUTPUT_TYPES,
+    check_pixel_scale,
+    decode_to_images,
+    guided_denoising,
+    latent_scale_factor,
+)
 
 
 class PerFrameCrossAttnProcessor(AttnProcessor2_0):
@@ -73,30 +78,42 @@ class VideoPipelineOutput(BaseOutput):
 class Emu2VideoDecoderPipeline(DiffusionPipeline):
     """Decode per-frame visual embeddings (B, F, Q, Dv) into F frames with a `UNet3DConditionModel`.
 
-    ``vae`` is optional (None: pixel space, the UNet denoises 3-channel pixels in [-1, 1]); frames are
-    VAE-decoded independently.
+    ``vae`` is optional (None: pixel space, the UNet denoises 3-channel pixels in [-1, 1], at 1 / ``pixel_scale``
+    of the output size as in `Emu2VisualDecoderPipeline`); frames are decoded independently.
     """
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae"]
 
-    def __init__(self, unet: UNet3DConditionModel, scheduler, vae: AutoencoderKL | None = None):
+    def __init__(
+        self, unet: UNet3DConditionModel, scheduler, vae: AutoencoderKL | None = None, pixel_scale: int = 1
+    ):
         super().__init__()
+        check_pixel_scale(vae, pixel_scale)
         unet.set_attn_processor(PerFrameCrossAttnProcessor())
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(pixel_scale=int(pixel_scale))
 
     @classmethod
     def from_configs(
-        cls, unet_config: dict, vae_config: dict | None = None, scheduler_config: dict | None = None
+        cls,
+        unet_config: dict,
+        vae_config: dict | None = None,
+        scheduler_config: dict | None = None,
+        pixel_scale: int = 1,
     ):
         unet = UNet3DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config is not None else None
         scheduler = EulerDiscreteScheduler.from_config(dict(scheduler_config or OFFICIAL_SCHEDULER_CONFIG))
-        return cls(unet=unet, scheduler=scheduler, vae=vae)
+        return cls(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale)
+
+    @property
+    def pixel_scale(self) -> int:
+        return int(self.config.get("pixel_scale", 1))
 
     @property
     def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return latent_scale_factor(self.vae, self.pixel_scale)
 
     @torch.no_grad()
     def __call__(
@@ -153,20 +170,12 @@ class Emu2VideoDecoderPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         # 5. Denoise.
-        step_kwargs = (
-            {"generator": generator}
-            if "generator" in inspect.signature(self.scheduler.step).parameters
-            else {}
-        )
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-            noise_pred = self.unet(
+        def predict(model_input, t):
+            return self.unet(
                 model_input, t, encoder_hidden_states=context, cross_attention_kwargs=attn_kwargs
             ).sample
-            if do_cfg:
-                noise_cond, noise_uncond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+        latents = guided_denoising(self, latents, predict, guidance_scale, generator)
 
         # 6. Decode frame by frame.
         if output_type == "latent":
@@ -184,9 +193,7 @@ class Emu2VideoDecoderPipeline(DiffusionPipeline):
         """(B, C, F, h, w) -> (B, F, 3, H, W) in [0, 1]."""
         batch, _, num_frames = latents.shape[:3]
         flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1)
-        if self.vae is not None:
-            flat = self.vae.decode(flat.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (flat / 2 + 0.5).clamp(0, 1).unflatten(0, (batch, num_frames))
+        return decode_to_images(self.vae, flat, self.pixel_scale).unflatten(0, (batch, num_frames))
 
 
 def video_decoder_training_step(
@@ -201,8 +208,10 @@ def video_decoder_training_step(
     noise_offset: float = 0.1,
     max_grad_norm: float = 1.0,
     generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
 ) -> float:
-    """One step of the video decoder: epsilon MSE on noised clips, UNet only (VAE frozen).
+    """One step of the video decoder: MSE to the scheduler's target (epsilon by default) on noised clips, UNet
+    only (VAE frozen); the noising and the update are the image decoder's (`diffusion_update`).
 
     Args:
         pipeline_parts: anything with ``.unet`` (3D), ``.vae`` (or None) and ``.scheduler``.
@@ -218,26 +227,15 @@ def video_decoder_training_step(
     context = frame_embeds.flatten(1, 2).to(device=device, dtype=dtype)
     context, _ = drop_conditioning(context, condition_drop_prob, uncond_embeds, generator)
 
-    with torch.no_grad():
-        flat = frames.flatten(0, 1).to(device=device)
-        if vae is not None:
-            flat = vae.encode(flat.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
-        latents = flat.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).to(dtype)  # (B, C, F, h, w)
+    flat = encode_to_latents(vae, frames.flatten(0, 1).to(device), generator, pixel_scale_of(pipeline_parts))
+    latents = flat.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).to(dtype)  # (B, C, F, h, w)
 
-    noise = offset_noise(latents, noise_offset, generator)
-    alphas_cumprod = pipeline_parts.scheduler.alphas_cumprod.to(device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(device)
-    a = alphas_cumprod[timesteps].to(dtype).view(-1, 1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    def predict(noisy, timesteps):
+        return unet(
+            noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"num_frames": num_frames}
+        ).sample
 
-    pred = unet(
-        noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"num_frames": num_frames}
-    ).sample
-    loss = F.mse_loss(pred.float(), noise.float())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
-    optimizer.step()
-    if lr_scheduler is not None:
-        lr_scheduler.step()
-    return loss.item()
+    return diffusion_update(
+        pipeline_parts, latents, predict, optimizer, lr_scheduler=lr_scheduler, noise_offset=noise_offset,
+        max_grad_norm=max_grad_norm, generator=generator, snr_gamma=snr_gamma,
+    )

@@ -177,6 +177,31 @@ def test_pixel_space_pipeline_denoises_pixels_and_round_trips(tmp_path):
     assert loaded.vae is None
 
 
+def test_pixel_scale_denoises_a_smaller_image_and_enlarges_it(tmp_path):
+    from emu2.model.decoder import latents_to_pixels, pixels_to_latents
+
+    torch.manual_seed(0)
+    pipe = Emu2VisualDecoderPipeline.from_configs(tiny.unet_config(in_channels=3, sample_size=8), None, pixel_scale=2)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 2
+    noise = torch.randn(1, 3, 8, 8)
+    args = {"num_inference_steps": 2, "latents": noise}
+    small = pipe(_embeds(1), _embeds(1, 1), output_type="latent", **args).images
+    images = pipe(_embeds(1), _embeds(1, 1), output_type="pt", **args).images
+    assert small.shape == (1, 3, 8, 8) and images.shape == (1, 3, 16, 16)  # default size: 8 px UNet x 2
+    torch.testing.assert_close(images, (latents_to_pixels(small, 2) / 2 + 0.5).clamp(0, 1))
+    flat = torch.rand(1, 3, 1, 1).expand(1, 3, 16, 16) * 2 - 1  # flat colours survive the round trip exactly
+    torch.testing.assert_close(latents_to_pixels(pixels_to_latents(flat, 2), 2), flat)
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["pixel_scale"] == 2
+    loaded = Emu2VisualDecoderPipeline.from_pretrained(tmp_path)
+    assert loaded.pixel_scale == 2
+    torch.testing.assert_close(loaded(_embeds(1), _embeds(1, 1), output_type="pt", **args).images, images)
+    with pytest.raises(ValueError, match="pixel_scale"):
+        Emu2VisualDecoderPipeline.from_configs(tiny.unet_config(), tiny.vae_config(), pixel_scale=2)
+
+
 def test_bf16_pipeline_runs(pipe):
     pipe.to(dtype=torch.bfloat16)
     images = pipe(_embeds(1), _embeds(1, 1), num_inference_steps=2, output_type="pt").images

@@ -10,10 +10,13 @@ import torch
 from emu2.gen.train_decoder import (
     DecoderTrainingConfig,
     configure_decoder_optimizer,
+    decoder_scheduler_config,
     decoder_training_step,
     drop_conditioning,
     freeze_for_decoder_training,
+    min_snr_weight,
     offset_noise,
+    prediction_target,
     prepare_decoder_batch,
     random_scale_and_crop,
     reconstruction_psnr,
@@ -205,3 +208,60 @@ def _pixels(crops):
     return (
         torch.from_numpy(np.stack([np.asarray(c, np.float32) for c in crops])).permute(0, 3, 1, 2) / 127.5 - 1
     )
+
+
+def test_prediction_targets_match_what_the_sampler_reads():
+    from diffusers import EulerDiscreteScheduler
+
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    a = torch.tensor([0.9, 0.5, 0.01]).view(3, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def scheduler(kind):
+        return EulerDiscreteScheduler.from_config(decoder_scheduler_config({"prediction_type": kind}))
+
+    assert torch.equal(prediction_target(scheduler("epsilon"), x0, noise, a), noise)
+    assert torch.equal(prediction_target(scheduler("sample"), x0, noise, a), x0)
+    v = prediction_target(scheduler("v_prediction"), x0, noise, a)
+    torch.testing.assert_close(a.sqrt() * noisy - (1 - a).sqrt() * v, x0)  # x_0 as v-prediction samplers recover it
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_target(scheduler("flow"), x0, noise, a)
+
+
+def test_min_snr_weights_clip_the_easy_timesteps():
+    from diffusers import EulerDiscreteScheduler
+
+    alpha_bar = torch.tensor([0.999, 0.5, 0.01])  # SNR 999, 1, ~0.01
+    snr = alpha_bar / (1 - alpha_bar)
+    for kind, expected in [("epsilon", snr.clamp(max=5) / snr), ("v_prediction", snr.clamp(max=5) / (snr + 1)),
+                           ("sample", snr.clamp(max=5))]:
+        sched = EulerDiscreteScheduler.from_config(decoder_scheduler_config({"prediction_type": kind}))
+        torch.testing.assert_close(min_snr_weight(sched, alpha_bar, 5.0), expected)
+
+
+def test_pixel_scale_step_denoises_the_shrunk_crop_with_full_size_conditions():
+    from emu2.model.decoder import Emu2VisualDecoderPipeline
+
+    torch.manual_seed(0)
+    pipe = Emu2VisualDecoderPipeline.from_configs(
+        tiny.unet_config(in_channels=3, sample_size=8), None,
+        decoder_scheduler_config({"prediction_type": "v_prediction"}), pixel_scale=2,
+    )
+    seen = {}
+    forward = pipe.unet.forward
+
+    def record(sample, t, encoder_hidden_states, added_cond_kwargs):
+        seen.update(shape=tuple(sample.shape), time_ids=added_cond_kwargs["time_ids"])
+        return forward(sample, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+
+    pipe.unet.forward = record
+    freeze_for_decoder_training(pipe)
+    optimizer, _ = configure_decoder_optimizer(pipe.unet, DecoderTrainingConfig(warmup_steps=0, learning_rate=3e-3))
+    batch = _batch()  # 16 px crops
+    losses = [
+        decoder_training_step(pipe, batch, FrozenEncoder(), optimizer, generator=torch.Generator().manual_seed(0),
+                              snr_gamma=5.0)
+        for _ in range(12)
+    ]
+    assert seen["shape"] == (2, 3, 8, 8) and seen["time_ids"][:, 4:].tolist() == [[16, 16]] * 2
+    assert losses[-1] < 0.7 * losses[0], losses

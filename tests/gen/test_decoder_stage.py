@@ -1,0 +1,172 @@
+"""The decoder recipe stages (`emu2 train shapes-decoder`, `shapes-video-decoder`): exact resumption from
+atomic checkpoints, outputs that load and sample, and a video decoder that learns on shapes clips."""
+
+import json
+
+import pytest
+import torch
+
+from emu2.gen.train_decoder import (
+    DecoderTrainingConfig,
+    configure_decoder_optimizer,
+    decoder_scheduler_config,
+    freeze_for_decoder_training,
+    video_decoder_unet_config,
+)
+from emu2.model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
+from emu2.train.config import load_config
+from emu2.train.loop import train
+
+SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy machine: one OpenMP thread is faster and keeps the runs bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 16 px shapes world (8 samples of every kind) and a random tiny stage-1 model as the frozen encoder."""
+    from emu2.data.shapes import write_shapes
+    from emu2.pipeline import Emu2Pipeline
+
+    root = tmp_path_factory.mktemp("decoder-stage")
+    write_shapes(root / "data", seed=0, num_train=8, num_val=0, num_heldout=0, num_episodes=0, image_size=SIZE,
+                 shard_size=8, processes=1)
+    Emu2Pipeline.from_preset("tiny").save_pretrained(root / "encoder")
+    return root
+
+
+def _config(recipe, world, out, *overrides):
+    common = [
+        f"output_dir={out}", f"model.init_from={world / 'encoder'}", f"data.root={world / 'data'}", "steps=4",
+        "log.progress=false", "log.tensorboard=false", "log.every=1", "checkpoint.every=1000",
+        f"decoder.output_image_size={SIZE}", "decoder.pixel_scale=2", "decoder.channels=[8,16]",
+        "decoder.attention=[false,true]",
+    ]
+    return load_config(recipe, [*common, *overrides])
+
+
+def _image_config(world, out, *overrides):
+    return _config("shapes-decoder", world, out, "data.streams.images.batch_size=2", *overrides)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _unet_state(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_interrupted_and_resumed_decoder_run_equals_an_uninterrupted_one(world, tmp_path):
+    straight = tmp_path / "straight"
+    assert train(_image_config(world, straight))["finished"]
+
+    resumed = tmp_path / "resumed"
+    first = train(_image_config(world, resumed), stop_after=2)
+    assert (first["step"], first["finished"]) == (2, False)
+    assert not (resumed / "model_index.json").exists()  # not finished: no stage output yet
+    assert (resumed / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_image_config(world, resumed))  # a fresh run must not silently overwrite the checkpoints
+    second = train(_image_config(world, resumed), resume=True)
+    assert (second["step"], second["finished"]) == (4, True)
+
+    assert _losses(resumed) == _losses(straight) and len(_losses(straight)) == 4
+    a, b = _unet_state(straight), _unet_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The optimizer and schedule continued too: the saved step-4 checkpoints hold the same AdamW state.
+    opt_a = torch.load(straight / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(resumed / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
+    for key, state in opt_a["state"].items():
+        assert all(torch.equal(v, opt_b["state"][key][name]) for name, v in state.items())
+
+
+def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):
+    out = tmp_path / "run"
+    train(_image_config(world, out, "checkpoint.every=1", "checkpoint.keep_last=3"), stop_after=3)
+    (out / "checkpoints" / "step-00000003" / "optimizer.pt").write_bytes(b"torn write")
+    with pytest.warns(RuntimeWarning, match="step-00000003"):
+        result = train(_image_config(world, out, "checkpoint.every=1", "checkpoint.keep_last=3"), resume=True)
+    assert result["finished"] and [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+                                    .splitlines()] == [1, 2, 3, 4]
+
+
+def test_decoder_stage_output_autoencodes_at_the_output_size(world, tmp_path):
+    from PIL import Image
+
+    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.model.decoder import Emu2VisualDecoderPipeline
+    from emu2.pipeline import Emu2Pipeline
+
+    out = tmp_path / "decoder"
+    train(_image_config(world, out, "decoder.scheduler.prediction_type=v_prediction", "decoder.snr_gamma=5"))
+    decoder = Emu2VisualDecoderPipeline.from_pretrained(out)
+    assert decoder.pixel_scale == 2 and decoder.unet.config.sample_size == SIZE // 2
+    assert decoder.scheduler.config.prediction_type == "v_prediction"
+    decoder.set_progress_bar_config(disable=True)
+    gen = Emu2GenPipeline(Emu2Pipeline.from_pretrained(world / "encoder"), decoder)
+    image = gen([Image.new("RGB", (SIZE, SIZE), (200, 30, 30))], num_inference_steps=2).image
+    assert image.size == (SIZE, SIZE)
+
+
+def test_unknown_decoder_options_are_named(world, tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'pixel_scale'"):
+        train(_image_config(world, tmp_path, "decoder.pixel_scal=2"))
+    with pytest.raises(ValueError, match="cache_embeddings needs decoder.max_scale"):
+        train(_image_config(world, tmp_path, "decoder.cache_embeddings=true", "decoder.max_scale=1.2"))
+
+
+def _video_config(world, out, *overrides):
+    return _config("shapes-video-decoder", world, out, "data.streams.clips.batch_size=2", "decoder.num_frames=4",
+                   *overrides)
+
+
+def test_video_decoder_stage_trains_resumes_and_samples_frames(world, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(_video_config(world, straight))["finished"]
+    train(_video_config(world, resumed), stop_after=1)
+    assert train(_video_config(world, resumed), resume=True)["finished"]
+    assert _losses(resumed) == _losses(straight)
+
+    pipe = Emu2VideoDecoderPipeline.from_pretrained(straight)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.pixel_scale == 2
+    width = pipe.unet.config.cross_attention_dim
+    embeds = torch.randn(2, 4, 4, width)  # (B, F, v_query, Dv)
+    frames = pipe(embeds, torch.zeros(1, 1, 4, width), num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (2, 4, SIZE, SIZE, 3)
+    clips = pipe(embeds[:1], torch.zeros(1, 1, 4, width), num_inference_steps=1, output_type="pil").frames
+    assert len(clips) == 1 and len(clips[0]) == 4 and clips[0][0].size == (SIZE, SIZE)
+
+
+def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
+    from collections import Counter
+
+    from emu2.data.shards import decode_record, read_shard
+    from emu2.gen.train_decoder import _clip_tensor
+
+    shard = next((world / "data" / "train").glob("video_pair-*.tar"))
+    clips = [decode_record("video_pair", s).frames[:4] for s, _ in zip(read_shard(str(shard), Counter()), range(2))]
+    frames = torch.stack([_clip_tensor(c, SIZE) for c in clips])  # (2, 4, 3, 16, 16)
+    torch.manual_seed(0)
+    pipe = Emu2VideoDecoderPipeline.from_configs(
+        video_decoder_unet_config(8, SIZE // 2, (8, 16), (False, True)),
+        scheduler_config=decoder_scheduler_config({"prediction_type": "v_prediction"}), pixel_scale=2,
+    )
+    freeze_for_decoder_training(pipe)
+    optimizer, _ = configure_decoder_optimizer(pipe.unet, DecoderTrainingConfig(warmup_steps=0, learning_rate=3e-3))
+    embeds = torch.randn(2, 4, 2, 8, generator=torch.Generator().manual_seed(1))
+    losses = [
+        video_decoder_training_step(pipe, frames, embeds, optimizer, generator=torch.Generator().manual_seed(0))
+        for _ in range(15)
+    ]
+    assert losses[-1] < 0.6 * losses[0], losses
