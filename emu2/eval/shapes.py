@@ -6,7 +6,7 @@ Tasks (all on held-out material: attribute combinations, answer formats and labe
 - with an instruction-tuned (chat) model, on freshly rendered held-out scenes with known answers: VQA (the
   chat data's short-answer format), captioning (attribute recall), grounding (box from "Where is the X?
   Give its box.", accuracy at IoU >= 0.5) and video QA (what happened: event words recalled).
-Generation attribute accuracy comes from the visual-decoder metrics (`emu2.gen`) when a Gen model is given.
+Generation attribute accuracy (pixels read back by `emu2.data.shapes.detect`) is `emu2.eval.shapes_generation`.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def evaluate_instructions(pipe, data_dir: str | Path, items: int = 32, seed: int
         target = rng.choice(multi.groups)
         grounding.append((f"{P.IMAGE_PLACEHOLDER}Where is the {describe(target, article='').strip()}? Give its box.",
                           [render_scene(multi, size)], [], target.box))
-        (start, end), event, predicate = video_event(world, scene, rng, "heldout")
+        (start, end), _event, predicate = video_event(world, scene, rng, "heldout")
         video.append((f"{P.VIDEO_TOKEN}{P.VIDEO_PLACEHOLDER * 8}What happens in the video?", [],
                       video_frames(start, end, 8, size), set(predicate.replace(",", "").split()) - {"the", "to", "from"}))
 

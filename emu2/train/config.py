@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-STAGES = ("stage1", "stage2", "chat", "gen", "decoder")
+STAGES = ("encoder", "stage1", "stage2", "chat", "gen", "decoder", "video-decoder")
 GROUPS = ("project", "lm", "visual")  # project = project_up + project_down (paper 2.2.2 "linear projection")
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -368,7 +368,7 @@ def validate(config: TrainConfig) -> None:
         problems.append("gradient_accumulation_steps must be >= 1")
     if config.mixed_precision not in PRECISIONS:
         problems.append(f"mixed_precision must be one of {PRECISIONS}, got {config.mixed_precision!r}")
-    if config.stage != "decoder":
+    if config.stage not in ("decoder", "video-decoder"):
         m = config.model
         if m.init_from is None and m.preset is None:
             problems.append("model: give init_from (the previous stage's output_dir) or a preset (random init)")

@@ -114,8 +114,12 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     ``micro_batches_per_step``) instead of the recipe's data section. ``stop_after``: checkpoint and return
     once this step is done (time-sliced jobs; tests of resumption).
     """
-    if config.stage == "decoder":
-        return _train_decoder(config, resume)
+    if config.stage in ("decoder", "video-decoder"):
+        return _train_decoder(config, resume, stop_after)
+    if config.stage == "encoder":  # contrastive pre-training of a random vision encoder (no resumable state)
+        from .contrastive import train_encoder_stage
+
+        return train_encoder_stage(config)
     from accelerate.utils import set_seed
 
     accelerator = _accelerator(config)
@@ -249,7 +253,7 @@ def _prepare(accelerator, model, config: TrainConfig):
     return accelerator.prepare(model, build_optimizer(model, config))
 
 
-def _train_decoder(config: TrainConfig, resume: bool) -> dict:
+def _train_decoder(config: TrainConfig, resume: bool, stop_after: int | None = None) -> dict:
     """``stage: decoder`` (paper 2.2.3): the visual decoder is trained by `emu2.gen.train_decoder`.
 
     The entry point it needs is ``train_decoder_stage(config: TrainConfig, resume: bool) -> dict``: the recipe's
@@ -263,10 +267,11 @@ def _train_decoder(config: TrainConfig, resume: bool) -> dict:
         module = importlib.import_module("emu2.gen.train_decoder")
     except ImportError as exn:
         raise NotImplementedError(f"stage: decoder needs emu2.gen.train_decoder, which does not import ({exn})") from exn
-    entry = getattr(module, "train_decoder_stage", None)
+    name = "train_video_decoder_stage" if config.stage == "video-decoder" else "train_decoder_stage"
+    entry = getattr(module, name, None)
     if entry is None:
         raise NotImplementedError(
             "stage: decoder hands off to emu2.gen.train_decoder.train_decoder_stage(config, resume=...), which does "
             "not exist yet: that module has the decoder training step and an in-memory loop (train_decoder), not "
             "a recipe entry point. Until it does, train the decoder with emu2.gen.train_decoder directly.")
-    return entry(config, resume=resume)
+    return entry(config, resume=resume, **({} if stop_after is None else {"stop_after": stop_after}))
