@@ -11,11 +11,12 @@ Only ``visual`` is trained; the output directory is a full Emu2 model directory 
 which stage 1 then loads through ``model.init_from``.
 
 Tensor shapes: images (B, 3, S, S) -> visual embeddings (B, n_query, Dv) -> image vectors (B, D);
-caption token ids (B, L) with -100-free mask (B, L) -> text vectors (B, D); logits (B, B).
+caption token ids (B, L) with a 0/1 mask (B, L) -> text vectors (B, D); logits (B, B).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -111,8 +112,7 @@ def train_encoder_stage(config: TrainConfig, stop_after_seconds: float | None = 
     bar.close()
     model.eval()
     Emu2Pipeline(model, tokenizer).save_pretrained(out)
-    with open(out / "metrics.jsonl", "w") as f:
-        for i, value in enumerate(losses, 1):
-            f.write(f'{{"step": {i}, "loss": {value:.5f}, "contrastive_loss": {value:.5f}}}\n')
+    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": value}) for i, value in enumerate(losses, 1))
+    (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None}

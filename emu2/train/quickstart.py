@@ -217,8 +217,8 @@ def write_report_markdown(out: Path, report: dict) -> None:
              "Exact match % (field accuracy %) by number of in-context examples.", "",
              fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
              "## Chat model (held-out scenes)", "", "```", json.dumps(report["instructions"], indent=2), "```", "",
-             "## Generation", "", "Attribute accuracy of generated images, read back by the pixel detector "
-             "(`emu2.data.shapes.detect`); the true renders are its ceiling:", "",
+             "## Generation", "", ("Attribute accuracy of generated images, read back by the pixel detector "
+                                   "(`emu2.data.shapes.detect`); the true renders are its ceiling:"), "",
              generation_table(report["generation_attributes"]), "", "```", json.dumps(report["generation"], indent=2),
              "```", "",
              "![gallery](gallery.png)", "", "## Training", "", "![loss curves](loss_curves.png)", "", "```",
