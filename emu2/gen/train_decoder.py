@@ -401,18 +401,7 @@ def train_small_autoencoder(
     """
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(config or small_autoencoder_config())
-    data = (
-        torch.from_numpy(
-            np.stack(
-                [
-                    np.asarray(im.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
-                    for im in images
-                ]
-            )
-        ).permute(0, 3, 1, 2)
-        / 127.5
-        - 1.0
-    )
+    data = images_to_tensor(images, size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
@@ -438,21 +427,17 @@ def train_small_autoencoder(
     return vae
 
 
+def images_to_tensor(images: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) float pixels in [-1, 1] (bicubic resize), the VAE's input range."""
+    pixels = np.stack([np.asarray(im.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
+                       for im in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 @torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, images: Sequence[PIL.Image.Image], size: int = 64) -> float:
     """Mean PSNR (dB, pixels in [0, 1]) of VAE reconstructions (posterior mode) of ``images``."""
-    x = (
-        torch.from_numpy(
-            np.stack(
-                [
-                    np.asarray(im.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
-                    for im in images
-                ]
-            )
-        ).permute(0, 3, 1, 2)
-        / 127.5
-        - 1.0
-    )
+    x = images_to_tensor(images, size)
     recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(64)])
     mse = (((recon.clamp(-1, 1) - x) / 2) ** 2).flatten(1).mean(1)
     return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())

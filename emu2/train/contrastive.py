@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -55,12 +54,11 @@ def caption_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return labels.clamp(min=0), mask
 
 
-def train_encoder_stage(config: TrainConfig, stop_after_seconds: float | None = None) -> dict:
+def train_encoder_stage(config: TrainConfig) -> dict:
     """``stage: encoder``: contrastive pre-training of ``visual`` on the recipe's image-caption pairs.
 
     Uses the recipe's model (``model.preset`` or ``model.init_from``), data (a ``pairs`` stream of kind ``pair``
-    in stage-1 layout), ``optim.lr.visual``, warm-up + decay schedule, ``steps`` and ``output_dir``. With
-    ``stop_after_seconds`` it ends early, once that much time has passed (the schedule is cut, not stretched).
+    in stage-1 layout), ``optim.lr.visual``, warm-up + decay schedule, ``steps`` and ``output_dir``.
     This short stage keeps no resumable checkpoint: rerun it.
     """
     from emu2.pipeline import Emu2Pipeline
@@ -90,7 +88,7 @@ def train_encoder_stage(config: TrainConfig, stop_after_seconds: float | None = 
                               enabled=config.mixed_precision == "bf16")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started, losses = time.perf_counter(), []
+    losses = []
     bar = tqdm(range(config.steps), desc="encoder", unit="step")
     for step in bar:
         batch = next(data)
@@ -107,8 +105,6 @@ def train_encoder_stage(config: TrainConfig, stop_after_seconds: float | None = 
         bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"encoder stage: loss {losses[-1]} at step {step + 1}; nothing was saved")
-        if stop_after_seconds is not None and time.perf_counter() - started > stop_after_seconds:
-            break
     bar.close()
     model.eval()
     Emu2Pipeline(model, tokenizer).save_pretrained(out)
