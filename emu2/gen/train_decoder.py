@@ -20,6 +20,10 @@ Crops come from ratio-preserving random scaling followed by a random square crop
 corner are the SDXL size conditions (A.3.1). `train_small_autoencoder` trains a tiny VAE (no pretrained VAE
 is available offline for the shapes world).
 
+Full scale: `load_pretrained_decoder_unet` starts the UNet from a local SDXL-base folder with its conditioning
+projections resized to the visual embeddings (as Emu2-Gen was made from SDXL), `load_frozen_vae` reads its VAE,
+and `DecoderImageShards` streams crops of the recipe's webdataset shards through the data layer.
+
 Recipe entry points (`emu2 train`): `train_decoder_stage` (``stage: decoder``) and `train_video_decoder_stage`
 (``stage: video-decoder``), with resumable checkpoints (`emu2.train.checkpoint`).
 """
@@ -28,14 +32,19 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..data.shards import DataError, ResumableLoader, ShardDataset, decode_record
 
 
 @dataclass
@@ -87,11 +96,21 @@ def prepare_decoder_batch(
     images, or ``encoder_preprocess(crops)``) for the frozen encoder.
     """
     crops, sizes, corners = zip(*(random_scale_and_crop(im, size, rng, max_scale) for im in images))
+    return crops_to_batch(crops, sizes, corners, encoder_preprocess)
+
+
+def crops_to_batch(
+    crops: Sequence[PIL.Image.Image],
+    original_sizes: Sequence[tuple[int, int]],
+    corners: Sequence[tuple[int, int]],
+    encoder_preprocess: Callable | None = None,
+) -> dict:
+    """Square crops with their SDXL conditions -> the `prepare_decoder_batch` dict."""
     pixels = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops])).permute(0, 3, 1, 2)
     return {
         "pixel_values": pixels / 127.5 - 1.0,
-        "original_size": torch.tensor(sizes),
-        "crops_coords_top_left": torch.tensor(corners),
+        "original_size": torch.tensor(list(original_sizes)),
+        "crops_coords_top_left": torch.tensor(list(corners)),
         "encoder_inputs": encoder_preprocess(list(crops)) if encoder_preprocess else list(crops),
     }
 
@@ -443,12 +462,242 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Sequence[PIL.Image.Image], s
     return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
 
 
+# ------------------------------------------------------------------- full scale: pretrained SDXL parts
+
+_SDXL_DOWNLOAD = (
+    "hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir checkpoints/sdxl-base-1.0 unet/config.json "
+    "unet/diffusion_pytorch_model.safetensors vae/config.json vae/diffusion_pytorch_model.safetensors"
+)
+
+
+def local_model_folder(path: str | Path, option: str) -> Path:
+    """``path`` as an existing local directory. Decoder training never downloads: a hub id (or any path that is not
+    a directory) is an error that says how to fetch the weights and what to pass instead."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    raise FileNotFoundError(
+        f"{option}={str(path)!r} is not a local directory. Decoder training reads local files only and downloads "
+        f"nothing, so a hub id is not accepted here: download the model first, e.g. `{_SDXL_DOWNLOAD}`, and pass "
+        f"the folder ({option}=checkpoints/sdxl-base-1.0)."
+    )
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """None when ``folder`` has plain diffusers weights, else the variant its files carry (e.g. "fp16")."""
+    plain = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+    if any((folder / name).is_file() for name in plain):
+        return None
+    for file in sorted(folder.glob("diffusion_pytorch_model*")):
+        match = re.fullmatch(r"diffusion_pytorch_model(?:-\d+-of-\d+)?\.(\w+)\.(?:safetensors|bin)", file.name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _component(folder: Path, name: str, option: str) -> tuple[Path, str | None]:
+    """(folder, subfolder) of a diffusers component: ``folder/name`` (a pipeline checkout) or ``folder`` itself."""
+    if (folder / name / "config.json").is_file():
+        return folder, name
+    if (folder / "config.json").is_file():
+        return folder, None
+    raise FileNotFoundError(f"{option}={str(folder)!r} has neither {name}/config.json (a diffusers pipeline folder "
+                            f"such as an SDXL-base checkout) nor config.json (the {name} folder itself)")
+
+
+def visual_embedding_unet_config(config, vision_width: int, sample_size: int | None = None) -> dict:
+    """An SDXL-style UNet config with its conditioning resized to visual embeddings Dv wide (SDXL-base ->
+    Emu2-Gen: cross_attention_dim 2048 -> 1792, projection_class_embeddings_input_dim 2816 -> 3328)."""
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if config.get("addition_embed_type") != "text_time" or config.get("encoder_hid_dim_type") is not None:
+        raise ValueError(
+            "decoder.unet_init is not an SDXL-style UNet: Emu2's decoder needs addition_embed_type 'text_time' "
+            f"(got {config.get('addition_embed_type')!r}) and the embeddings fed straight into cross-attention "
+            f"(encoder_hid_dim_type null, got {config.get('encoder_hid_dim_type')!r})"
+        )
+    config["cross_attention_dim"] = vision_width
+    config["projection_class_embeddings_input_dim"] = vision_width + 6 * config["addition_time_embed_dim"]
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    return config
+
+
+def load_pretrained_decoder_unet(
+    path: str | Path, vision_width: int, sample_size: int | None = None
+) -> tuple[UNet2DConditionModel, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """An SDXL-style UNet from a local folder, adapted to decode visual embeddings (paper 2.2.3).
+
+    Emu2-Gen's decoder is SDXL-base with "the dimension of the projection layers in cross-attention modules"
+    adjusted to the visual embeddings (official-format 2.3): ``cross_attention_dim`` becomes the vision width Dv
+    (SDXL: 2048, Emu2-Gen: 1792) and the pooled ``text_embeds`` of the "text_time" conditions become the mean
+    embedding, Dv wide (SDXL: 1280), so ``projection_class_embeddings_input_dim`` = Dv + 6 x
+    ``addition_time_embed_dim`` (Emu2-Gen: 3328). Every weight keeps SDXL's value except those whose shape
+    changes, which start from PyTorch's default initialisation as in a UNet built from its config: each
+    ``attn2.to_k.weight`` and ``attn2.to_v.weight`` (the keys and values computed from the embeddings) and
+    ``add_embedding.linear_1.weight`` (its bias keeps SDXL's values). Nothing else changes.
+
+    Args:
+        path: a local diffusers folder with ``unet/`` (an SDXL-base checkout) or the UNet folder itself;
+            read with ``local_files_only`` (`local_model_folder` rejects hub ids).
+        vision_width: Dv, the frozen encoder's embedding width.
+        sample_size: the UNet's default latent side (output size / VAE factor); None keeps the pretrained one.
+
+    Returns:
+        (unet in float32, {re-initialised key: (pretrained shape, new shape)}), the keys sorted.
+    """
+    folder, subfolder = _component(local_model_folder(path, "decoder.unet_init"), "unet", "decoder.unet_init")
+    pretrained = UNet2DConditionModel.from_pretrained(
+        folder, subfolder=subfolder, local_files_only=True, dtype=torch.float32,
+        variant=_weights_variant(folder / (subfolder or "")),
+    )
+    config = visual_embedding_unet_config(pretrained.config, vision_width, sample_size)
+    with torch.device("meta"):  # no memory and no initialisation for the weights that SDXL provides
+        unet = UNet2DConditionModel.from_config(config)
+    state = pretrained.state_dict()
+    del pretrained
+    changed = {key: (tuple(state[key].shape), tuple(target.shape))
+               for key, target in unet.state_dict().items() if target.shape != state[key].shape}
+    for key in sorted(changed):
+        module_name, leaf = key.rsplit(".", 1)
+        module = unet.get_submodule(module_name).to_empty(device="cpu")
+        module.reset_parameters()
+        state[key] = module.state_dict()[leaf]
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet, dict(sorted(changed.items()))
+
+
+def load_frozen_vae(path: str | Path) -> AutoencoderKL:
+    """A local `AutoencoderKL` (a pipeline folder's ``vae/``, or a VAE folder such as SDXL's or one saved from
+    `train_small_autoencoder`) in float32, frozen: it only turns crops into latents (paper 2.2.3)."""
+    folder, subfolder = _component(local_model_folder(path, "decoder.vae"), "vae", "decoder.vae")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True, dtype=torch.float32,
+                                        variant=_weights_variant(folder / (subfolder or "")))
+    return vae.requires_grad_(False).eval()
+
+
+def _stage_vae(opts: dict) -> AutoencoderKL | None:
+    """The recipe's VAE: None in pixel space, else ``decoder.vae``, or the ``vae/`` of the ``decoder.unet_init``
+    checkout (its sibling when unet_init names the ``unet/`` folder itself)."""
+    if bool(opts.get("pixel_space", True)):
+        if opts.get("vae") is not None:
+            raise ValueError("decoder.vae is set but decoder.pixel_space is true: set pixel_space: false to train on "
+                             "the VAE's latents, or drop decoder.vae")
+        return None
+    if opts.get("vae") is not None:
+        return load_frozen_vae(opts["vae"])
+    if opts.get("unet_init") is not None:
+        root = local_model_folder(opts["unet_init"], "decoder.unet_init")
+        candidate = root / "vae" if (root / "unet").is_dir() else root.parent / "vae"
+        if (candidate / "config.json").is_file():
+            return load_frozen_vae(candidate)
+    raise ValueError(
+        "decoder.pixel_space is false, so the UNet learns on VAE latents, but no VAE was found: set decoder.vae to a "
+        "local AutoencoderKL folder (an SDXL-base checkout or its vae/, or a VAE saved from train_small_autoencoder "
+        "with save_pretrained), or point decoder.unet_init at a folder that has a vae/ subfolder "
+        f"(e.g. `{_SDXL_DOWNLOAD}`)"
+    )
+
+
+# ----------------------------------------------------------------------------- streaming image shards
+
+
+class DecoderImageShards(ShardDataset):
+    """The recipe's image shards as decoder training crops, streamed.
+
+    Everything but what a sample becomes is `emu2.data.shards.ShardDataset`'s: shard splitting per rank and
+    worker, shuffling, mixing by weight, the resumable position, and bad samples (unreadable shards, undecodable
+    images) skipped and counted in ``stats``. A sample here is the image's ratio-preserving random crop
+    (`random_scale_and_crop`; its rng is seeded by the sample's identity, so a resumed run crops alike), the
+    image's real ``original_size`` (height, width) and the crop corner: SDXL's conditions (A.3.1). Images whose
+    short side is below ``min_image_size`` are skipped as ``skipped.too_small`` (A.3.1 filters small images).
+    """
+
+    KINDS = ("pair", "text_to_image")
+
+    def __init__(self, sources: Sequence, size: int, *, max_scale: float = 1.25, min_image_size: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 1000):
+        for source in sources:
+            if source.kind not in self.KINDS:
+                raise ValueError(f"data source {source.name} has kind {source.kind!r}; the decoder stage reads "
+                                 f"{' or '.join(self.KINDS)}")
+        super().__init__(sources, tokenizer=None, config=None, seed=seed, shuffle_buffer=shuffle_buffer,
+                         rank=0, world_size=1)
+        self.size, self.max_scale, self.min_image_size = size, max_scale, min_image_size
+
+    def _build(self, source, raw: dict) -> tuple | None:
+        """-> (crop, original_size, crop corner), or None (counted) for a sample that cannot be used."""
+        shard = Path(str(raw.get("__url__"))).name
+        rng = random.Random(f"{self.seed}:{source.name}:{raw.get('__epoch__', 0)}:{shard}:{raw.get('__key__')}")
+        try:
+            image = decode_record(source.kind, raw).image
+            if min(image.size) < self.min_image_size:
+                self.stats["skipped.too_small"] += 1
+                return None
+            return random_scale_and_crop(image, self.size, rng, self.max_scale)
+        except DataError as exn:
+            self.stats[f"skipped.{exn.reason}"] += 1
+        except Exception as exn:  # noqa: BLE001 -- as the data layer: odd data (a 0-pixel image) must not stop training
+            self.stats[f"skipped.{type(exn).__name__}"] += 1
+        return None
+
+
+class _CropBatches(IterableDataset):
+    """`crops_to_batch` batches made in each dataloader worker, tagged with that worker's stream position (the
+    protocol of `emu2.data.shards.ResumableLoader`)."""
+
+    def __init__(self, dataset: DecoderImageShards, batch_size: int, encoder_image_size: int):
+        super().__init__()
+        self.dataset, self.batch_size, self.encoder_image_size = dataset, batch_size, encoder_image_size
+
+    def __iter__(self):
+        from ..processing import preprocess_images
+
+        items: list = []
+        for item, worker in self.dataset._samples():
+            items.append(item)
+            if len(items) == self.batch_size:
+                crops, sizes, corners = zip(*items)
+                batch = crops_to_batch(crops, sizes, corners, lambda c: preprocess_images(c, self.encoder_image_size))
+                state = {**self.dataset._stream.state_dict(), "stats": dict(self.dataset.stats)}
+                yield batch, [], worker, state
+                items = []
+
+
+def _as_is(item):
+    return item
+
+
+def decoder_image_loader(
+    dataset: DecoderImageShards,
+    batch_size: int,
+    encoder_image_size: int,
+    num_workers: int = 0,
+    state: dict | None = None,
+) -> ResumableLoader:
+    """Endless `prepare_decoder_batch`-style batches of ``dataset`` (``encoder_inputs``: (B, 3, S, S) pixels
+    preprocessed for the encoder), decoded in ``num_workers`` processes; ``state`` (a saved ``state_dict()``)
+    resumes just after the batch it was saved at (same seed and ``num_workers`` needed)."""
+    if state is not None:
+        dataset.load_state_dict(state, num_workers=max(num_workers, 1))
+    loader = DataLoader(
+        _CropBatches(dataset, batch_size, encoder_image_size), batch_size=None, num_workers=num_workers,
+        collate_fn=_as_is, prefetch_factor=2 if num_workers else None, pin_memory=torch.cuda.is_available(),
+    )
+    return ResumableLoader(dataset, loader, max(num_workers, 1), state)
+
+
 # ------------------------------------------------------------------------------------ recipe entry point
 
 # The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
 IMAGE_OPTIONS = {
-    "output_image_size": "image side in pixels (the shapes world: 64)",
-    "pixel_space": "true: no VAE, the UNet denoises pixels (default true)",
+    "output_image_size": "image side in pixels (the shapes world: 64; paper: 1024)",
+    "pixel_space": "true: no VAE, the UNet denoises pixels (default); false: VAE latents (decoder.vae)",
+    "unet_init": "local diffusers folder (SDXL-base checkout with unet/, or a UNet folder) to start from; its "
+                 "cross-attention and pooled-embedding projections are resized to the vision width "
+                 "(load_pretrained_decoder_unet); null: a small UNet from scratch (channels, attention, ...)",
+    "vae": "local AutoencoderKL folder (SDXL's vae/, or a train_small_autoencoder save) for pixel_space: false; "
+           "default: the vae/ next to unet_init",
     "pixel_scale": "pixel space: the UNet works at output_image_size / pixel_scale, outputs are enlarged (1)",
     "channels": "UNet block widths, e.g. [32, 64, 64]",
     "attention": "per UNet level: cross-attention there or not (default: every level but the first)",
@@ -458,19 +707,22 @@ IMAGE_OPTIONS = {
     "noise_offset": "Table 6: 0.1",
     "snr_gamma": "Min-SNR loss weighting gamma (null: the plain MSE of the paper)",
     "max_scale": "largest random up-scaling before the random crop (A.3.1; 1.0: no crop augmentation)",
-    "cache_embeddings": "encode every training image once up front (needs max_scale 1.0)",
-    "max_images": "how many training images are read from the shards (4000)",
-    "unet_init": "(full scale, not implemented here) the pretrained UNet to start from",
-    "encoder_image_size": "(full scale, informational) the encoder's input size",
-    "min_image_size": "(full scale, informational) smaller images are filtered out",
+    "cache_embeddings": "encode every training image once up front (needs max_scale 1.0; not with streaming)",
+    "max_images": "how many training images are read from the shards into memory (4000; not with streaming)",
+    "streaming": "true: stream the shards in batches (DecoderImageShards, data.num_workers processes), the "
+                 "position saved in checkpoints; false: read max_images images into memory (default)",
+    "encoder_image_size": "the encoder's input size; checked against model.init_from's (paper: 448)",
+    "min_image_size": "images whose short side is smaller are skipped (A.3.1; default 0)",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (SDXL at 1024 px needs it)",
 }
 VIDEO_OPTIONS = {
-    **{k: IMAGE_OPTIONS[k] for k in ("output_image_size", "pixel_space", "pixel_scale", "channels", "attention",
+    **{k: IMAGE_OPTIONS[k] for k in ("output_image_size", "pixel_scale", "channels", "attention",
                                      "layers_per_block", "scheduler", "cfg_drop_prob", "noise_offset",
                                      "snr_gamma")},
     "num_frames": "frames per clip (default: every frame of the first clip)",
     "n_query": "embeddings per frame (default: the model's v_query, what Emu2 regresses per video frame)",
     "max_clips": "how many training clips are read and encoded up front (256)",
+    "pixel_space": "must be true: the video decoder stage trains in pixel space only",
 }
 
 
@@ -538,11 +790,12 @@ def decoder_scheduler_config(overrides: dict | None = None) -> dict:
 
 def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
     """Up to ``limit`` records of the recipe's data sources (``data.streams``; shard urls, or the kinds of
-    ``data.root``'s dataset.json), read in source order."""
+    ``data.root``'s dataset.json), read in source order. Unreadable shards and samples are skipped, as the
+    data layer does."""
     from collections import Counter
 
     from ..data.mixing import expand_urls
-    from ..data.shards import decode_record, read_shard
+    from ..data.shards import read_shard
     from ..train.data import _sources
 
     records: list = []
@@ -554,7 +807,11 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
                                  f"{' or '.join(kinds_wanted)}")
             for url in expand_urls(source.urls):
                 for sample in read_shard(url, stats):
-                    records.append(decode_record(source.kind, sample))
+                    try:
+                        records.append(decode_record(source.kind, sample))
+                    except DataError as exn:
+                        stats[f"skipped.{exn.reason}"] += 1
+                        continue
                     if len(records) >= limit:
                         return records
     if not records:
@@ -563,18 +820,25 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
 
 
 class StageSampling:
-    """What a decoder stage draws at random, in one place so checkpoints can resume it exactly: ``rng`` picks
-    the samples and crops, ``generator`` the guidance dropout, noise and timesteps."""
+    """What a decoder stage draws at random or reads next, in one place so checkpoints can resume it exactly:
+    ``rng`` picks the in-memory samples and crops, ``generator`` the guidance dropout, noise and timesteps, and
+    ``data`` (streaming: `emu2.train.data.StreamBatches`) the position in the shards."""
 
-    def __init__(self, seed: int):
-        self.rng, self.generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, data=None):
+        self.rng, self.generator, self.data = random.Random(seed), torch.Generator().manual_seed(seed), data
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
+        state = {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
+        return state if self.data is None else {**state, "data": self.data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.generator.set_state(state["generator"])
+        if self.data is not None:
+            if "data" not in state:
+                raise ValueError("the checkpoint has no data position: it was written by an in-memory run "
+                                 "(decoder.streaming: false); resume it with the same setting")
+            self.data.load_state_dict(state["data"])
 
 
 def _options(config, known: dict) -> dict:
@@ -586,11 +850,14 @@ def _options(config, known: dict) -> dict:
             close = difflib.get_close_matches(key, list(known), n=1)
             raise ValueError(f"unknown decoder option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                              + f" (known: {', '.join(known)})")
-    if not bool(opts.get("pixel_space", True)):
-        raise NotImplementedError("decoder.pixel_space=false needs a trained VAE: use train_small_autoencoder")
     size, scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
     if scale < 1 or size % scale:
         raise ValueError(f"decoder.pixel_scale {scale} must divide decoder.output_image_size {size}")
+    if scale != 1 and not bool(opts.get("pixel_space", True)):
+        raise ValueError("decoder.pixel_scale applies to pixel space only; with pixel_space: false the VAE sets the "
+                         "scale: drop decoder.pixel_scale")
+    if opts.get("streaming") and opts.get("cache_embeddings"):
+        raise ValueError("decoder.streaming reads each image once, as it comes: set decoder.cache_embeddings: false")
     return opts
 
 
@@ -697,53 +964,138 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     """``stage: decoder`` of `emu2 train`: the visual decoder learns to reconstruct images from the frozen
     stage-1 encoder's pooled embeddings (paper 2.2.3 autoencoding; A.3 hyper-parameters from the recipe).
 
-    The recipe's free-form ``decoder`` section is described by `IMAGE_OPTIONS`. Output: a diffusers-layout
-    `Emu2VisualDecoderPipeline` in ``output_dir``, ``metrics.jsonl`` and ``checkpoints/`` (``resume=True``
-    continues the last valid one exactly; ``stop_after``: checkpoint and return once that step is done).
+    Full scale (``emu2-decoder``): SDXL-base's UNet from a local folder (``decoder.unet_init``, adapted by
+    `load_pretrained_decoder_unet`), trained on the latents of its frozen VAE (``pixel_space: false``) over
+    streamed shards (``streaming: true``). Shapes scale (``shapes-decoder``): a small pixel-space UNet from
+    scratch over images held in memory. The recipe's free-form ``decoder`` section is described by
+    `IMAGE_OPTIONS`. Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent
+    space) in ``output_dir``, ``metrics.jsonl``, ``checkpoints/`` (``resume=True`` continues the last valid one
+    exactly, data position included; ``stop_after``: checkpoint and return once that step is done) and, with
+    ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
     """
-    from ..model.decoder import Emu2VisualDecoderPipeline
+    import json
+    import logging
+    from collections import Counter
+
     from ..processing import preprocess_images
+    from ..train.data import StreamBatches, _sources
 
     opts = _options(config, IMAGE_OPTIONS)
-    size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    size = int(opts.get("output_image_size", 64))
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
-    unet_config = decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
-                                      opts.get("attention"), int(opts.get("layers_per_block", 1)))
-    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.get("scheduler")),
-                                                  pixel_scale=pixel_scale).to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
+    if opts.get("encoder_image_size") is not None and int(opts["encoder_image_size"]) != vision.image_size:
+        raise ValueError(f"decoder.encoder_image_size is {opts['encoder_image_size']} but the encoder in "
+                         f"model.init_from={config.model.init_from} takes {vision.image_size} px images: point "
+                         "init_from at the matching stage-1 model or change encoder_image_size")
+    pipe, reinitialised = _stage_decoder(opts, vision.width, size)
+    pipe.to(accelerator.device).set_progress_bar_config(disable=True)
     uncond = _null_embeddings(encoder, encoder.config.n_query)
-    images = [r.image for r in _stage_records(config, int(opts.get("max_images", 4000)), ("pair", "text_to_image"))]
-    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
-
-    cached = None
-    if opts.get("cache_embeddings", False):
-        if train_config.max_scale != 1.0:
-            raise ValueError("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the input)")
-        cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
-                         encoder.config.n_query)
+    summary: dict = {}
+    if opts.get("unet_init") is not None:
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "unet_init.json").write_text(json.dumps(
+            {"unet_init": str(opts["unet_init"]),
+             "reinitialised": {k: {"pretrained": list(a), "now": list(b)} for k, (a, b) in reinitialised.items()}},
+            indent=1))
+        logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s", opts["unet_init"],
+                                         len(reinitialised), vision.width, ", ".join(reinitialised))
+        summary["reinitialised"] = list(reinitialised)
 
     def encode(inputs):
         if cached is not None:
             return cached[inputs]
-        return encoder.encode_image(preprocess_images(inputs, vision.image_size).to(accelerator.device))
+        pixels = inputs if isinstance(inputs, torch.Tensor) else preprocess_images(inputs, vision.image_size)
+        return encoder.encode_image(pixels.to(accelerator.device))
 
-    sampling = StageSampling(config.seed)
+    cached = None
+    if opts.get("streaming", False):
+        loaders: dict = {}
+
+        def open_stream(name: str, state: dict | None):
+            stream = config.data.streams[name]
+            shards = DecoderImageShards(
+                _sources(config, name, stream), size, max_scale=train_config.max_scale,
+                min_image_size=int(opts.get("min_image_size", 0)), seed=config.seed,
+                shuffle_buffer=config.data.shuffle_buffer,
+            )
+            loaders[name] = decoder_image_loader(shards, stream.batch_size, vision.image_size,
+                                                 config.data.num_workers, state)
+            return loaders[name]
+
+        data = StreamBatches(list(config.data.streams), open_stream, accumulation=1)
+        sampling = StageSampling(config.seed, data)
+        batches = None
+
+        def next_batch() -> dict:
+            nonlocal batches
+            batches = batches or iter(data)  # opened on first use, so after a checkpoint restored the position
+            parts = [next(batches) for _ in config.data.streams]  # one batch of every stream
+            summary["data"] = dict(sum((loader.stats for loader in loaders.values()), Counter()))
+            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    else:
+        min_size = int(opts.get("min_image_size", 0))
+        records = _stage_records(config, int(opts.get("max_images", 4000)), DecoderImageShards.KINDS)
+        images = [r.image for r in records if min(r.image.size) >= min_size]
+        if not images:
+            raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
+                             f"{min_size} px or more")
+        batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+        sampling = StageSampling(config.seed)
+        summary["images"] = len(images)
+        if opts.get("cache_embeddings", False):
+            if train_config.max_scale != 1.0:
+                raise ValueError("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the "
+                                 "input)")
+            cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
+                             encoder.config.n_query)
+
+        def next_batch() -> dict:
+            index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
+            batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
+            if cached is not None:
+                batch["encoder_inputs"] = torch.tensor(index)
+            return batch
 
     def step_fn(optimizer, schedule):
-        index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
-        batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
-        if cached is not None:
-            batch["encoder_inputs"] = torch.tensor(index)
         return decoder_training_step(
-            pipe, batch, encode, optimizer, lr_scheduler=schedule, uncond_embeds=uncond,
+            pipe, next_batch(), encode, optimizer, lr_scheduler=schedule, uncond_embeds=uncond,
             condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
             max_grad_norm=train_config.max_grad_norm, generator=sampling.generator, snr_gamma=train_config.snr_gamma,
         )
 
-    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
-                      {"images": len(images)})
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
+
+
+def _stage_decoder(opts: dict, vision_width: int, size: int):
+    """The pipeline the decoder stage trains and its re-initialised UNet weights ({} unless ``unet_init``):
+    SDXL's UNet (``unet_init``) or a small one from scratch, on pixels or on the frozen VAE's latents."""
+    from diffusers import EulerDiscreteScheduler
+
+    from ..model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
+
+    vae, pixel_scale = _stage_vae(opts), int(opts.get("pixel_scale", 1))
+    factor = latent_scale_factor(vae, pixel_scale)
+    if size % factor:
+        raise ValueError(f"decoder.output_image_size {size} must be a multiple of the VAE's down-sampling {factor}")
+    channels = 3 if vae is None else vae.config.latent_channels
+    reinitialised: dict = {}
+    if opts.get("unet_init") is not None:
+        unet, reinitialised = load_pretrained_decoder_unet(opts["unet_init"], vision_width, size // factor)
+        if unet.config.in_channels != channels:
+            fix = ("set decoder.pixel_space: false (a pretrained UNet denoises VAE latents) and decoder.vae"
+                   if vae is None else "give decoder.vae the VAE this UNet was trained with")
+            raise ValueError(f"decoder.unet_init's UNet takes {unet.config.in_channels}-channel inputs but the "
+                             f"{'pixels' if vae is None else 'VAE latents'} have {channels} channels: {fix}")
+    else:
+        unet = UNet2DConditionModel.from_config(decoder_unet_config(
+            vision_width, size // factor, opts.get("channels", (32, 64, 64)), opts.get("attention"),
+            int(opts.get("layers_per_block", 1)), in_channels=channels))
+    if opts.get("gradient_checkpointing", False):
+        unet.enable_gradient_checkpointing()
+    scheduler = EulerDiscreteScheduler.from_config(decoder_scheduler_config(opts.get("scheduler")))
+    return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale), reinitialised
 
 
 def _clip_tensor(frames: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
@@ -764,6 +1116,8 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
 
     opts = _options(config, VIDEO_OPTIONS)
+    if not bool(opts.get("pixel_space", True)):
+        raise NotImplementedError("the video decoder stage trains in pixel space only: set decoder.pixel_space: true")
     size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
