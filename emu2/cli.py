@@ -57,9 +57,24 @@ def _convert(args) -> int:
 
 
 def _init(args) -> int:
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if (args.vision is None) != (args.llm is None):
+        raise SystemExit("emu2 init: give --vision and --llm together (or neither, for a random model)")
+    if args.vision is not None:  # the stage-1 start of Table 5: EVA-CLIP + LLaMA, random projections
+        from .convert.assemble import assemble_init
+
+        report = assemble_init(args.preset, args.vision, args.llm, args.out, dtype=dtypes[args.dtype or "bf16"],
+                               seed=args.seed, max_shard_size=args.max_shard_size)
+        print(report.summary())
+        return 0
+
     from .pipeline import Emu2Pipeline
 
-    Emu2Pipeline.from_preset(args.preset, seed=args.seed).save_pretrained(args.out)
+    pipe = Emu2Pipeline.from_preset(args.preset, seed=args.seed)
+    pipe.model.to(dtypes[args.dtype or "fp32"])
+    pipe.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     print(f"wrote a randomly initialised {args.preset!r} model to {args.out}")
     return 0
 
@@ -144,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("init", help="write a randomly initialised model of a preset (for smoke tests)")
+    p = sub.add_parser("init", help="write a model directory of a preset: random (smoke tests), or assembled from "
+                       "EVA-CLIP + LLaMA weights with random projections (the stage-1 start, paper Table 5)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation (projections when assembling)")
+    p.add_argument("--vision", help="EVA-CLIP weights as released (open_clip state dict with visual.* keys; "
+                   ".safetensors, or .pt/.bin read with weights_only): only the visual tower is kept")
+    p.add_argument("--llm", help="local Hugging Face LLaMA folder (config.json + safetensors, sharded or not); "
+                   "its sizes must equal the preset's")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="weights dtype to write (default: bf16 when assembling, fp32 for a random model)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
