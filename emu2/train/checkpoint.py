@@ -4,6 +4,7 @@ Layout of ``<output_dir>/checkpoints/step-00001000/``::
 
     model/            save_pretrained safetensors (LoRA runs: the peft adapter, adapter_model.safetensors)
     optimizer.pt      AdamW state (rank 0; FSDP: the full, gathered state keyed by parameter name)
+    deepspeed/        instead of optimizer.pt under DeepSpeed (see below)
     scheduler.pt      LambdaLR state
     trainer.pt        step, tokens seen
     rank-<r>.pt       per rank: RNG states (python, numpy, torch, cuda) and the data stream position
@@ -13,6 +14,13 @@ Everything is written into ``.tmp-step-...`` and renamed into place, so a crash 
 checkpoint untouched; the oldest are removed only after the rename. Loading verifies the manifest and falls back
 to the previous checkpoint (with a warning) when the newest is incomplete or corrupted. Files are plain
 tensors/dicts saved with ``torch.save`` and read with ``torch.load(weights_only=True)``: nothing is unpickled.
+
+DeepSpeed runs differ in one place: ``optimizer.pt`` is replaced by ``deepspeed/``, the engine's own checkpoint
+(``engine.save_checkpoint``: every rank writes its ZeRO partition of the fp32 master weights and AdamW moments,
+plus ``zero_to_fp32.py`` to consolidate them). Resuming restores weights and optimizer from it (exact, also under
+bf16, where ``model/`` holds the engine's bf16 weights), needs the same process count and ZeRO stage, and
+cannot cross between DeepSpeed and the other backends. The same atomic rename and manifest cover it, but
+DeepSpeed reads its files with ``torch.load(weights_only=False)``: resume only from checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from .model import is_lora
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+_DEEPSPEED_TAG = "state"  # the subdirectory of deepspeed/ that engine.save_checkpoint writes
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -113,6 +122,19 @@ def _is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _backend(accelerator) -> str:
+    """What a checkpoint's optimizer state is tied to: ``deepspeed-zero<stage>`` or ``torch``."""
+    if _is_deepspeed(accelerator):
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.deepspeed_config['zero_optimization']['stage']}"
+    return "torch"
+
+
 def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -120,7 +142,9 @@ def _full_options(**kw):
 
 
 def full_model_state(accelerator, model) -> dict:
-    """Full state dict on the main process (FSDP gathers it; other ranks may get an empty dict)."""
+    """Full state dict on the main process (FSDP and ZeRO-3 gather it; other ranks may get an empty dict or None)."""
+    if _is_deepspeed(accelerator):
+        return accelerator.get_state_dict(model)
     if _is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -199,9 +223,13 @@ def save_checkpoint(directory: str | Path, step: int, accelerator, model, optimi
     accelerator.wait_for_everyone()
 
     _save_model(accelerator, model, tmp / "model")
-    optimizer_state = _optimizer_state(accelerator, model, optimizer)
+    if _is_deepspeed(accelerator):
+        model.save_checkpoint(tmp / "deepspeed", tag=_DEEPSPEED_TAG, save_latest=False)
+    else:
+        optimizer_state = _optimizer_state(accelerator, model, optimizer)
+        if accelerator.is_main_process:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
     if accelerator.is_main_process:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"format": FORMAT, "step": step, **trainer_state}, tmp / "trainer.pt")
     data_state = data.state_dict() if hasattr(data, "state_dict") else None
@@ -211,6 +239,7 @@ def save_checkpoint(directory: str | Path, step: int, accelerator, model, optimi
     if accelerator.is_main_process:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
+                    "backend": _backend(accelerator),
                     "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                               for p in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -253,12 +282,23 @@ def load_checkpoint(directory: str | Path, accelerator, model, optimizer, schedu
         raise CheckpointError(f"--resume: no valid checkpoint in {directory}")
     path = Path(choice[0])
     manifest = json.loads((path / "manifest.json").read_text())
+    saved_by = manifest.get("backend", "torch")  # checkpoints older than DeepSpeed support have no "backend"
+    if saved_by != _backend(accelerator):
+        raise CheckpointError(f"{path} holds {saved_by} optimizer state and this run is {_backend(accelerator)}: resume "
+                              "with the accelerate config that wrote it (its model/ directory can start a new run "
+                              "as model.init_from)")
     if manifest["world_size"] != accelerator.num_processes:
         raise CheckpointError(f"{path} was saved by {manifest['world_size']} processes, this run has "
                               f"{accelerator.num_processes}; the data position is per rank, resume with the same count")
 
-    _load_model(accelerator, model, path / "model")
-    _load_optimizer(accelerator, model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    if _is_deepspeed(accelerator):  # weights and optimizer from the engine's own partitions
+        loaded, _ = model.load_checkpoint(path / "deepspeed", tag=_DEEPSPEED_TAG, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {path / 'deepspeed'}")
+    else:
+        _load_model(accelerator, model, path / "model")
+        _load_optimizer(accelerator, model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     trainer = torch.load(path / "trainer.pt", weights_only=True)
     rank = torch.load(path / f"rank-{accelerator.process_index}.pt", weights_only=True)

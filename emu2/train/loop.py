@@ -3,12 +3,23 @@
     config = load_config("shapes-stage1", ["steps=100"])
     summary = train(config)                 # or: emu2 train shapes-stage1 steps=100 [--resume]
 
-Distribution is accelerate's: launch with ``accelerate launch --config_file ... -m emu2.train RECIPE`` for DDP or
-FSDP; a plain ``emu2 train`` is one process. Stages differ only in their recipe YAML.
+Distribution is accelerate's: launch with ``accelerate launch --config_file ... -m emu2.train RECIPE`` for DDP,
+FSDP or DeepSpeed ZeRO 1-3 (``configs/accelerate/``); a plain ``emu2 train`` is one process. Stages differ only in
+their recipe YAML.
 
 Loss normalisation (torchtune): an optimizer step sums cross-entropy over every supervised token and squared
 error over every regressed visual slot of all its micro-batches, on all ranks, and divides each by its global
 count, so the gradient is the same for any split into ranks x accumulation steps (not a mean of means).
+
+Under DeepSpeed the engine owns what accelerate's optimizer wrapper does elsewhere; each piece maps as follows.
+Accumulation: the loop still counts the step's targets first and marks the last micro-batch as the boundary
+itself, and backward runs with ``scale_wrt_gas=False``, so the exact normalisation above is unchanged. Clipping:
+DeepSpeed clips to the recipe's ``optim.grad_clip`` (its ``gradient_clipping``; the recipe overrides the DeepSpeed
+config, with a warning when they differ). Optimizer: the AdamW built here with its per-group learning rates and
+frozen groups is handed to DeepSpeed (ZeRO keeps its parameter groups) and the LR schedule stays ours. NaN/inf:
+a non-finite loss stops before ``engine.step()``; ZeRO skips the update when the gradient norm is not finite
+(checked by DeepSpeed before it clips), and the run stops. ZeRO stage 0 is refused (it is DDP without that check).
+Checkpoints: see `emu2.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,7 +28,8 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +85,14 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
                           sum(int(b["attention_mask"].sum()) for b in window)], dtype=torch.float64)
     n_text, n_reg, tokens = (int(x) for x in accelerator.reduce(local.to(accelerator.device), "sum").tolist())
 
+    deepspeed = _is_deepspeed(accelerator)
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # CE summed over tokens, MSE over slots
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
+        if deepspeed:  # our window is the accumulation unit, whatever DeepSpeed's micro-step counter says
+            model.set_gradient_accumulation_boundary(last)
+        with nullcontext() if last or deepspeed else accelerator.no_sync(model):
             out = model(**batch)
             if (out.num_text_targets, out.num_regression_targets) != counts[i]:
                 raise RuntimeError(f"the model counted {out.num_text_targets} text / {out.num_regression_targets} "
@@ -88,14 +103,20 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
             if not counts[i][0] and not counts[i][1]:
                 # Nothing to learn in this micro-batch, but every rank must run the same backward passes (DDP).
                 loss = loss + 0.0 * out.last_hidden_state.sum()
-            # DDP/FSDP average gradients over ranks; the normalisation above is already global.
-            accelerator.backward(loss * accelerator.num_processes)
+            # DDP/FSDP/ZeRO average gradients over ranks; the normalisation above is already global.
+            if deepspeed:  # no division by the accumulation count either: the weights above already do it
+                model.backward(loss * accelerator.num_processes, scale_wrt_gas=False)
+            else:
+                accelerator.backward(loss * accelerator.num_processes)
         sums += torch.stack([text_sum.detach(), reg_sum.detach()]).double()
 
     sums = accelerator.reduce(sums, "sum")
     text_loss = sums[0].item() / n_text if n_text else 0.0
     regression_loss = sums[1].item() / n_reg if n_reg else 0.0
     loss = w_text * text_loss + w_reg * regression_loss
+    if deepspeed:
+        return _deepspeed_update(model, optimizer, StepResult(loss, text_loss, regression_loss, n_text, n_reg,
+                                                              tokens, math.nan), config)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
     grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
@@ -104,6 +125,24 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
         return result  # the caller stops the run, before any weight changes
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def _deepspeed_update(engine, optimizer, result: StepResult, config: TrainConfig) -> StepResult:
+    """Clip and update through the DeepSpeed engine, once the step's loss is known to be finite."""
+    if not math.isfinite(result.loss):
+        return result  # the caller stops the run; engine.step() was not called, so the weights are unchanged
+    engine.step()  # ZeRO: gradient norm, skip if it is not finite, clip to gradient_clipping, AdamW, zero grads
+    optimizer.step()  # accelerate's DeepSpeed wrapper: a no-op that tells our LR scheduler a step happened
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        raise RuntimeError("DeepSpeed computed no gradient norm (is zero_optimization.compute_grad_norm off?); the "
+                           "trainer needs it to stop on NaN/inf gradients: remove that setting from the config")
+    result.grad_norm = float(norm)
+    if not math.isfinite(result.grad_norm) and engine.was_step_applied() and config.mixed_precision != "fp16":
+        raise TrainingDiverged(f"gradient norm {result.grad_norm} and DeepSpeed applied the update anyway (bf16 "
+                               "without bf16.check_grad_overflow?): the weights are corrupted, resume from the last "
+                               "checkpoint with bf16.check_grad_overflow: true in the DeepSpeed config")
     return result
 
 
@@ -124,13 +163,16 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
 
     accelerator = _accelerator(config)
     set_seed(config.seed)
-    model, tokenizer = build_model(config)
-    model, optimizer = _prepare(accelerator, model, config)
-    scheduler = build_scheduler(optimizer, config)
-    emu2_config = base_model(accelerator.unwrap_model(model)).config
+    with _full_model_on_every_rank(accelerator):
+        model, tokenizer = build_model(config)
+    emu2_config = base_model(model).config
     if data is None:
         data = build_data(config, emu2_config, tokenizer, accelerator.process_index, accelerator.num_processes)
     per_step = getattr(data, "micro_batches_per_step", config.gradient_accumulation_steps)
+    if _is_deepspeed(accelerator):
+        _recipe_into_deepspeed_config(accelerator, config, per_step)
+    model, optimizer = _prepare(accelerator, model, config)
+    scheduler = build_scheduler(optimizer, config)
 
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
@@ -214,10 +256,16 @@ def _accelerator(config: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     # find_unused_parameters: stage 1 never uses project_down, text-only batches never use the vision tower.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not _has_device():
+        handlers.append(_deepspeed_cpu_backend())
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        cpu=not _has_device(),  # lets `accelerate launch --multi_gpu` run gloo ranks on a CPU-only machine
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # cpu=True lets `accelerate launch --multi_gpu` run gloo ranks on a CPU-only machine; accelerate sets
+        # DeepSpeed up only with cpu=False, and DeepSpeed then runs on its CPU accelerator.
+        cpu=not _has_device() and not deepspeed,
+        kwargs_handlers=handlers,
     )
     kind = accelerator.distributed_type
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
@@ -225,15 +273,84 @@ def _accelerator(config: TrainConfig):
             f"the accelerate config asks for FSDP but accelerate set up {kind.value}: accelerate enables FSDP only "
             "on GPU/XPU/NPU/HPU devices, and on CPU it would silently train with plain DDP instead. Use a DDP "
             "config (distributed_type: MULTI_GPU) on CPU.")
+    if deepspeed and kind != DistributedType.DEEPSPEED:
+        raise RuntimeError(f"the accelerate config asks for DeepSpeed but accelerate set up {kind.value}")
     if kind == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "DeepSpeed is not supported by this trainer yet: DeepSpeed owns gradient accumulation, clipping and "
-            "its checkpoint format, which the exact token-normalised accumulation and the verified checkpoints "
-            "here do not hand over to it. Use FSDP (accelerate config distributed_type: FSDP).")
+        _check_deepspeed_config(accelerator.state.deepspeed_plugin, config)
     if kind == DistributedType.FSDP and config.lora.enabled:
         raise NotImplementedError("LoRA with FSDP: merging the adapters needs the full weights on one process; "
                                   "train LoRA with DDP or a single process")
     return accelerator
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _deepspeed_cpu_backend():
+    """On a machine without GPUs accelerate finds no process-group backend for DeepSpeed, so name DeepSpeed's own
+    choice for its CPU accelerator: oneCCL when its torch bindings are installed, else gloo."""
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    return InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())
+
+
+def _check_deepspeed_config(plugin, config: TrainConfig) -> None:
+    """Refuse DeepSpeed settings that would take over what the recipe decides."""
+    ds = plugin.deepspeed_config
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError("remove the optimizer/scheduler sections from the DeepSpeed config: the recipe's optim and "
+                         "schedule sections build them (AdamW with per-group learning rates, frozen groups)")
+    stage = int(ds.get("zero_optimization", {}).get("stage", plugin.zero_stage))
+    if stage == 0:
+        raise ValueError("ZeRO stage 0 is plain data parallelism, without the non-finite gradient check the NaN stop "
+                         "relies on: use DDP (distributed_type: MULTI_GPU), or ZeRO stage 1, 2 or 3")
+    if stage == 3 and config.lora.enabled:
+        raise NotImplementedError("LoRA with ZeRO-3: merging the adapters needs the full weights on one process; "
+                                  "train LoRA with ZeRO stage 1/2, DDP or a single process")
+
+
+def _recipe_into_deepspeed_config(accelerator, config: TrainConfig, micro_batches_per_step: int) -> None:
+    """The recipe decides clipping and how many micro-batches make a step; DeepSpeed's config follows it.
+
+    A different clipping value in the accelerate/DeepSpeed config is overridden with a warning. The accumulation
+    count is overridden quietly (accelerate writes 1 when none is given): the loop marks the step boundary and
+    normalises the loss itself, so DeepSpeed's count only feeds its sample counter, as does the micro-batch size
+    (streams may differ in batch size). ZeRO-3 gathers full weights for each checkpoint's model/ and the output.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    clip = config.optim.grad_clip or 0.0  # 0: DeepSpeed does not clip
+    given = ds.get("gradient_clipping", "auto")
+    if given != "auto" and float(given) != clip:
+        warnings.warn(f"the DeepSpeed config sets gradient_clipping={given}; using the recipe's {clip} "
+                      "(optim.grad_clip, 0 for none)", stacklevel=3)
+    ds["gradient_clipping"] = clip
+    ds["gradient_accumulation_steps"] = micro_batches_per_step
+    accelerator.gradient_accumulation_steps = micro_batches_per_step
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = max((s.batch_size for s in config.data.streams.values()), default=1)
+    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextmanager
+def _full_model_on_every_rank(accelerator):
+    """Under ZeRO-3 accelerate registers its DeepSpeed config with transformers, whose constructors then partition
+    parameters as they are created (zero.Init). `build_model` loads, resizes and freezes weights with plain torch
+    calls, so every process builds the full fp32 model and DeepSpeed partitions it in ``prepare``: host memory for
+    one full model per process is needed at start-up."""
+    if not _is_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def _has_device() -> bool:
