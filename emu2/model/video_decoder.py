@@ -27,7 +27,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from emu2.gen.train_decoder import diffusion_update, drop_conditioning, encode_to_latents, pixel_scale_of
 from emu2.model.decoder import (
     OFFICIAL_SCHEDULER_CONFIG,
     OUTPUT_TYPES,
@@ -220,6 +219,9 @@ def video_decoder_training_step(
         uncond_embeds: (F*Q, Dv) unconditional embeddings for guidance dropout (whole clips are dropped);
             zeros when None.
     """
+    # Training code, imported here so that the model package does not depend on it.
+    from emu2.gen.train_decoder import diffusion_update, drop_conditioning, encode_to_latents, pixel_scale_of
+
     unet, vae = pipeline_parts.unet, pipeline_parts.vae
     device, dtype = unet.device, unet.dtype
     batch, num_frames = frames.shape[:2]

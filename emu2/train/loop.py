@@ -371,24 +371,15 @@ def _prepare(accelerator, model, config: TrainConfig):
 
 
 def _train_decoder(config: TrainConfig, resume: bool, stop_after: int | None = None) -> dict:
-    """``stage: decoder`` (paper 2.2.3): the visual decoder is trained by `emu2.gen.train_decoder`.
+    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.gen.decoder_stage`.
 
-    The entry point it needs is ``train_decoder_stage(config: TrainConfig, resume: bool) -> dict``: the recipe's
+    Its ``train_decoder_stage`` / ``train_video_decoder_stage(config, resume, stop_after)`` read the recipe's
     ``model.init_from`` (the frozen stage-1 encoder), ``data`` (image shards), ``optim``, ``schedule``, ``steps``,
     ``checkpoint``, ``output_dir`` and the free-form ``decoder`` section (unet_init, output_image_size,
     cfg_drop_prob, noise_offset, ...).
     """
-    import importlib
+    from emu2.gen import decoder_stage
 
-    try:
-        module = importlib.import_module("emu2.gen.train_decoder")
-    except ImportError as exn:
-        raise NotImplementedError(f"stage: decoder needs emu2.gen.train_decoder, which does not import ({exn})") from exn
     name = "train_video_decoder_stage" if config.stage == "video-decoder" else "train_decoder_stage"
-    entry = getattr(module, name, None)
-    if entry is None:
-        raise NotImplementedError(
-            "stage: decoder hands off to emu2.gen.train_decoder.train_decoder_stage(config, resume=...), which does "
-            "not exist yet: that module has the decoder training step and an in-memory loop (train_decoder), not "
-            "a recipe entry point. Until it does, train the decoder with emu2.gen.train_decoder directly.")
+    entry = getattr(decoder_stage, name)
     return entry(config, resume=resume, **({} if stop_after is None else {"stop_after": stop_after}))

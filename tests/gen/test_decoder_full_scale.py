@@ -86,7 +86,7 @@ def _weights(folder):
 
 
 def test_sdxl_unet_takes_the_vision_width_and_only_the_resized_projections_are_reinitialised(world):
-    from emu2.gen.train_decoder import load_pretrained_decoder_unet
+    from emu2.gen.sdxl import load_pretrained_decoder_unet
 
     unet, reinitialised = load_pretrained_decoder_unet(world / "sdxl", vision_width=64, sample_size=SIZE // 2)
     expected = {k for k in _weights(world / "sdxl" / "unet")
@@ -146,7 +146,7 @@ def test_streamed_run_interrupted_and_resumed_equals_an_uninterrupted_one(world,
 
 def test_streamed_batches_carry_each_images_real_size_and_skip_bad_or_small_ones(world):
     from emu2.data.mixing import Source
-    from emu2.gen.train_decoder import DecoderImageShards, decoder_image_loader
+    from emu2.gen.decoder_shards import DecoderImageShards, decoder_image_loader
 
     source = Source("images.0.pair", "pair", str(world / "shards" / "pairs-{0..1}.tar"))
     shards = DecoderImageShards([source], SIZE, max_scale=1.25, min_image_size=16, seed=0, shuffle_buffer=1)
@@ -164,7 +164,7 @@ def test_streamed_batches_carry_each_images_real_size_and_skip_bad_or_small_ones
 
 
 def test_a_small_autoencoder_directory_serves_as_the_vae_of_a_decoder_from_scratch(world, tmp_path):
-    from emu2.gen.train_decoder import small_autoencoder_config, train_small_autoencoder
+    from emu2.gen.small_decoders import small_autoencoder_config, train_small_autoencoder
     from emu2.model.decoder import Emu2VisualDecoderPipeline
 
     images = [Image.new("RGB", (SIZE, SIZE), tuple(random.Random(i).choices(range(256), k=3))) for i in range(4)]
@@ -210,7 +210,7 @@ def test_latent_space_without_a_vae_says_where_to_find_one(world, tmp_path):
 def test_the_shard_position_of_a_streamed_run_follows_the_data_layer(world):
     """Resuming the loader from a saved state continues with exactly the batches that followed it."""
     from emu2.data.mixing import Source
-    from emu2.gen.train_decoder import DecoderImageShards, decoder_image_loader
+    from emu2.gen.decoder_shards import DecoderImageShards, decoder_image_loader
 
     def loader(state=None):
         source = Source("images.0.pair", "pair", str(world / "shards" / "pairs-{0..1}.tar"))
@@ -234,7 +234,7 @@ def test_sdxl_base_config_becomes_the_official_emu2_gen_unet_shapes():
     add_embedding.linear_1 [1280, 3328]; only the 140 cross-attention k/v projections and that layer change."""
     from diffusers import UNet2DConditionModel
 
-    from emu2.gen.train_decoder import visual_embedding_unet_config
+    from emu2.gen.sdxl import visual_embedding_unet_config
 
     sdxl_base = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that differ from defaults
         "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,

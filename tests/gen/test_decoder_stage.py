@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 
+from emu2.gen.small_decoders import decoder_scheduler_config, video_decoder_unet_config
 from emu2.gen.train_decoder import (
     DecoderTrainingConfig,
     configure_decoder_optimizer,
-    decoder_scheduler_config,
     freeze_for_decoder_training,
-    video_decoder_unet_config,
 )
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
 from emu2.train.config import load_config
@@ -152,7 +151,7 @@ def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
     from collections import Counter
 
     from emu2.data.shards import decode_record, read_shard
-    from emu2.gen.train_decoder import _clip_tensor
+    from emu2.gen.decoder_stage import _clip_tensor
 
     shard = next((world / "data" / "train").glob("video_pair-*.tar"))
     clips = [decode_record("video_pair", s).frames[:4] for s, _ in zip(read_shard(str(shard), Counter()), range(2))]

@@ -7,10 +7,15 @@ import PIL.Image
 import pytest
 import torch
 
+from emu2.gen.small_decoders import (
+    decoder_scheduler_config,
+    reconstruction_psnr,
+    small_autoencoder_config,
+    train_small_autoencoder,
+)
 from emu2.gen.train_decoder import (
     DecoderTrainingConfig,
     configure_decoder_optimizer,
-    decoder_scheduler_config,
     decoder_training_step,
     drop_conditioning,
     freeze_for_decoder_training,
@@ -19,10 +24,7 @@ from emu2.gen.train_decoder import (
     prediction_target,
     prepare_decoder_batch,
     random_scale_and_crop,
-    reconstruction_psnr,
-    small_autoencoder_config,
     train_decoder,
-    train_small_autoencoder,
 )
 
 from . import tiny

@@ -1,5 +1,8 @@
 """Video decoder: per-frame cross-attention, sampling shapes, and a training step that learns."""
 
+import subprocess
+import sys
+
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -88,3 +91,10 @@ def test_video_training_step_lowers_the_loss_on_a_fixed_clip():
         for _ in range(10)
     ]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_video_decoder_imports_without_the_data_layer_or_training_code():
+    script = ("import sys, emu2.model.video_decoder; "
+              "print([m for m in sys.modules if m.startswith(('emu2.data', 'emu2.gen', 'emu2.train', 'webdataset'))])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

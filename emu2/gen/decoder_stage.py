@@ -1,0 +1,455 @@
+"""The decoder recipe stages of `emu2 train`: ``stage: decoder`` (`train_decoder_stage`) and
+``stage: video-decoder`` (`train_video_decoder_stage`), paper 2.2.3 with the A.3 hyper-parameters from the recipe.
+
+Each reads the recipe's free-form ``decoder`` section (`IMAGE_OPTIONS`, `VIDEO_OPTIONS`), loads the frozen
+stage-1 encoder, builds the decoder (a small one from scratch, `emu2.gen.small_decoders`, or SDXL-base's UNet,
+`emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and runs the shared
+loop (`_run_stage`) over the training step (`emu2.gen.train_decoder`) with resumable checkpoints
+(`emu2.train.checkpoint`; `StageSampling` holds what they must restore to resume exactly).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ..data.shards import DataError, decode_record
+from .decoder_shards import DecoderImageShards, decoder_image_loader
+from .sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
+from .small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
+from .train_decoder import (
+    DecoderTrainingConfig,
+    configure_decoder_optimizer,
+    decoder_training_step,
+    freeze_for_decoder_training,
+    prepare_decoder_batch,
+)
+
+# The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
+IMAGE_OPTIONS = {
+    "output_image_size": "image side in pixels (the shapes world: 64; paper: 1024)",
+    "pixel_space": "true: no VAE, the UNet denoises pixels (default); false: VAE latents (decoder.vae)",
+    "unet_init": "local diffusers folder (SDXL-base checkout with unet/, or a UNet folder) to start from; its "
+                 "cross-attention and pooled-embedding projections are resized to the vision width "
+                 "(load_pretrained_decoder_unet); null: a small UNet from scratch (channels, attention, ...)",
+    "vae": "local AutoencoderKL folder (SDXL's vae/, or a train_small_autoencoder save) for pixel_space: false; "
+           "default: the vae/ next to unet_init",
+    "pixel_scale": "pixel space: the UNet works at output_image_size / pixel_scale, outputs are enlarged (1)",
+    "channels": "UNet block widths, e.g. [32, 64, 64]",
+    "attention": "per UNet level: cross-attention there or not (default: every level but the first)",
+    "layers_per_block": "resnet (+ attention) layers per UNet level (1)",
+    "scheduler": "overrides of the official Euler scheduler config (prediction_type, beta_schedule, ...)",
+    "cfg_drop_prob": "embeddings replaced by the unconditional ones with this probability (Table 6: 0.1)",
+    "noise_offset": "Table 6: 0.1",
+    "snr_gamma": "Min-SNR loss weighting gamma (null: the plain MSE of the paper)",
+    "max_scale": "largest random up-scaling before the random crop (A.3.1; 1.0: no crop augmentation)",
+    "cache_embeddings": "encode every training image once up front (needs max_scale 1.0; not with streaming)",
+    "max_images": "how many training images are read from the shards into memory (4000; not with streaming)",
+    "streaming": "true: stream the shards in batches (DecoderImageShards, data.num_workers processes), the "
+                 "position saved in checkpoints; false: read max_images images into memory (default)",
+    "encoder_image_size": "the encoder's input size; checked against model.init_from's (paper: 448)",
+    "min_image_size": "images whose short side is smaller are skipped (A.3.1; default 0)",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (SDXL at 1024 px needs it)",
+}
+VIDEO_OPTIONS = {
+    **{k: IMAGE_OPTIONS[k] for k in ("output_image_size", "pixel_scale", "channels", "attention",
+                                     "layers_per_block", "scheduler", "cfg_drop_prob", "noise_offset",
+                                     "snr_gamma")},
+    "num_frames": "frames per clip (default: every frame of the first clip)",
+    "n_query": "embeddings per frame (default: the model's v_query, what Emu2 regresses per video frame)",
+    "max_clips": "how many training clips are read and encoded up front (256)",
+    "pixel_space": "must be true: the video decoder stage trains in pixel space only",
+}
+
+
+def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
+    """Up to ``limit`` records of the recipe's data sources (``data.streams``; shard urls, or the kinds of
+    ``data.root``'s dataset.json), read in source order. Unreadable shards and samples are skipped, as the
+    data layer does."""
+    from collections import Counter
+
+    from ..data.mixing import expand_urls
+    from ..data.shards import read_shard
+    from ..train.data import _sources
+
+    records: list = []
+    stats: Counter = Counter()
+    for name, stream in config.data.streams.items():
+        for source in _sources(config, name, stream):
+            if source.kind not in kinds_wanted:
+                raise ValueError(f"data source {source.name} has kind {source.kind!r}; this stage reads "
+                                 f"{' or '.join(kinds_wanted)}")
+            for url in expand_urls(source.urls):
+                for sample in read_shard(url, stats):
+                    try:
+                        records.append(decode_record(source.kind, sample))
+                    except DataError as exn:
+                        stats[f"skipped.{exn.reason}"] += 1
+                        continue
+                    if len(records) >= limit:
+                        return records
+    if not records:
+        raise ValueError(f"the recipe's data sources hold no {' or '.join(kinds_wanted)} samples")
+    return records
+
+
+class StageSampling:
+    """What a decoder stage draws at random or reads next, in one place so checkpoints can resume it exactly:
+    ``rng`` picks the in-memory samples and crops, ``generator`` the guidance dropout, noise and timesteps, and
+    ``data`` (streaming: `emu2.train.data.StreamBatches`) the position in the shards."""
+
+    def __init__(self, seed: int, data=None):
+        self.rng, self.generator, self.data = random.Random(seed), torch.Generator().manual_seed(seed), data
+
+    def state_dict(self) -> dict:
+        state = {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
+        return state if self.data is None else {**state, "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        if self.data is not None:
+            if "data" not in state:
+                raise ValueError("the checkpoint has no data position: it was written by an in-memory run "
+                                 "(decoder.streaming: false); resume it with the same setting")
+            self.data.load_state_dict(state["data"])
+
+
+def _options(config, known: dict) -> dict:
+    import difflib
+
+    opts = dict(config.decoder)
+    for key in opts:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            raise ValueError(f"unknown decoder option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (known: {', '.join(known)})")
+    size, scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    if scale < 1 or size % scale:
+        raise ValueError(f"decoder.pixel_scale {scale} must divide decoder.output_image_size {size}")
+    if scale != 1 and not bool(opts.get("pixel_space", True)):
+        raise ValueError("decoder.pixel_scale applies to pixel space only; with pixel_space: false the VAE sets the "
+                         "scale: drop decoder.pixel_scale")
+    if opts.get("streaming") and opts.get("cache_embeddings"):
+        raise ValueError("decoder.streaming reads each image once, as it comes: set decoder.cache_embeddings: false")
+    return opts
+
+
+def _stage_setup(config, opts: dict):
+    """(accelerator, frozen encoder on its device, the optimisation settings)."""
+    from accelerate import Accelerator
+
+    from ..pipeline import Emu2Pipeline
+    from ..train.loop import _has_device
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_device())
+    if accelerator.num_processes > 1:
+        raise NotImplementedError("the decoder stages run in one process (launch them without accelerate)")
+    torch.manual_seed(config.seed)
+    encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
+    encoder.to(accelerator.device)
+    lr = next(iter(config.optim.lr.values())) if isinstance(config.optim.lr, dict) else config.optim.lr
+    train_config = DecoderTrainingConfig(
+        learning_rate=lr, weight_decay=config.optim.weight_decay, warmup_steps=config.warmup_steps,
+        total_steps=config.steps, max_grad_norm=config.optim.grad_clip,
+        condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
+        max_scale=float(opts.get("max_scale", 1.25)),
+        snr_gamma=None if opts.get("snr_gamma") is None else float(opts["snr_gamma"]),
+    )
+    return accelerator, encoder, train_config
+
+
+@torch.no_grad()
+def _encode(encoder, images: Sequence[PIL.Image.Image], n_query: int, chunk: int = 64) -> torch.Tensor:
+    """(N, n_query, Dv) embeddings, in fixed chunks (the same numbers on every run, so resumption is exact)."""
+    from ..processing import preprocess_images
+
+    size = encoder.config.vision_config.image_size
+    device = next(encoder.parameters()).device
+    return torch.cat([
+        encoder.encode_image(preprocess_images(list(images[i:i + chunk]), size).to(device), n_query)
+        for i in range(0, len(images), chunk)
+    ])
+
+
+@torch.no_grad()
+def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
+    """The official unconditional embedding: an all-zero image in normalised space -> (Q, Dv)."""
+    size = encoder.config.vision_config.image_size
+    device = next(encoder.parameters()).device
+    return encoder.encode_image(torch.zeros(1, 3, size, size, device=device), n_query)[0]
+
+
+def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
+               step_fn: Callable, summary: dict) -> dict:
+    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet, `step_fn(optimizer, schedule)`
+    per step, metrics.jsonl, atomic verified checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule,
+    step, RNG states and ``sampling``) and, once finished, the pipeline saved to ``output_dir``."""
+    import time
+    from pathlib import Path
+
+    from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from ..train.loop import TrainingDiverged
+    from ..train.metrics import MetricsWriter, progress_bar
+
+    freeze_for_decoder_training(pipe)
+    optimizer, schedule = configure_decoder_optimizer(pipe.unet, train_config)
+    out = Path(config.output_dir)
+    checkpoints = out / "checkpoints"
+    start = 0
+    if resume:
+        start = load_checkpoint(checkpoints, accelerator, pipe.unet, optimizer, schedule, sampling)["step"]
+    elif list_checkpoints(checkpoints):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
+                              "set output_dir to a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.yaml").write_text(config.to_yaml())
+    metrics = MetricsWriter(out, tensorboard=config.log.tensorboard, resume_step=start if resume else None)
+    bar = progress_bar(config.steps, start, config.log.progress, config.stage)
+    step, loss, started = start, None, time.perf_counter()
+    try:
+        while step < config.steps and (stop_after is None or step < stop_after):
+            began = time.perf_counter()
+            lr = schedule.get_last_lr()[0]
+            with accelerator.autocast():
+                loss = step_fn(optimizer, schedule)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"step {step + 1}: decoder loss {loss}; stopped before updating the weights")
+            step += 1
+            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began}
+            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            bar.update(1)
+            if step % config.log.every == 0 or step == config.steps or step == start + 1:
+                metrics.log(step, values)
+            if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
+                save_checkpoint(checkpoints, step, accelerator, pipe.unet, optimizer, schedule, sampling, {},
+                                config.checkpoint.keep_last)
+    finally:
+        bar.close()
+        metrics.close()
+    finished = step >= config.steps
+    if finished:
+        pipe.save_pretrained(out)
+    return {"step": step, "finished": finished, "output_dir": str(out), "loss": loss if step > start else None,
+            "seconds": round(time.perf_counter() - started, 1), **summary}
+
+
+def train_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """``stage: decoder`` of `emu2 train`: the visual decoder learns to reconstruct images from the frozen
+    stage-1 encoder's pooled embeddings (paper 2.2.3 autoencoding; A.3 hyper-parameters from the recipe).
+
+    Full scale (``emu2-decoder``): SDXL-base's UNet from a local folder (``decoder.unet_init``, adapted by
+    `load_pretrained_decoder_unet`), trained on the latents of its frozen VAE (``pixel_space: false``) over
+    streamed shards (``streaming: true``). Shapes scale (``shapes-decoder``): a small pixel-space UNet from
+    scratch over images held in memory. The recipe's free-form ``decoder`` section is described by
+    `IMAGE_OPTIONS`. Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent
+    space) in ``output_dir``, ``metrics.jsonl``, ``checkpoints/`` (``resume=True`` continues the last valid one
+    exactly, data position included; ``stop_after``: checkpoint and return once that step is done) and, with
+    ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
+    """
+    import json
+    import logging
+    from collections import Counter
+
+    from ..processing import preprocess_images
+    from ..train.data import StreamBatches, _sources
+
+    opts = _options(config, IMAGE_OPTIONS)
+    size = int(opts.get("output_image_size", 64))
+    accelerator, encoder, train_config = _stage_setup(config, opts)
+    vision = encoder.config.vision_config
+    if opts.get("encoder_image_size") is not None and int(opts["encoder_image_size"]) != vision.image_size:
+        raise ValueError(f"decoder.encoder_image_size is {opts['encoder_image_size']} but the encoder in "
+                         f"model.init_from={config.model.init_from} takes {vision.image_size} px images: point "
+                         "init_from at the matching stage-1 model or change encoder_image_size")
+    pipe, reinitialised = _stage_decoder(opts, vision.width, size)
+    pipe.to(accelerator.device).set_progress_bar_config(disable=True)
+    uncond = _null_embeddings(encoder, encoder.config.n_query)
+    summary: dict = {}
+    if opts.get("unet_init") is not None:
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "unet_init.json").write_text(json.dumps(
+            {"unet_init": str(opts["unet_init"]),
+             "reinitialised": {k: {"pretrained": list(a), "now": list(b)} for k, (a, b) in reinitialised.items()}},
+            indent=1))
+        logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s", opts["unet_init"],
+                                         len(reinitialised), vision.width, ", ".join(reinitialised))
+        summary["reinitialised"] = list(reinitialised)
+
+    def encode(inputs):
+        if cached is not None:
+            return cached[inputs]
+        pixels = inputs if isinstance(inputs, torch.Tensor) else preprocess_images(inputs, vision.image_size)
+        return encoder.encode_image(pixels.to(accelerator.device))
+
+    cached = None
+    if opts.get("streaming", False):
+        loaders: dict = {}
+
+        def open_stream(name: str, state: dict | None):
+            stream = config.data.streams[name]
+            shards = DecoderImageShards(
+                _sources(config, name, stream), size, max_scale=train_config.max_scale,
+                min_image_size=int(opts.get("min_image_size", 0)), seed=config.seed,
+                shuffle_buffer=config.data.shuffle_buffer,
+            )
+            loaders[name] = decoder_image_loader(shards, stream.batch_size, vision.image_size,
+                                                 config.data.num_workers, state)
+            return loaders[name]
+
+        data = StreamBatches(list(config.data.streams), open_stream, accumulation=1)
+        sampling = StageSampling(config.seed, data)
+        batches = None
+
+        def next_batch() -> dict:
+            nonlocal batches
+            batches = batches or iter(data)  # opened on first use, so after a checkpoint restored the position
+            parts = [next(batches) for _ in config.data.streams]  # one batch of every stream
+            summary["data"] = dict(sum((loader.stats for loader in loaders.values()), Counter()))
+            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    else:
+        min_size = int(opts.get("min_image_size", 0))
+        records = _stage_records(config, int(opts.get("max_images", 4000)), DecoderImageShards.KINDS)
+        images = [r.image for r in records if min(r.image.size) >= min_size]
+        if not images:
+            raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
+                             f"{min_size} px or more")
+        batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+        sampling = StageSampling(config.seed)
+        summary["images"] = len(images)
+        if opts.get("cache_embeddings", False):
+            if train_config.max_scale != 1.0:
+                raise ValueError("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the "
+                                 "input)")
+            cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
+                             encoder.config.n_query)
+
+        def next_batch() -> dict:
+            index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
+            batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
+            if cached is not None:
+                batch["encoder_inputs"] = torch.tensor(index)
+            return batch
+
+    def step_fn(optimizer, schedule):
+        return decoder_training_step(
+            pipe, next_batch(), encode, optimizer, lr_scheduler=schedule, uncond_embeds=uncond,
+            condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
+            max_grad_norm=train_config.max_grad_norm, generator=sampling.generator, snr_gamma=train_config.snr_gamma,
+        )
+
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
+
+
+def _stage_decoder(opts: dict, vision_width: int, size: int):
+    """The pipeline the decoder stage trains and its re-initialised UNet weights ({} unless ``unet_init``):
+    SDXL's UNet (``unet_init``) or a small one from scratch, on pixels or on the frozen VAE's latents."""
+    from diffusers import EulerDiscreteScheduler
+
+    from ..model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
+
+    vae, pixel_scale = _stage_vae(opts), int(opts.get("pixel_scale", 1))
+    factor = latent_scale_factor(vae, pixel_scale)
+    if size % factor:
+        raise ValueError(f"decoder.output_image_size {size} must be a multiple of the VAE's down-sampling {factor}")
+    channels = 3 if vae is None else vae.config.latent_channels
+    reinitialised: dict = {}
+    if opts.get("unet_init") is not None:
+        unet, reinitialised = load_pretrained_decoder_unet(opts["unet_init"], vision_width, size // factor)
+        if unet.config.in_channels != channels:
+            fix = ("set decoder.pixel_space: false (a pretrained UNet denoises VAE latents) and decoder.vae"
+                   if vae is None else "give decoder.vae the VAE this UNet was trained with")
+            raise ValueError(f"decoder.unet_init's UNet takes {unet.config.in_channels}-channel inputs but the "
+                             f"{'pixels' if vae is None else 'VAE latents'} have {channels} channels: {fix}")
+    else:
+        unet = UNet2DConditionModel.from_config(decoder_unet_config(
+            vision_width, size // factor, opts.get("channels", (32, 64, 64)), opts.get("attention"),
+            int(opts.get("layers_per_block", 1)), in_channels=channels))
+    if opts.get("gradient_checkpointing", False):
+        unet.enable_gradient_checkpointing()
+    scheduler = EulerDiscreteScheduler.from_config(decoder_scheduler_config(opts.get("scheduler")))
+    return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale), reinitialised
+
+
+def _stage_vae(opts: dict) -> AutoencoderKL | None:
+    """The recipe's VAE: None in pixel space, else ``decoder.vae``, or the ``vae/`` of the ``decoder.unet_init``
+    checkout (its sibling when unet_init names the ``unet/`` folder itself)."""
+    if bool(opts.get("pixel_space", True)):
+        if opts.get("vae") is not None:
+            raise ValueError("decoder.vae is set but decoder.pixel_space is true: set pixel_space: false to train on "
+                             "the VAE's latents, or drop decoder.vae")
+        return None
+    if opts.get("vae") is not None:
+        return load_frozen_vae(opts["vae"])
+    if opts.get("unet_init") is not None:
+        root = local_model_folder(opts["unet_init"], "decoder.unet_init")
+        candidate = root / "vae" if (root / "unet").is_dir() else root.parent / "vae"
+        if (candidate / "config.json").is_file():
+            return load_frozen_vae(candidate)
+    raise ValueError(
+        "decoder.pixel_space is false, so the UNet learns on VAE latents, but no VAE was found: set decoder.vae to a "
+        "local AutoencoderKL folder (an SDXL-base checkout or its vae/, or a VAE saved from train_small_autoencoder "
+        "with save_pretrained), or point decoder.unet_init at a folder that has a vae/ subfolder "
+        f"(e.g. `{SDXL_DOWNLOAD}`)"
+    )
+
+
+def _clip_tensor(frames: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
+    """A clip's frames -> (F, 3, size, size) in [-1, 1]."""
+    array = np.stack([np.asarray(f.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
+                      for f in frames])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_video_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """``stage: video-decoder`` (paper 2.2.3, video decoder): a 3D UNet (`Emu2VideoDecoderPipeline`, per-frame
+    cross-attention) learns to reconstruct clips from the frozen stage-1 encoder's per-frame embeddings.
+
+    Reads ``video_pair`` samples (their frames; the text is unused), encodes every frame of up to ``max_clips``
+    clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
+    `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
+    """
+    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
+
+    opts = _options(config, VIDEO_OPTIONS)
+    if not bool(opts.get("pixel_space", True)):
+        raise NotImplementedError("the video decoder stage trains in pixel space only: set decoder.pixel_space: true")
+    size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    accelerator, encoder, train_config = _stage_setup(config, opts)
+    vision = encoder.config.vision_config
+    n_query = int(opts.get("n_query", encoder.config.v_query))
+    clips = [r.frames for r in _stage_records(config, int(opts.get("max_clips", 256)), ("video_pair",))]
+    num_frames = int(opts.get("num_frames", len(clips[0])))
+    clips = [c[:num_frames] for c in clips if len(c) >= num_frames]
+    if not clips:
+        raise ValueError(f"no training clip has {num_frames} frames")
+    unet_config = video_decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
+                                            opts.get("attention"), int(opts.get("layers_per_block", 1)))
+    pipe = Emu2VideoDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.get("scheduler")),
+                                                 pixel_scale=pixel_scale).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    frames = torch.stack([_clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
+    embeds = _encode(encoder, [f for c in clips for f in c], n_query).unflatten(0, (len(clips), num_frames))
+    uncond = _null_embeddings(encoder, n_query).repeat(num_frames, 1)  # (F * Q, Dv): whole clips are dropped
+    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+    sampling = StageSampling(config.seed)
+
+    def step_fn(optimizer, schedule):
+        index = torch.tensor(sampling.rng.sample(range(len(clips)), min(batch_size, len(clips))))
+        return video_decoder_training_step(
+            pipe, frames[index].to(accelerator.device), embeds[index], optimizer, lr_scheduler=schedule,
+            uncond_embeds=uncond, condition_drop_prob=train_config.condition_drop_prob,
+            noise_offset=train_config.noise_offset, max_grad_norm=train_config.max_grad_norm,
+            generator=sampling.generator, snr_gamma=train_config.snr_gamma,
+        )
+
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
+                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query})
