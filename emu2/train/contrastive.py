@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -88,9 +89,10 @@ def train_encoder_stage(config: TrainConfig) -> dict:
                               enabled=config.mixed_precision == "bf16")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    losses = []
+    losses, seconds = [], []
     bar = tqdm(range(config.steps), desc="encoder", unit="step")
     for step in bar:
+        started = time.perf_counter()
         batch = next(data)
         ids, mask = caption_tokens(batch)
         with autocast:
@@ -102,13 +104,15 @@ def train_encoder_stage(config: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        seconds.append(time.perf_counter() - started)
         bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"encoder stage: loss {losses[-1]} at step {step + 1}; nothing was saved")
     bar.close()
     model.eval()
     Emu2Pipeline(model, tokenizer).save_pretrained(out)
-    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": value}) for i, value in enumerate(losses, 1))
+    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": value, "step_seconds": round(took, 4)})
+            for i, (value, took) in enumerate(zip(losses, seconds), 1))
     (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None}

@@ -1,0 +1,36 @@
+"""The quickstart's stage chain and its time-sliced stages (the full 20-minute run is measured, not tested)."""
+
+from __future__ import annotations
+
+import json
+
+from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, _train_stage
+
+TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
+        "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
+        "data.num_workers=0"]
+
+
+def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage():
+    names = [name for name, *_ in STAGES]
+    assert names == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
+    for index, (name, _recipe, init_from, _share) in enumerate(STAGES):
+        assert init_from is None or init_from in names[:index], name
+    chain = {name: init_from for name, _recipe, init_from, _share in STAGES}
+    assert chain["stage1"] == "encoder"  # stage 1 starts from the contrastively pre-trained encoder
+    assert abs(sum(share for *_, share in STAGES) - 1.0) < 1e-9
+
+
+def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, tmp_path):
+    (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
+    overrides = [*TINY, "data.streams.pairs.batch_size=4"]
+
+    short = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path, overrides)
+    assert short["step"] == ENCODER_PROBE_STEPS  # no time left after the probe: the probe's steps only
+
+    longer = _train_stage("encoder", "shapes-encoder", None, 40 * short["seconds_per_step"] + short["seconds"],
+                          tmp_path, overrides)
+    assert longer["step"] > 4 * ENCODER_PROBE_STEPS
+    rows = [json.loads(line) for line in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == longer["step"] and all(row["step_seconds"] > 0 for row in rows)
+    assert (tmp_path / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
