@@ -43,7 +43,7 @@ def run(prompt: str = "a large red circle in the top left of the picture, on a w
     from .regression import official_recompute_regression
 
     gen = _model()
-    model, tokenizer = gen.encoder.model, gen.encoder.tokenizer
+    model = gen.encoder.model
     euler = gen.decoder.scheduler
     ids = gen.encoder.encode([prompt])["input_ids"]
     empty = gen.encoder.encode([""])["input_ids"]

@@ -34,3 +34,14 @@ def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, t
     rows = [json.loads(line) for line in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == longer["step"] and all(row["step_seconds"] > 0 for row in rows)
     assert (tmp_path / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
+
+
+def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
+    from emu2.train.quickstart import stage_seconds
+
+    shares = [0.5, 0.25, 0.25]
+    assert stage_seconds(0.5, shares, 1000.0) == 500.0
+    # The first stage took 600 s instead of 500: the other two split the 400 s left, not 250 s each.
+    assert stage_seconds(0.25, shares[1:], 400.0) == 200.0
+    assert stage_seconds(0.25, shares[2:], 200.0) == 200.0
+    assert stage_seconds(0.25, shares[1:], -30.0) == 0.0  # past the deadline: probe steps only
