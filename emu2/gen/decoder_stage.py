@@ -6,6 +6,10 @@ stage-1 encoder, builds the decoder (a small one from scratch, `emu2.gen.small_d
 `emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and runs the shared
 loop (`_run_stage`) over the training step (`emu2.gen.train_decoder`) with resumable checkpoints
 (`emu2.train.checkpoint`; `StageSampling` holds what they must restore to resume exactly).
+
+Batch sizes mean what they mean in the language-model stages: a stream's ``batch_size`` is what one optimizer
+step consumes, split into ``gradient_accumulation_steps`` equal micro-batches (`_micro_batch_sizes`) whose
+gradients add up to that of the whole batch (`emu2.gen.train_decoder.accumulated_update`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from .sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, 
 from .small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
 from .train_decoder import (
     DecoderTrainingConfig,
+    accumulated_update,
     configure_decoder_optimizer,
-    decoder_training_step,
+    decoder_loss,
     freeze_for_decoder_training,
     prepare_decoder_batch,
 )
@@ -142,6 +147,15 @@ def _options(config, known: dict) -> dict:
     return opts
 
 
+def _micro_batch_sizes(config) -> dict[str, int]:
+    """Each stream's batch per micro-step: its ``batch_size`` (per optimizer step, as in the language-model
+    stages) over ``gradient_accumulation_steps``; the stages run in one process. Raises if it does not divide."""
+    from ..train.data import micro_batch_size
+
+    return {name: micro_batch_size(stream, name, 1, config.gradient_accumulation_steps)
+            for name, stream in config.data.streams.items()}
+
+
 def _stage_setup(config, opts: dict):
     """(accelerator, frozen encoder on its device, the optimisation settings)."""
     from accelerate import Accelerator
@@ -190,8 +204,9 @@ def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
 def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
                step_fn: Callable, summary: dict) -> dict:
     """The loop both decoder stages share: AdamW + warm-up/decay over the UNet, `step_fn(optimizer, schedule)`
-    per step, metrics.jsonl, atomic verified checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule,
-    step, RNG states and ``sampling``) and, once finished, the pipeline saved to ``output_dir``."""
+    per optimizer step (all its micro-batches; it returns their mean loss), metrics.jsonl, atomic verified
+    checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule, step, RNG states and ``sampling``, saved
+    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``."""
     import time
     from pathlib import Path
 
@@ -263,6 +278,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
 
     opts = _options(config, IMAGE_OPTIONS)
     size = int(opts.get("output_image_size", 64))
+    micro_batch_sizes, accumulation = _micro_batch_sizes(config), config.gradient_accumulation_steps
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
     if opts.get("encoder_image_size") is not None and int(opts["encoder_image_size"]) != vision.image_size:
@@ -301,11 +317,11 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
                 min_image_size=int(opts.get("min_image_size", 0)), seed=config.seed,
                 shuffle_buffer=config.data.shuffle_buffer,
             )
-            loaders[name] = decoder_image_loader(shards, stream.batch_size, vision.image_size,
+            loaders[name] = decoder_image_loader(shards, micro_batch_sizes[name], vision.image_size,
                                                  config.data.num_workers, state)
             return loaders[name]
 
-        data = StreamBatches(list(config.data.streams), open_stream, accumulation=1)
+        data = StreamBatches(list(config.data.streams), open_stream, accumulation)
         sampling = StageSampling(config.seed, data)
         batches = None
 
@@ -322,7 +338,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         if not images:
             raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
                              f"{min_size} px or more")
-        batch_size = sum(stream.batch_size for stream in config.data.streams.values())
+        batch_size = sum(micro_batch_sizes.values())
         sampling = StageSampling(config.seed)
         summary["images"] = len(images)
         if opts.get("cache_embeddings", False):
@@ -340,11 +356,15 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
             return batch
 
     def step_fn(optimizer, schedule):
-        return decoder_training_step(
-            pipe, next_batch(), encode, optimizer, lr_scheduler=schedule, uncond_embeds=uncond,
-            condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
-            max_grad_norm=train_config.max_grad_norm, generator=sampling.generator, snr_gamma=train_config.snr_gamma,
+        # Lazily, so that each micro-batch is drawn, noised and back-propagated before the next (one in memory).
+        losses = (
+            decoder_loss(pipe, next_batch(), encode, uncond_embeds=uncond,
+                         condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
+                         generator=sampling.generator, snr_gamma=train_config.snr_gamma)
+            for _ in range(accumulation)
         )
+        return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
+                                  max_grad_norm=train_config.max_grad_norm)
 
     return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
 
@@ -417,9 +437,10 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
     `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
     """
-    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
+    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_loss
 
     opts = _options(config, VIDEO_OPTIONS)
+    batch_size, accumulation = sum(_micro_batch_sizes(config).values()), config.gradient_accumulation_steps
     if not bool(opts.get("pixel_space", True)):
         raise NotImplementedError("the video decoder stage trains in pixel space only: set decoder.pixel_space: true")
     size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
@@ -439,17 +460,20 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     frames = torch.stack([_clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
     embeds = _encode(encoder, [f for c in clips for f in c], n_query).unflatten(0, (len(clips), num_frames))
     uncond = _null_embeddings(encoder, n_query).repeat(num_frames, 1)  # (F * Q, Dv): whole clips are dropped
-    batch_size = sum(stream.batch_size for stream in config.data.streams.values())
     sampling = StageSampling(config.seed)
 
-    def step_fn(optimizer, schedule):
+    def micro_batch_loss():
         index = torch.tensor(sampling.rng.sample(range(len(clips)), min(batch_size, len(clips))))
-        return video_decoder_training_step(
-            pipe, frames[index].to(accelerator.device), embeds[index], optimizer, lr_scheduler=schedule,
-            uncond_embeds=uncond, condition_drop_prob=train_config.condition_drop_prob,
-            noise_offset=train_config.noise_offset, max_grad_norm=train_config.max_grad_norm,
+        return video_decoder_loss(
+            pipe, frames[index].to(accelerator.device), embeds[index], uncond_embeds=uncond,
+            condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
             generator=sampling.generator, snr_gamma=train_config.snr_gamma,
         )
+
+    def step_fn(optimizer, schedule):
+        losses = (micro_batch_loss() for _ in range(accumulation))  # lazily: one micro-batch in memory at a time
+        return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
+                                  max_grad_norm=train_config.max_grad_norm)
 
     return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
                       {"clips": len(clips), "num_frames": num_frames, "n_query": n_query})

@@ -14,7 +14,10 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_
    "v_prediction", used by the small shapes-world decoders);
 6. AdamW step with gradient clipping 1.0 under warm-up + linear decay (Table 6).
 
-Steps 4-6 (`diffusion_update`) are shared with the video decoder (`emu2.model.video_decoder`).
+Steps 1-5 are `decoder_loss`, step 6 `accumulated_update`: a step may accumulate the gradients of several
+equal-sized micro-batches (the recipe's ``gradient_accumulation_steps``; the paper's global batch of 2,048 does
+not fit one device) with equal weights, which is one batch of all their samples since the MSE is a per-sample
+mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu2.model.video_decoder`).
 
 Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
 corner are the SDXL size conditions (A.3.1). `train_decoder` is a plain loop over images held in memory.
@@ -28,7 +31,7 @@ shards) and `emu2.gen.decoder_stage` (the `emu2 train` recipe stages, with resum
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,7 +214,8 @@ def decoder_training_step(
     generator: torch.Generator | None = None,
     snr_gamma: float | None = None,
 ) -> float:
-    """One optimisation step of the visual decoder; returns the loss.
+    """One optimisation step of the visual decoder on one batch (`decoder_loss`, then `accumulated_update`);
+    returns the loss. The recipe stages accumulate several micro-batches per step the same way.
 
     Args:
         pipeline_parts: anything with ``.unet``, ``.vae`` (None for pixel space) and ``.scheduler`` (its
@@ -222,6 +226,30 @@ def decoder_training_step(
             under ``torch.no_grad``, so it receives no gradient.
         optimizer: over the UNet's parameters only (`configure_decoder_optimizer`).
     """
+    loss = decoder_loss(
+        pipeline_parts, batch, encode_fn, uncond_embeds=uncond_embeds, condition_drop_prob=condition_drop_prob,
+        noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,
+    )
+    return accumulated_update(
+        pipeline_parts.unet, [loss], optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
+    )
+
+
+def decoder_loss(
+    pipeline_parts,
+    batch: dict,
+    encode_fn: Callable[[object], torch.Tensor],
+    *,
+    uncond_embeds: torch.Tensor | None = None,
+    condition_drop_prob: float = 0.1,
+    noise_offset: float = 0.1,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Steps 1-5 on one (micro-)batch: the scalar loss, with its graph (arguments as in `decoder_training_step`;
+    ``noise`` and ``timesteps`` as in `diffusion_loss`)."""
     unet, vae = pipeline_parts.unet, pipeline_parts.vae
     device, dtype = unet.device, unet.dtype
     pixel_values = batch["pixel_values"].to(device)
@@ -235,7 +263,7 @@ def decoder_training_step(
     # 3. Frozen VAE (pixel space: the pixels, shrunk by the pipeline's pixel_scale).
     latents = encode_to_latents(vae, pixel_values, generator, pixel_scale_of(pipeline_parts)).to(dtype)
 
-    # 4-6. Noise, the UNet's prediction with SDXL's added conditions, the update.
+    # 4-5. Noise, the UNet's prediction with SDXL's added conditions, the MSE.
     target_size = torch.tensor([height, width], device=device).expand(batch_size, 2)
     time_ids = torch.cat(
         [batch["original_size"].to(device), batch["crops_coords_top_left"].to(device), target_size], dim=1
@@ -245,51 +273,75 @@ def decoder_training_step(
     def predict(noisy, timesteps):
         return unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
 
-    return diffusion_update(
-        pipeline_parts, latents, predict, optimizer, lr_scheduler=lr_scheduler, noise_offset=noise_offset,
-        max_grad_norm=max_grad_norm, generator=generator, snr_gamma=snr_gamma,
+    return diffusion_loss(
+        pipeline_parts, latents, predict, noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,
+        noise=noise, timesteps=timesteps,
     )
 
 
-def diffusion_update(
+def diffusion_loss(
     pipeline_parts,
     latents: torch.Tensor,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
     *,
-    lr_scheduler=None,
     noise_offset: float = 0.1,
-    max_grad_norm: float = 1.0,
     generator: torch.Generator | None = None,
     snr_gamma: float | None = None,
-) -> float:
-    """Steps 4-6, shared by the image and the video decoder: offset noise at a uniformly drawn training timestep
-    (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise), the UNet's prediction ``predict(x_t, timesteps)``, MSE to the
-    scheduler's target (`prediction_target`), and the clipped AdamW update. ``latents``: (B, C, ...) clean
-    latents. ``snr_gamma``: Min-SNR loss weighting (each sample's MSE weighted as if its target were x_0 with
-    weight min(SNR, gamma)); None: the plain MSE of the paper. A non-finite loss returns before touching the
-    weights (the caller stops the run)."""
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Steps 4-5, shared by the image and the video decoder: offset noise at a uniformly drawn training timestep
+    (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise), the UNet's prediction ``predict(x_t, timesteps)`` and the MSE to
+    the scheduler's target (`prediction_target`), a mean over samples. ``latents``: (B, C, ...) clean latents.
+    ``snr_gamma``: Min-SNR loss weighting (each sample's MSE weighted as if its target were x_0 with weight
+    min(SNR, gamma)); None: the plain MSE of the paper. ``noise`` (like ``latents``) and ``timesteps`` (B,) long:
+    given, they are used instead of drawing them from ``generator`` (fixed-noise comparisons)."""
     device, dtype = latents.device, latents.dtype
-    noise = offset_noise(latents, noise_offset, generator)
+    if noise is None:
+        noise = offset_noise(latents, noise_offset, generator)
     alphas_cumprod = pipeline_parts.scheduler.alphas_cumprod.to(device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(device)
+    if timesteps is None:
+        timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(device)
+    noise = noise.to(latents)
     a = alphas_cumprod[timesteps].to(dtype).view(-1, *([1] * (latents.ndim - 1)))
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = prediction_target(pipeline_parts.scheduler, latents, noise, a)
     if snr_gamma is None:
-        loss = F.mse_loss(predict(noisy, timesteps).float(), target.float())
-    else:
-        per_sample = (predict(noisy, timesteps).float() - target.float()).pow(2).flatten(1).mean(1)
-        loss = (per_sample * min_snr_weight(pipeline_parts.scheduler, a.flatten().float(), snr_gamma)).mean()
-    if not torch.isfinite(loss):
-        return loss.item()
+        return F.mse_loss(predict(noisy, timesteps).float(), target.float())
+    per_sample = (predict(noisy, timesteps).float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weight(pipeline_parts.scheduler, a.flatten().float(), snr_gamma)).mean()
+
+
+def accumulated_update(
+    unet: torch.nn.Module,
+    losses: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    micro_batches: int = 1,
+    lr_scheduler=None,
+    max_grad_norm: float = 1.0,
+) -> float:
+    """Step 6 with gradient accumulation: one clipped AdamW update (and one schedule step) from the scalar losses
+    of ``micro_batches`` equal-sized micro-batches, each back-propagated with weight 1 / ``micro_batches``. The
+    loss is a per-sample mean, so the gradient is that of one batch of all their samples. ``losses`` may be lazy
+    (a generator computing each micro-batch's loss when asked), so only one micro-batch's activations are alive at
+    a time. Returns the mean of the losses; a non-finite one returns at once, before touching the weights (the
+    caller stops the run)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(pipeline_parts.unet.parameters(), max_grad_norm)
+    values = []
+    for loss in losses:
+        if not torch.isfinite(loss):
+            return loss.item()
+        (loss / micro_batches).backward()
+        values.append(loss.item())
+    if len(values) != micro_batches:
+        raise ValueError(f"accumulated_update got {len(values)} losses for micro_batches={micro_batches}")
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
-    return loss.item()
+    return sum(values) / micro_batches
 
 
 def min_snr_weight(scheduler, alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:

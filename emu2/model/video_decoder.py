@@ -209,8 +209,8 @@ def video_decoder_training_step(
     generator: torch.Generator | None = None,
     snr_gamma: float | None = None,
 ) -> float:
-    """One step of the video decoder: MSE to the scheduler's target (epsilon by default) on noised clips, UNet
-    only (VAE frozen); the noising and the update are the image decoder's (`diffusion_update`).
+    """One step of the video decoder on one batch (`video_decoder_loss`, then the image decoder's clipped AdamW
+    update, `emu2.gen.train_decoder.accumulated_update`); returns the loss.
 
     Args:
         pipeline_parts: anything with ``.unet`` (3D), ``.vae`` (or None) and ``.scheduler``.
@@ -219,8 +219,33 @@ def video_decoder_training_step(
         uncond_embeds: (F*Q, Dv) unconditional embeddings for guidance dropout (whole clips are dropped);
             zeros when None.
     """
+    from emu2.gen.train_decoder import accumulated_update
+
+    loss = video_decoder_loss(
+        pipeline_parts, frames, frame_embeds, uncond_embeds=uncond_embeds, condition_drop_prob=condition_drop_prob,
+        noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,
+    )
+    return accumulated_update(
+        pipeline_parts.unet, [loss], optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
+    )
+
+
+def video_decoder_loss(
+    pipeline_parts,
+    frames: torch.Tensor,
+    frame_embeds: torch.Tensor,
+    *,
+    uncond_embeds: torch.Tensor | None = None,
+    condition_drop_prob: float = 0.1,
+    noise_offset: float = 0.1,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The scalar loss of one (micro-)batch of clips, with its graph: MSE to the scheduler's target (epsilon by
+    default) on noised clips, the noising being the image decoder's (`emu2.gen.train_decoder.diffusion_loss`).
+    Arguments as in `video_decoder_training_step`."""
     # Training code, imported here so that the model package does not depend on it.
-    from emu2.gen.train_decoder import diffusion_update, drop_conditioning, encode_to_latents, pixel_scale_of
+    from emu2.gen.train_decoder import diffusion_loss, drop_conditioning, encode_to_latents, pixel_scale_of
 
     unet, vae = pipeline_parts.unet, pipeline_parts.vae
     device, dtype = unet.device, unet.dtype
@@ -237,7 +262,6 @@ def video_decoder_training_step(
             noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"num_frames": num_frames}
         ).sample
 
-    return diffusion_update(
-        pipeline_parts, latents, predict, optimizer, lr_scheduler=lr_scheduler, noise_offset=noise_offset,
-        max_grad_norm=max_grad_norm, generator=generator, snr_gamma=snr_gamma,
+    return diffusion_loss(
+        pipeline_parts, latents, predict, noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma
     )

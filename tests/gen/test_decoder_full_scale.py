@@ -69,6 +69,7 @@ def _config(world, out, *overrides):
         f"output_dir={out}", f"model.init_from={world / 'encoder'}", f"decoder.unet_init={world / 'sdxl'}",
         f"data.streams.images.sources=[{{kind: pair, urls: '{world / 'shards'}/pairs-{{0..1}}.tar'}}]",
         "data.streams.images.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "steps=4",
+        "gradient_accumulation_steps=1",  # the recipe splits 2,048 into 256 micro-batches
         "mixed_precision=no", "optim.lr.unet=1e-3", "schedule.warmup_steps=1", "checkpoint.every=1000",
         "log.progress=false", "log.tensorboard=false", "log.every=1", f"decoder.output_image_size={SIZE}",
         "decoder.encoder_image_size=56", "decoder.min_image_size=16", *overrides,

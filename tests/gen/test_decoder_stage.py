@@ -1,5 +1,6 @@
 """The decoder recipe stages (`emu2 train shapes-decoder`, `shapes-video-decoder`): exact resumption from
-atomic checkpoints, outputs that load and sample, and a video decoder that learns on shapes clips."""
+atomic checkpoints (with gradient accumulation too), outputs that load and sample, and a video decoder that
+learns on shapes clips."""
 
 import json
 
@@ -89,6 +90,26 @@ def test_interrupted_and_resumed_decoder_run_equals_an_uninterrupted_one(world, 
         assert all(torch.equal(v, opt_b["state"][key][name]) for name, v in state.items())
 
 
+def test_accumulated_decoder_run_logs_optimizer_steps_and_resumes_exactly(world, tmp_path):
+    """batch_size 4 per optimizer step, in gradient_accumulation_steps=2 micro-batches of 2."""
+    accumulate = ("data.streams.images.batch_size=4", "gradient_accumulation_steps=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(_image_config(world, straight, *accumulate))["finished"]
+    assert train(_image_config(world, resumed, *accumulate), stop_after=2)["step"] == 2
+    assert (resumed / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    assert train(_image_config(world, resumed, *accumulate), resume=True)["finished"]
+
+    assert [json.loads(line)["step"] for line in (straight / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert _losses(resumed) == _losses(straight)
+    a, b = _unet_state(straight), _unet_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_batch_size_that_accumulation_does_not_divide_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size=2 is not a positive multiple .* gradient_accumulation_steps \(3\)"):
+        train(_image_config(world, tmp_path, "gradient_accumulation_steps=3"))
+
+
 def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):
     out = tmp_path / "run"
     train(_image_config(world, out, "checkpoint.every=1", "checkpoint.keep_last=3"), stop_after=3)
@@ -145,6 +166,12 @@ def test_video_decoder_stage_trains_resumes_and_samples_frames(world, tmp_path):
     assert frames.shape == (2, 4, SIZE, SIZE, 3)
     clips = pipe(embeds[:1], torch.zeros(1, 1, 4, width), num_inference_steps=1, output_type="pil").frames
     assert len(clips) == 1 and len(clips[0]) == 4 and clips[0][0].size == (SIZE, SIZE)
+
+
+def test_video_decoder_stage_accumulates_micro_batches(world, tmp_path):
+    out = tmp_path / "video"
+    result = train(_video_config(world, out, "gradient_accumulation_steps=2", "steps=2"))
+    assert result["finished"] and len(_losses(out)) == 2
 
 
 def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
