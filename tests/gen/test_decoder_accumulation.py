@@ -23,13 +23,6 @@ from . import tiny
 Q, BATCH = 4, 4  # the whole batch; accumulation splits it in two micro-batches of 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def fixed():

@@ -22,13 +22,6 @@ SIZES = [(40, 24), (24, 32), (30, 30), (17, 50), (64, 20), (22, 22), (36, 18)]  
 TOO_SMALL = (12, 30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _sdxl_like_unet_config() -> dict:
     return {**tiny.unet_config(), "cross_attention_dim": SDXL_TEXT_WIDTH,

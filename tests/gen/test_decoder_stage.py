@@ -20,14 +20,6 @@ from emu2.train.loop import train
 SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy machine: one OpenMP thread is faster and keeps the runs bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
