@@ -122,6 +122,35 @@ def answer_nll(pipe, prompts: Sequence[str], answers: Sequence[str], images: tor
     return out
 
 
+def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 16) -> dict:
+    """Whether the language model copies (the induction that binding a new label word needs): text-only lists of
+    6-14 fresh nonce words followed by their exact repeat. Only the repeat is scored: its next-token accuracy
+    (teacher-forced argmax) and mean NLL (nats/token). Without copying the repeat is unpredictable (accuracy near
+    0); a model that copies gets it right from its second token on.
+    """
+    from ..data.shapes.tasks import nonce_word
+
+    rng = random.Random(seed)
+    lists = [" ".join(nonce_word(rng) for _ in range(rng.randint(6, 14))) + "." for _ in range(sequences)]
+    hits = total = 0
+    nll = 0.0
+    for start in range(0, sequences, batch_size):
+        firsts = lists[start:start + batch_size]
+        fulls = [f"{first} {first}" for first in firsts]
+        batch = pipe.encode(fulls)
+        with torch.no_grad():
+            logits = pipe.model(batch["input_ids"], batch["attention_mask"]).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = batch["input_ids"][:, 1:]
+        for row, (first, full) in enumerate(zip(firsts, fulls)):
+            n = len(pipe.tokenizer(full)["input_ids"]) - len(pipe.tokenizer(first)["input_ids"])
+            picked = targets[row, -n:]  # left padding: the repeat is the row's last n tokens
+            hits += int((logprobs[row, -n:].argmax(-1) == picked).sum())
+            nll += float(-logprobs[row, -n:].gather(-1, picked[:, None]).sum())
+            total += n
+    return {"copy_accuracy": round(hits / total, 4), "copy_nll": round(nll / total, 4), "sequences": sequences}
+
+
 # ------------------------------------------------------------------------------------ instruction tasks
 def _chat(pipe, messages_images: list[tuple[str, list, list]], system: str | None, max_new_tokens: int) -> list[str]:
     prompts = [P.chat_prompt([m], system=system) for m, _, _ in messages_images]

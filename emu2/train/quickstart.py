@@ -133,7 +133,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
 
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate_quickstart(out: Path, items: int = 24) -> dict:
-    from ..eval.shapes import evaluate_fewshot, evaluate_instructions, plot_accuracy_vs_shots
+    from ..eval.shapes import copy_accuracy, evaluate_fewshot, evaluate_instructions, plot_accuracy_vs_shots
     from ..pipeline import Emu2Pipeline
 
     report_dir = out / "report"
@@ -142,6 +142,7 @@ def evaluate_quickstart(out: Path, items: int = 24) -> dict:
     base = Emu2Pipeline.from_pretrained(out / "stage2")
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
+    results["copying"] = copy_accuracy(base)  # the induction that binding new label words needs
     results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(out / "chat"), out / "data",
                                                     items=items)
     results["generation"] = generation_gallery(out, report_dir / "gallery.png")
@@ -241,6 +242,8 @@ def write_report_markdown(out: Path, report: dict) -> None:
              "## Held-out few-shot accuracy (base model after stage 2)", "",
              "Exact match % (field accuracy %) by number of in-context examples.", "",
              fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
+             "Copying (a nonce-word list, then its repeat; next-token accuracy on the repeat, `copy_accuracy`): "
+             f"{report['copying']['copy_accuracy']:.1%}, NLL {report['copying']['copy_nll']:.2f} nats/token.", "",
              "## Chat model (held-out scenes)", "", "```", json.dumps(report["instructions"], indent=2), "```", "",
              "## Generation", "", ("Attribute accuracy of generated images, read back by the pixel detector "
                                    "(`emu2.data.shapes.detect`); the true renders are its ceiling:"), "",

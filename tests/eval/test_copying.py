@@ -1,0 +1,39 @@
+"""`copy_accuracy`: the language model's copying (induction), scored on the repeat of nonce-word lists only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from emu2.eval.shapes import copy_accuracy
+from emu2.pipeline import Emu2Pipeline
+
+
+def oracle(shift: int, vocab: int):
+    """A forward pass whose logits put all mass on the token ``shift`` places after each position (shift 1: the
+    true next token, i.e. a perfect copier on the repeat)."""
+
+    def forward(input_ids, attention_mask, images=None, **_):
+        target = torch.roll(input_ids, -shift, dims=1)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, vocab).float() * 30)
+
+    return forward
+
+
+def test_a_model_that_predicts_the_next_token_scores_one_and_a_shifted_one_scores_near_zero():
+    pipe = Emu2Pipeline.from_preset("tiny")
+    vocab = pipe.model.config.text_config.vocab_size
+    pipe.model.forward = oracle(1, vocab)
+    perfect = copy_accuracy(pipe, sequences=8, batch_size=4)
+    assert perfect["copy_accuracy"] == 1.0 and perfect["copy_nll"] < 1e-6
+
+    pipe.model.forward = oracle(2, vocab)  # off by one position: only the aligned targets may count
+    assert copy_accuracy(pipe, sequences=8, batch_size=4)["copy_accuracy"] < 0.2
+
+
+def test_a_random_model_does_not_copy():
+    torch.manual_seed(0)
+    pipe = Emu2Pipeline.from_preset("tiny")
+    scores = copy_accuracy(pipe, sequences=8, batch_size=4)
+    assert scores["copy_accuracy"] < 0.05 and scores["copy_nll"] > 5.0 and scores["sequences"] == 8
