@@ -14,13 +14,14 @@ with the number of steps that fills its share, so the learning-rate schedule alw
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 # (stage, recipe, init_from stage, share of the training budget)
 # The encoder stage matters: a random ViT learns colours from stage-1 captioning alone far too slowly (greedy
 # stage-1 captions named the object's colour 7.5% of the time after 300 steps, 100% after 300 contrastive steps
-# first; README, "Results of the default quickstart").
+# first; README, "Training every stage on your own data").
 STAGES = (
     ("encoder", "shapes-encoder", None, 0.09),
     ("stage1", "shapes-stage1", "encoder", 0.14),
@@ -51,8 +52,12 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
         common.append(f"model.init_from={out / init_from}")
     started = time.perf_counter()
     if load_config(recipe, common).stage == "encoder":  # short and not resumable: time a probe run, then rerun
-        train(load_config(recipe, [*common, f"steps={ENCODER_PROBE_STEPS}"]))
-        per_step = _seconds_per_step(stage_dir)
+        # The probe writes elsewhere: a model directory at stage_dir would pass for a finished stage if the run
+        # were interrupted before the real one is saved.
+        probe = out / f".{name}-probe"
+        train(load_config(recipe, [*common, f"output_dir={probe}", f"steps={ENCODER_PROBE_STEPS}"]))
+        per_step = _seconds_per_step(probe)
+        shutil.rmtree(probe)
         steps = max(ENCODER_PROBE_STEPS, int((seconds - (time.perf_counter() - started)) / per_step))
         result = train(load_config(recipe, [*common, f"steps={steps}"]))
         result.update(seconds=round(time.perf_counter() - started, 1), seconds_per_step=round(per_step, 3),

@@ -34,6 +34,7 @@ def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, t
     rows = [json.loads(line) for line in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == longer["step"] and all(row["step_seconds"] > 0 for row in rows)
     assert (tmp_path / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
+    assert not (tmp_path / ".encoder-probe").exists()  # the probe never stands in for the stage
 
 
 def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
