@@ -329,7 +329,6 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
             nonlocal batches
             batches = batches or iter(data)  # opened on first use, so after a checkpoint restored the position
             parts = [next(batches) for _ in config.data.streams]  # one batch of every stream
-            summary["data"] = dict(sum((loader.stats for loader in loaders.values()), Counter()))
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     else:
         min_size = int(opts.get("min_image_size", 0))
@@ -366,7 +365,10 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
                                   max_grad_norm=train_config.max_grad_norm)
 
-    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
+    result = _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
+    if opts.get("streaming", False):  # skipped samples, summed over the streams once the run is over
+        result["data"] = dict(sum((loader.stats for loader in loaders.values()), Counter()))
+    return result
 
 
 def _stage_decoder(opts: dict, vision_width: int, size: int):

@@ -30,6 +30,7 @@ shards) and `emu2.gen.decoder_stage` (the `emu2 train` recipe stages, with resum
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -326,22 +327,26 @@ def accumulated_update(
     of ``micro_batches`` equal-sized micro-batches, each back-propagated with weight 1 / ``micro_batches``. The
     loss is a per-sample mean, so the gradient is that of one batch of all their samples. ``losses`` may be lazy
     (a generator computing each micro-batch's loss when asked), so only one micro-batch's activations are alive at
-    a time. Returns the mean of the losses; a non-finite one returns at once, before touching the weights (the
-    caller stops the run)."""
+    a time. The losses are summed on their device and read once per step (one host sync, not one per micro-batch).
+    Returns their mean; when it is not finite the gradients are dropped and it returns before touching the
+    weights (the caller stops the run)."""
     optimizer.zero_grad(set_to_none=True)
-    values = []
+    total, count = None, 0
     for loss in losses:
-        if not torch.isfinite(loss):
-            return loss.item()
         (loss / micro_batches).backward()
-        values.append(loss.item())
-    if len(values) != micro_batches:
-        raise ValueError(f"accumulated_update got {len(values)} losses for micro_batches={micro_batches}")
+        total = loss.detach().double() if total is None else total + loss.detach().double()
+        count += 1
+    if count != micro_batches:
+        raise ValueError(f"accumulated_update got {count} losses for micro_batches={micro_batches}")
+    mean = total.item() / micro_batches
+    if not math.isfinite(mean):
+        optimizer.zero_grad(set_to_none=True)
+        return mean
     torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
-    return sum(values) / micro_batches
+    return mean
 
 
 def min_snr_weight(scheduler, alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
