@@ -122,7 +122,7 @@ def _is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def _is_deepspeed(accelerator) -> bool:
+def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -130,7 +130,7 @@ def _is_deepspeed(accelerator) -> bool:
 
 def _backend(accelerator) -> str:
     """What a checkpoint's optimizer state is tied to: ``deepspeed-zero<stage>`` or ``torch``."""
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         return f"deepspeed-zero{accelerator.state.deepspeed_plugin.deepspeed_config['zero_optimization']['stage']}"
     return "torch"
 
@@ -143,7 +143,7 @@ def _full_options(**kw):
 
 def full_model_state(accelerator, model) -> dict:
     """Full state dict on the main process (FSDP and ZeRO-3 gather it; other ranks may get an empty dict or None)."""
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         return accelerator.get_state_dict(model)
     if _is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -223,7 +223,7 @@ def save_checkpoint(directory: str | Path, step: int, accelerator, model, optimi
     accelerator.wait_for_everyone()
 
     _save_model(accelerator, model, tmp / "model")
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         model.save_checkpoint(tmp / "deepspeed", tag=_DEEPSPEED_TAG, save_latest=False)
     else:
         optimizer_state = _optimizer_state(accelerator, model, optimizer)
@@ -291,7 +291,7 @@ def load_checkpoint(directory: str | Path, accelerator, model, optimizer, schedu
         raise CheckpointError(f"{path} was saved by {manifest['world_size']} processes, this run has "
                               f"{accelerator.num_processes}; the data position is per rank, resume with the same count")
 
-    if _is_deepspeed(accelerator):  # weights and optimizer from the engine's own partitions
+    if is_deepspeed(accelerator):  # weights and optimizer from the engine's own partitions
         loaded, _ = model.load_checkpoint(path / "deepspeed", tag=_DEEPSPEED_TAG, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:

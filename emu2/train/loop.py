@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import is_deepspeed, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import build_data
 from .metrics import MetricsWriter, progress_bar, progress_text
@@ -85,7 +85,7 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
                           sum(int(b["attention_mask"].sum()) for b in window)], dtype=torch.float64)
     n_text, n_reg, tokens = (int(x) for x in accelerator.reduce(local.to(accelerator.device), "sum").tolist())
 
-    deepspeed = _is_deepspeed(accelerator)
+    deepspeed = is_deepspeed(accelerator)
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # CE summed over tokens, MSE over slots
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -169,7 +169,7 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     if data is None:
         data = build_data(config, emu2_config, tokenizer, accelerator.process_index, accelerator.num_processes)
     per_step = getattr(data, "micro_batches_per_step", config.gradient_accumulation_steps)
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         _recipe_into_deepspeed_config(accelerator, config, per_step)
     model, optimizer = _prepare(accelerator, model, config)
     scheduler = build_scheduler(optimizer, config)
@@ -283,12 +283,6 @@ def _accelerator(config: TrainConfig):
     return accelerator
 
 
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
 def _deepspeed_cpu_backend():
     """On a machine without GPUs accelerate finds no process-group backend for DeepSpeed, so name DeepSpeed's own
     choice for its CPU accelerator: oneCCL when its torch bindings are installed, else gloo."""
@@ -341,7 +335,7 @@ def _full_model_on_every_rank(accelerator):
     parameters as they are created (zero.Init). `build_model` loads, resizes and freezes weights with plain torch
     calls, so every process builds the full fp32 model and DeepSpeed partitions it in ``prepare``: host memory for
     one full model per process is needed at start-up."""
-    if not _is_deepspeed(accelerator):
+    if not is_deepspeed(accelerator):
         yield
         return
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
