@@ -11,7 +11,7 @@ record built twice with equally seeded generators gives the same sample.
 | `interleaved`         | `InterleavedDocument` | MMC4: N=8 images with their sentences, L=1024, each image before/after |
 | `video_interleaved`   | `VideoDocument`       | storyboard: clips (``[VIDEO]`` + frames) before/after their sentences   |
 | `grounded`            | `GroundedPair`        | image, ``<grounding>``, caption with phrase/box (phrase first p=0.7)    |
-| `text`                | `Text`                | language only                                                         |
+| `text`                | `Text`                | language only; an optional unscored ``context`` before the text       |
 | `chat`                | `Conversation`        | chat template; only answers and their ``</s>`` supervised              |
 | `text_to_image`       | `TextToImage`         | caption then image; only the image regressed                          |
 | `edit`                | `ImageEdit`           | source image, instruction, edited image; only the last regressed      |
@@ -99,7 +99,11 @@ class GroundedPair:
 
 @dataclass
 class Text:
+    """Language-only data. ``context``: text before ``text`` that the loss does not score (the part of a document
+    nothing earlier can predict, e.g. the first telling of a list that ``text`` repeats); empty for plain text."""
+
     text: str
+    context: str = ""
     kind = "text"
 
 
@@ -299,7 +303,9 @@ def _build_grounded(record: GroundedPair, b: SequenceBuilder, config: SequenceCo
 
 
 def _build_text(record: Text, b: SequenceBuilder, config: SequenceConfig, rng: random.Random) -> Sample:
-    b.add_text(clean_text(record.text), target=True)
+    if record.context:
+        b.add_text(clean_text(record.context).rstrip() + " ", target=False)
+    b.add_text(clean_text(record.text).strip() if record.context else clean_text(record.text), target=True)
     return b.finish(record.kind, end_is_target=True)
 
 

@@ -131,7 +131,7 @@ def decode_record(kind: str, sample: dict) -> K.Record:
         if kind == "video_pair":
             return K.VideoTextPair(frames=_numbered_images(sample), text=_text(sample))
         if kind == "text":
-            return K.Text(_text(sample))
+            return K.Text(_text(sample), _text(sample, "context.txt") if "context.txt" in sample else "")
         value = _json(sample)
         if kind == "interleaved":
             return K.InterleavedDocument(list(value["texts"]), _numbered_images(sample),
@@ -216,6 +216,8 @@ def encode_record(record: K.Record, key: str, meta: dict | None = None) -> dict:
         out["txt"] = record.text
     elif isinstance(record, K.Text):
         out["txt"] = record.text
+        if record.context:
+            out["context.txt"] = record.context
     elif isinstance(record, K.InterleavedDocument):
         numbered(record.images)
         doc = {"texts": record.texts, "image_text_index": record.image_text_index,

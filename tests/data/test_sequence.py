@@ -174,6 +174,15 @@ def test_language_only_text_is_all_supervised(tokenizer, config):
     assert sample.labels.tolist() == [IGNORE_INDEX, *body, 2]
 
 
+def test_language_only_context_is_read_but_not_scored(tokenizer, config):
+    sample = build(K.Text("kax bloo tum.", context="kax bloo tum."), tokenizer, config)
+    whole = text_ids(tokenizer, "kax bloo tum. kax bloo tum.")
+    repeat = len(whole) - len(text_ids(tokenizer, "kax bloo tum."))
+    assert sample.input_ids.tolist() == [1, *whole, 2]  # one text: tokenised as if written in one piece
+    scored = [t for t in sample.labels.tolist() if t != IGNORE_INDEX]
+    assert scored == [*whole[-repeat:], 2]  # only the repeat (and the end of text) is supervised
+
+
 # ---------------------------------------------------------------------------------------------------- chat
 def test_chat_supervises_only_answers_and_their_eos(chat_tokenizer, config):
     messages = [f"{P.IMAGE_PLACEHOLDER}what is it?", "a red square", "how many?", "3"]
