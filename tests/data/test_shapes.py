@@ -179,7 +179,7 @@ def test_recall_documents_ask_only_words_bound_earlier_with_the_same_value():
     maker = ShapesMaker(World.from_seed(0))
     for seed in range(30):
         record, meta = maker.recall_document(random.Random(seed))
-        sentences = [s.rstrip(".") for s in record.text.split(". ")]
+        sentences = [s.rstrip(".") for s in f"{record.context} {record.text}".split(". ")]
         n = len(meta["label_words"])
         bound = {}
         for sentence in sentences[:n]:
@@ -217,3 +217,37 @@ def test_kind_counts_change_one_kind_and_reject_unknown_kinds(tmp_path):
     assert manifest["splits"]["train"]["pair"]["count"] == 2
     with pytest.raises(ValueError, match="unknown kinds"):
         write_shapes(tmp_path / "x", num_train=2, kind_counts={"txt": 5})
+
+
+def test_repeat_documents_repeat_one_list_of_mostly_made_up_words_exactly():
+    from emu2.data.shapes.tasks import REPEAT_INTROS, ShapesMaker
+    from emu2.data.shapes.world import COLOURS, SHAPES, SIZES
+
+    maker = ShapesMaker(World.from_seed(0))
+    made_up = total = 0
+    for seed in range(40):
+        record, meta = maker.repeat_document(random.Random(seed))
+        parts = [p for p in f"{record.context} {record.text}".split(".") if p.strip()]
+        assert record.context.strip() == parts[0].strip() + "."  # the first telling is unscored context
+        first = parts[0].strip()
+        assert 3 <= len(parts) <= 4 and 3 <= len(first.split()) <= 8
+        for part in parts[1:]:  # each repeat is the first list, after an optional "again:"-style lead-in
+            assert any(part.strip() == (intro + first).strip() for intro in REPEAT_INTROS), record.text
+        assert set(first.split()) == set(meta["label_words"])
+        made_up += sum(w not in (*COLOURS, *SHAPES, *SIZES) for w in first.split())
+        total += len(first.split())
+    assert made_up / total > 0.6  # mostly fresh words: only copying predicts the repeat
+
+
+def test_the_lm_split_is_a_language_only_corpus_mostly_of_copying_documents(tmp_path):
+    from emu2.data.shapes.tasks import LM_CORPUS
+
+    maker = ShapesMaker(World.from_seed(0))
+    tasks = [maker.make("text", random.Random(seed), "lm")[1].get("task") for seed in range(300)]
+    assert 0.6 < tasks.count("repeat") / len(tasks) < 0.8 and tasks.count("recall") > 0.1 * len(tasks)
+    assert set(tasks) <= {"repeat", "recall", "attributes", "labels", "vqa"} and LM_CORPUS["repeat"] == 0.7
+    with pytest.raises(ValueError, match="language-only"):
+        maker.make("pair", random.Random(0), "lm")
+    manifest = write_shapes(tmp_path / "w", num_train=2, num_val=0, num_heldout=0, num_episodes=0,
+                            image_size=16, num_lm=7)
+    assert manifest["splits"]["lm"] == {"text": {"urls": "lm/text-{000000..000000}.tar", "count": 7}}

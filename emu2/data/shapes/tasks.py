@@ -8,7 +8,8 @@ In-context documents (kind `interleaved`) follow one hidden task each, shown onl
   * ``labels``: arbitrary words for attribute values defined only by the examples ("circle -> dax");
   * ``vqa``: short question/answer pairs in a per-document prompt style.
 Held-out splits (`SPLITS`): scenes of held-out (shape, colour) combinations, attribute formats never used in
-training, and label words never used in training.
+training, and label words never used in training. The ``lm`` split is the language-only corpus of the language
+model's pre-training stand-in (kind `text` only, mostly documents that teach copying).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from emu2.data.shapes.world import (
     plural,
 )
 
-SPLITS = ("train", "val", "heldout_combos", "heldout_formats", "heldout_labels")
+SPLITS = ("train", "val", "heldout_combos", "heldout_formats", "heldout_labels", "lm")
 ATTRIBUTES = ("colour", "background", "count", "position", "shape", "size")
 BRACKETS = {"square": ("[", "]"), "round": ("(", ")"), "curly": ("{", "}"), "none": ("", "")}
 SEPARATORS = {"comma": ", ", "semicolon": "; ", "bar": " | ", "slash": " / "}
@@ -60,8 +61,13 @@ VQA_QUESTIONS = {
 }
 VQA_STYLES = ("Q: {q} A:", "Question: {q} Answer:", "based on the picture, {q} short answer:")
 EXAMPLE_SEPARATOR = "."
-TEXT_FEWSHOT_PROB = 0.5  # share of language-only documents (kind `text`) that are in-context task documents
-TEXT_RECALL_PROB = 0.25  # ... and that are word-recall documents (made-up words bound to values, then queried)
+TEXT_FEWSHOT_PROB = 0.4  # share of language-only documents (kind `text`) that are in-context task documents
+TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words bound to values, then queried)
+TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
+# The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
+# change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents:
+LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1}
+REPEAT_INTROS = ("", "again: ", "once more: ", "repeat: ")
 SHAPE_FACTS = {"triangle": "three corners", "square": "four corners", "pentagon": "five corners",
                "hexagon": "six corners", "diamond": "four corners", "star": "five points", "cross": "four arms",
                "circle": "no corners"}
@@ -307,6 +313,10 @@ class ShapesMaker:
     def make(self, kind: str, rng: random.Random, split: str) -> tuple[K.Record, dict]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split == "lm":
+            if kind != "text":
+                raise ValueError(f"the lm split is language-only (kind text), not {kind!r}")
+            return self.lm_text(rng)
         scene_split = "heldout" if split == "heldout_combos" else "train"
         if kind == "interleaved" and split.startswith("heldout") or kind == "fewshot":
             return self.fewshot_document(rng, split)
@@ -388,6 +398,8 @@ class ShapesMaker:
             return self.text_fewshot_document(rng, split)
         if choice < TEXT_FEWSHOT_PROB + TEXT_RECALL_PROB:
             return self.recall_document(rng)
+        if choice < TEXT_FEWSHOT_PROB + TEXT_RECALL_PROB + TEXT_REPEAT_PROB:
+            return self.repeat_document(rng)
         sentences = []
         for _ in range(rng.randint(3, 6)):
             choice = rng.random()
@@ -401,6 +413,15 @@ class ShapesMaker:
                 n = rng.randint(2, 4)
                 sentences.append(f"Counting to {NUMBER_WORDS[n]}: " + ", ".join(NUMBER_WORDS[k] for k in range(1, n + 1)) + ".")
         return K.Text(" ".join(sentences)), {"combos": []}
+
+    def lm_text(self, rng: random.Random):
+        """A document of the LM stage's corpus (`LM_CORPUS`)."""
+        kind = rng.choices(list(LM_CORPUS), weights=list(LM_CORPUS.values()))[0]
+        if kind == "repeat":
+            return self.repeat_document(rng)
+        if kind == "recall":
+            return self.recall_document(rng)
+        return self.text_fewshot_document(rng, "train")
 
     def text_fewshot_document(self, rng: random.Random, split: str):
         """A language-only in-context document: the hidden tasks of `fewshot_document` with each image replaced
@@ -418,14 +439,29 @@ class ShapesMaker:
 
     def recall_document(self, rng: random.Random):
         """Made-up words bound to attribute values, then asked again in another order ("dax is red. wug is
-        two. ... wug is two."): predicting the second half needs looking the words up in the first."""
+        two. ... wug is two."): predicting the second half needs looking the words up in the first, the context."""
         values = list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS.values()) + list(BACKGROUNDS) + list(SIZES)
         words = training_label_words(rng, rng.randint(3, 6))
         binding = {w: rng.choice(values) for w in words}
         template = rng.choice(("{w} is {v}.", "{w} means {v}.", "{w}: {v}.", "the {w} is {v}."))
         queries = [rng.choice(words) for _ in range(rng.randint(3, 8))]
-        text = " ".join(template.format(w=w, v=binding[w]) for w in words + queries)
-        return K.Text(text), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
+        bindings = " ".join(template.format(w=w, v=binding[w]) for w in words)
+        asked = " ".join(template.format(w=w, v=binding[w]) for w in queries)
+        # the bindings are context (made-up words, drawn values); the loss scores the queries, which they determine
+        return K.Text(asked, context=bindings), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
+
+    def repeat_document(self, rng: random.Random):
+        """A list of fresh made-up words (now and then a word of the world), then the same list two or three
+        more times ("kax bloo tum. again: kax bloo tum. ..."). Only copying predicts the repeats: the cheapest
+        lesson in induction, the mechanism a label word new to the model is copied by (what pretrained LLMs
+        bring). Most of the document is repeats, so most of its tokens teach copying."""
+        known = list(COLOURS) + list(SHAPES) + list(SIZES)
+        words = [rng.choice(known) if rng.random() < 0.15 else nonce_word(rng) for _ in range(rng.randint(3, 8))]
+        listed = " ".join(words) + "."
+        repeats = [rng.choice(REPEAT_INTROS) + listed for _ in range(rng.randint(2, 3))]
+        # the first telling is context (nothing predicts made-up words); the loss scores the repeats
+        return K.Text(" ".join(repeats), context=listed), {"task": "repeat", "format": "repeat", "combos": [],
+                                                       "label_words": sorted(set(words))}
 
     # -- chat
     def chat(self, rng, split):

@@ -8,6 +8,7 @@ Output (``out``):
   ``heldout_formats/interleaved-...tar`` few-shot documents in attribute formats never used in training
   ``heldout_labels/interleaved-...tar``  few-shot documents with label words never used in training
   ``eval/episodes.json``, ``eval/images/`` few-shot episodes (8 support examples + queries) of the held-out splits
+  ``lm/text-000000.tar`` ...             the language model stage's corpus (`ShapesMaker.lm_text`)
 
 Every sample is drawn from ``random.Random(f"{seed}:{split}:{kind}:{index}")`` and tar members get fixed
 names, times and owners, so the same arguments give byte-identical files (with any number of processes).
@@ -72,12 +73,14 @@ def _write_episodes(out: str, seed: int, image_size: int, episodes: int) -> dict
 
 def write_shapes(out: str | Path, seed: int = 0, num_train: int = 1000, num_val: int | None = None,
                  num_heldout: int | None = None, num_episodes: int = 20, image_size: int = 64,
-                 shard_size: int = 250, processes: int | None = None, kind_counts: dict[str, int] | None = None) -> dict:
+                 shard_size: int = 250, processes: int | None = None, kind_counts: dict[str, int] | None = None,
+                 num_lm: int | None = None) -> dict:
     """Generate the shapes world into ``out``; returns the manifest (also written as ``dataset.json``).
 
     ``num_train`` samples per kind (``num_val``/``num_heldout`` default to a tenth of it, at least 20);
     ``num_episodes`` evaluation episodes per held-out split; ``processes`` (default 1) only changes speed, not the bytes.
     ``kind_counts`` replaces ``num_train`` for the kinds it names (e.g. more cheap language-only documents).
+    ``num_lm``: documents in the ``lm`` split, the LM stage's corpus (default ``num_train``).
     """
     out = str(out)
     num_val = num_val if num_val is not None else max(num_train // 10, 20)
@@ -89,6 +92,7 @@ def write_shapes(out: str | Path, seed: int = 0, num_train: int = 1000, num_val:
     jobs = [("train", kind, kind_counts.get(kind, num_train)) for kind in TRAIN_KINDS]
     jobs += [("val", kind, num_val) for kind in TRAIN_KINDS]
     jobs += [(split, kind, num_heldout) for split, kinds in HELDOUT_KINDS.items() for kind in kinds]
+    jobs += [("lm", "text", num_train if num_lm is None else num_lm)]
     jobs = [job for job in jobs if job[2] > 0]
     processes = processes or 1
     if processes > 1:
