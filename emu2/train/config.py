@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-STAGES = ("encoder", "stage1", "stage2", "chat", "gen", "decoder", "video-decoder")
+STAGES = ("encoder", "lm", "stage1", "stage2", "chat", "gen", "decoder", "video-decoder")
 GROUPS = ("project", "lm", "visual")  # project = project_up + project_down (paper 2.2.2 "linear projection")
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")

@@ -5,7 +5,7 @@ import pytest
 from emu2.train.cli import main
 from emu2.train.config import ConfigError, load_config, recipe_names
 
-SHAPES = ["shapes-stage1", "shapes-stage2", "shapes-chat", "shapes-gen", "shapes-decoder"]
+SHAPES = ["shapes-lm", "shapes-stage1", "shapes-stage2", "shapes-chat", "shapes-gen", "shapes-decoder"]
 FULL = ["emu2-stage1", "emu2-stage1-448", "emu2-stage2", "emu2-chat", "emu2-gen", "emu2-gen-qft", "emu2-decoder"]
 
 
