@@ -132,7 +132,7 @@ def _quickstart(args) -> int:
     from .train.quickstart import run_quickstart
 
     report = run_quickstart(args.out, budget_minutes=args.budget, seed=args.seed, num_train=args.num_train,
-                            preset=args.preset, precision=args.precision)
+                            preset=args.preset, precision=args.precision, lm_stage=args.lm_stage)
     print(f"report: {args.out}/report/report.md ({report['total_seconds'] / 60:.1f} min)")
     return 0
 
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model size (shapes-large: ~130M parameters, for a GPU)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast where the GPU or CPU (AVX512-BF16/AMX) runs bf16 natively, else fp32")
+    p.add_argument("--lm-stage", action="store_true",
+                   help="also pre-train the language model on text before stage 1 (teaches copying; needs a larger "
+                        "budget or a GPU: on the default CPU budget it leaves the other stages too little)")
     p.set_defaults(func=_quickstart)
     add_data_parser(sub)
     add_eval_parser(sub)

@@ -1,8 +1,9 @@
 """`emu2 quickstart`: the whole paper at shapes scale on a laptop CPU, within a wall-clock budget.
 
 1. generate the shapes world (`emu2 data shapes`);
-2. train the vision encoder contrastively (the stand-in for EVA-CLIP's pre-training, which the paper inherits),
-   then stage 1 -> stage 2 -> visual decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
+2. train the vision encoder contrastively and the language model on text (the stand-ins for the pre-trained
+   EVA-CLIP and LLaMA the paper starts from), then stage 1 -> stage 2 -> visual decoder -> Emu2-Chat -> Emu2-Gen
+   with the packaged shapes recipes;
 3. evaluate: held-out few-shot accuracy at 0/1/2/4/8 shots (base model), chat VQA / captioning / grounding /
    video QA (chat model), autoencoding and text-to-image samples (Gen model + decoder);
 4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png.
@@ -30,10 +31,23 @@ STAGES = (
     ("chat", "shapes-chat", "stage2", 0.12),
     ("gen", "shapes-gen", "stage2", 0.12),
 )
+# `--lm-stage`: the language model's pre-training stand-in too (it teaches copying, the induction in-context
+# learning rests on), between the encoder and stage 1. Off by default: on the 20-minute CPU budget its 18% left
+# the other stages too little and every score fell (README, "Results"); copying needs ~1,000 LM steps or more.
+STAGES_WITH_LM = (
+    ("encoder", "shapes-encoder", None, 0.08),
+    ("lm", "shapes-lm", "encoder", 0.18),
+    ("stage1", "shapes-stage1", "lm", 0.11),
+    ("stage2", "shapes-stage2", "stage1", 0.33),
+    ("decoder", "shapes-decoder", "stage1", 0.10),
+    ("chat", "shapes-chat", "stage2", 0.10),
+    ("gen", "shapes-gen", "stage2", 0.10),
+)
 PROBE_STEPS = 3
 ENCODER_PROBE_STEPS = 6
 EVAL_RESERVE_S = 200  # evaluation and report at the end (measured 132-159 s) plus the last stage's overrun
 DATA_RESERVE_S = 40
+LM_PER_TRAIN = 10  # LM-corpus documents per sample of each training kind: cheap, and the LM stage reads many
 
 
 def _seconds_per_step(stage_dir: Path) -> float:
@@ -103,7 +117,7 @@ def resolve_precision(precision: str = "auto") -> str:
 
 def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 20.0, seed: int = 0,
                    num_train: int = 1500, preset: str = "shapes", extra: tuple[str, ...] = (),
-                   precision: str = "auto") -> dict:
+                   precision: str = "auto", lm_stage: bool = False) -> dict:
     """Everything above; returns the metrics written to ``out/report/metrics.json``."""
     from ..data.shapes import write_shapes
 
@@ -111,15 +125,17 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     mixed_precision = resolve_precision(precision)
+    stages = STAGES_WITH_LM if lm_stage else STAGES
     report = {"budget_minutes": budget_minutes, "seed": seed, "preset": preset, "mixed_precision": mixed_precision,
-              "stages": {}}
+              "lm_stage": lm_stage, "stages": {}}
     if not (out / "data" / "dataset.json").is_file():
-        write_shapes(out / "data", seed=seed, num_train=num_train, num_episodes=20)
+        write_shapes(out / "data", seed=seed, num_train=num_train, num_episodes=20,
+                     num_lm=LM_PER_TRAIN * num_train)
     report["data_seconds"] = round(time.perf_counter() - started, 1)
     deadline = started + budget_minutes * 60 - EVAL_RESERVE_S  # when training must be done
-    todo = [stage for stage in STAGES
+    todo = [stage for stage in stages
             if not ((out / stage[0] / "config.json").is_file() or (out / stage[0] / "model_index.json").is_file())]
-    for name, recipe, init_from, share in STAGES:
+    for name, recipe, init_from, share in stages:
         if all(stage[0] != name for stage in todo):
             print(f"[quickstart] {name}: already trained, reusing {out / name}")
             continue
@@ -148,6 +164,10 @@ def evaluate_quickstart(out: Path, items: int = 24) -> dict:
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
     results["copying"] = copy_accuracy(base)  # the induction that binding new label words needs
+    # ... and where it comes from: the LM stage teaches it; stage 1 (captions only) may wear it down
+    results["copying_by_stage"] = {name: copy_accuracy(Emu2Pipeline.from_pretrained(out / name))
+                                   for name in ("lm", "stage1") if (out / name / "config.json").is_file()}
+    results["copying_by_stage"]["stage2"] = results["copying"]
     results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(out / "chat"), out / "data",
                                                     items=items)
     results["generation"] = generation_gallery(out, report_dir / "gallery.png")
@@ -221,12 +241,10 @@ def plot_loss_curves(out: Path, path: Path) -> None:
 
     fig = Figure(figsize=(10, 3.2))
     FigureCanvasAgg(fig)
-    for index, (name, *_rest) in enumerate(STAGES):
-        metrics = out / name / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        ax = fig.add_subplot(1, len(STAGES), index + 1)
+    trained = [name for name, *_rest in STAGES_WITH_LM if (out / name / "metrics.jsonl").is_file()]
+    for index, name in enumerate(trained):
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ax = fig.add_subplot(1, len(trained), index + 1)
         for key in ("text_loss", "regression_loss", "loss"):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points and (key != "loss" or name in ("decoder", "encoder")):
@@ -248,7 +266,9 @@ def write_report_markdown(out: Path, report: dict) -> None:
              "Exact match % (field accuracy %) by number of in-context examples.", "",
              fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
              "Copying (a nonce-word list, then its repeat; next-token accuracy on the repeat, `copy_accuracy`): "
-             f"{report['copying']['copy_accuracy']:.1%}, NLL {report['copying']['copy_nll']:.2f} nats/token.", "",
+             + ", ".join(f"{name} {r['copy_accuracy']:.1%} (NLL {r['copy_nll']:.2f} nats/token)"
+                         for name, r in report.get("copying_by_stage", {"stage2": report["copying"]}).items())
+             + ".", "",
              "## Chat model (held-out scenes)", "", "```", json.dumps(report["instructions"], indent=2), "```", "",
              "## Generation", "", ("Attribute accuracy of generated images, read back by the pixel detector "
                                    "(`emu2.data.shapes.detect`); the true renders are its ceiling:"), "",

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 
-from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, _train_stage
+import pytest
+
+from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, STAGES_WITH_LM, _train_stage
 
 TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
         "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
         "data.num_workers=0"]
 
 
-def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage():
-    names = [name for name, *_ in STAGES]
-    assert names == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
-    for index, (name, _recipe, init_from, _share) in enumerate(STAGES):
+@pytest.mark.parametrize("stages", [STAGES, STAGES_WITH_LM])
+def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
+    names = [name for name, *_ in stages]
+    assert [n for n in names if n != "lm"] == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
+    for index, (name, _recipe, init_from, _share) in enumerate(stages):
         assert init_from is None or init_from in names[:index], name
-    chain = {name: init_from for name, _recipe, init_from, _share in STAGES}
-    assert chain["stage1"] == "encoder"  # stage 1 starts from the contrastively pre-trained encoder
-    assert abs(sum(share for *_, share in STAGES) - 1.0) < 1e-9
+    chain = {name: init_from for name, _recipe, init_from, _share in stages}
+    if "lm" in chain:  # stage 1 starts from both stand-ins: the LM stage starts from the trained encoder
+        assert chain["lm"] == "encoder" and chain["stage1"] == "lm"
+    else:  # stage 1 starts from the contrastively pre-trained encoder
+        assert chain["stage1"] == "encoder"
+    assert abs(sum(share for *_, share in stages) - 1.0) < 1e-9
 
 
 def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, tmp_path):
