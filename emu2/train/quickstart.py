@@ -1,9 +1,9 @@
 """`emu2 quickstart`: the whole paper at shapes scale on a laptop CPU, within a wall-clock budget.
 
 1. generate the shapes world (`emu2 data shapes`);
-2. train the vision encoder contrastively and the language model on text (the stand-ins for the pre-trained
-   EVA-CLIP and LLaMA the paper starts from), then stage 1 -> stage 2 -> visual decoder -> Emu2-Chat -> Emu2-Gen
-   with the packaged shapes recipes;
+2. train the vision encoder contrastively (the stand-in for the pre-trained EVA-CLIP the paper starts from; with
+   ``lm_stage``, the language model on text too, the stand-in for LLaMA), then stage 1 -> stage 2 -> visual
+   decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
 3. evaluate: held-out few-shot accuracy at 0/1/2/4/8 shots (base model), chat VQA / captioning / grounding /
    video QA (chat model), autoencoding and text-to-image samples (Gen model + decoder);
 4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png.

@@ -58,6 +58,7 @@ ONE_OF_EACH = {
 def test_every_kind_round_trips_through_its_shard_layout(name, tmp_path, chat_tokenizer, config):
     record = ONE_OF_EACH[name]()
     kind = record.kind
+    assert name.startswith(kind)
     with wds.TarWriter(str(tmp_path / "s.tar"), mtime=0) as w:
         w.write(encode_record(record, "sample0", meta={"note": "ignored"}))
     config = replace(config, drop_entity_prob=0.0, drop_box_prob=0.0)
