@@ -33,7 +33,8 @@ STAGES = (
 )
 # `--lm-stage`: the language model's pre-training stand-in too (it teaches copying, the induction in-context
 # learning rests on), between the encoder and stage 1. Off by default: on the 20-minute CPU budget its 18% left
-# the other stages too little and every score fell (README, "Results"); copying needs ~1,000 LM steps or more.
+# the other stages too little (few-shot format accuracy and chat VQA fell; README, "Results"), and copying came
+# only after 1,100-1,500 LM steps.
 STAGES_WITH_LM = (
     ("encoder", "shapes-encoder", None, 0.08),
     ("lm", "shapes-lm", "encoder", 0.18),
