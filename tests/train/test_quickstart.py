@@ -24,7 +24,9 @@ def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
         assert chain["lm"] == "encoder" and chain["stage1"] == "lm"
     else:  # stage 1 starts from the contrastively pre-trained encoder
         assert chain["stage1"] == "encoder"
-    assert abs(sum(share for *_, share in stages) - 1.0) < 1e-9
+    assert abs(sum(share for *_, share in stages if share is not None) - 1.0) < 1e-9
+    # the LM stage is not time-sliced: copying comes only after its recipe's steps (a phase change)
+    assert [name for name, *_, share in stages if share is None] == (["lm"] if "lm" in chain else [])
 
 
 def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, tmp_path):
@@ -52,3 +54,10 @@ def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
     assert stage_seconds(0.25, shares[1:], 400.0) == 200.0
     assert stage_seconds(0.25, shares[2:], 200.0) == 200.0
     assert stage_seconds(0.25, shares[1:], -30.0) == 0.0  # past the deadline: probe steps only
+
+
+def test_the_lm_stage_runs_its_recipes_steps_whatever_the_time_left(shapes_dir, tmp_path):
+    (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
+    result = _train_stage("lm", "shapes-lm", None, None, tmp_path, [*TINY, "steps=3", "data.streams.text.batch_size=2"])
+    assert result["step"] == 3 and result["budget_s"] is None
+    assert (tmp_path / "lm" / "config.json").is_file()  # a model directory stage 1 can start from
