@@ -303,9 +303,11 @@ def _build_grounded(record: GroundedPair, b: SequenceBuilder, config: SequenceCo
 
 
 def _build_text(record: Text, b: SequenceBuilder, config: SequenceConfig, rng: random.Random) -> Sample:
-    if record.context:
+    if record.context:  # read, not scored; one space between it and the scored text
         b.add_text(clean_text(record.context).rstrip() + " ", target=False)
-    b.add_text(clean_text(record.text).strip() if record.context else clean_text(record.text), target=True)
+        b.add_text(clean_text(record.text).strip(), target=True)
+    else:
+        b.add_text(clean_text(record.text), target=True)
     return b.finish(record.kind, end_is_target=True)
 
 

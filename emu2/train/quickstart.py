@@ -49,7 +49,6 @@ STAGES_WITH_LM = (
 PROBE_STEPS = 3
 ENCODER_PROBE_STEPS = 6
 EVAL_RESERVE_S = 200  # evaluation and report at the end (measured 132-159 s) plus the last stage's overrun
-DATA_RESERVE_S = 40
 LM_PER_TRAIN = 10  # LM-corpus documents per sample of each training kind: cheap, and the LM stage reads many
 
 
