@@ -113,9 +113,9 @@ def _bench_data(args) -> dict:
     from .data.bench import benchmark_pipeline
     from .data.sequence import SequenceConfig
     from .data.shapes import write_shapes
-    from .processing import load_tokenizer
+    from .processing import load_tokenizer, preset_tokenizer
 
-    tokenizer = load_tokenizer(instruct=True)
+    tokenizer = load_tokenizer(preset_tokenizer("shapes"), instruct=True)
     config = SequenceConfig(n_query=16, v_query=4, image_size=64, max_length=1024)  # the `shapes` preset
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data

@@ -12,6 +12,17 @@ from transformers.configuration_utils import SubConfigSpec
 # LLaMA token ids fixed by the official special-token order (emu2.processing.SPECIAL_TOKENS).
 PAD_ID, BOI_ID, EOI_ID, IMAGE_ID, FRAME_ID = 32000, 32001, 32002, 32003, 32004
 BASE_VOCAB, INSTRUCT_VOCAB = 32272, 32274
+# The shapes world's tokenizer (emu2.data.shapes.tokenizer) has 1,024 pieces where LLaMA has 32,000; the same
+# special tokens follow in the same order, so every id above is shifted by the difference.
+SHAPES_PIECES = 1024
+SHAPES_INSTRUCT_VOCAB = INSTRUCT_VOCAB - PAD_ID + SHAPES_PIECES
+
+
+def _special_ids(pieces: int) -> dict:
+    """Emu2Config's token ids for a tokenizer with ``pieces`` pieces before [PAD] and the special tokens."""
+    shift = pieces - PAD_ID
+    return dict(boi_token_id=BOI_ID + shift, eoi_token_id=EOI_ID + shift, image_token_id=IMAGE_ID + shift,
+                frame_token_id=FRAME_ID + shift)
 
 
 class Emu2VisionConfig(PreTrainedConfig):
@@ -76,7 +87,7 @@ def _llama(hidden: int, intermediate: int, layers: int, heads: int, vocab: int, 
     return LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=kw.pop("max_pos", 2048),
-        bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID, tie_word_embeddings=False, **kw,
+        bos_token_id=1, eos_token_id=2, pad_token_id=kw.pop("pad", PAD_ID), tie_word_embeddings=False, **kw,
     )
 
 
@@ -102,10 +113,12 @@ PRESETS = {
         vision_config=Emu2VisionConfig(image_size=56, patch_size=14, width=64, layers=2, head_width=32, mlp_ratio=2.0),
         text_config=_llama(64, 128, 2, 4, INSTRUCT_VOCAB), n_query=4, v_query=4, instruct=True,
     ),
-    # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings).
+    # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings) with its own tokenizer
+    # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274.
     "shapes": lambda: dict(
         vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
-        text_config=_llama(256, 688, 6, 4, INSTRUCT_VOCAB), n_query=16, v_query=4, instruct=True,
+        text_config=_llama(256, 688, 6, 4, SHAPES_INSTRUCT_VOCAB, pad=SHAPES_PIECES), n_query=16, v_query=4,
+        instruct=True, **_special_ids(SHAPES_PIECES),
     ),
     # A ~100M-parameter config for GPU runs and throughput benchmarks.
     "shapes-large": lambda: dict(

@@ -30,6 +30,13 @@ class Emu2Pipeline:
     """Prompting an `Emu2ForCausalLM` with interleaved text, images and videos."""
 
     def __init__(self, model: Emu2ForCausalLM, tokenizer):
+        config = model.config
+        wanted = {P.BOI: config.boi_token_id, P.EOI: config.eoi_token_id, P.IMAGE_TOKEN: config.image_token_id,
+                  P.FRAME_TOKEN: config.frame_token_id}
+        got = dict(zip(wanted, tokenizer.convert_tokens_to_ids(list(wanted))))
+        if got != wanted:
+            raise ValueError(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model: its special token ids "
+                             f"are {got}, the model's config expects {wanted}")
         self.model = model
         self.tokenizer = tokenizer
 
@@ -50,12 +57,13 @@ class Emu2Pipeline:
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, **overrides) -> Emu2Pipeline:
-        """Randomly initialised model of a named preset, with the packaged LLaMA tokenizer."""
+        """Randomly initialised model of a named preset, with the packaged tokenizer its vocabulary is sized for
+        (LLaMA's; the shapes world's for `shapes`)."""
         from .config import Emu2Config
 
         torch.manual_seed(seed)
         config = Emu2Config.from_preset(name, **overrides)
-        return cls(Emu2ForCausalLM(config).eval(), P.load_tokenizer(instruct=config.instruct))
+        return cls(Emu2ForCausalLM(config).eval(), P.load_tokenizer(P.preset_tokenizer(name), instruct=config.instruct))
 
     def save_pretrained(self, path: str | Path, **kwargs) -> None:
         self.model.save_pretrained(path, **kwargs)

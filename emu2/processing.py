@@ -55,36 +55,55 @@ class PromptError(ValueError):
 
 
 DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "llama_tokenizer"  # the LLaMA SentencePiece model
+# LLaMA's tokenizer design with 1,024 pieces learned from the shapes world (`emu2.data.shapes.tokenizer`).
+SHAPES_TOKENIZER = Path(__file__).parent / "assets" / "shapes_tokenizer"
+
+
+PRESET_TOKENIZERS = {"shapes": SHAPES_TOKENIZER}  # every other preset: LLaMA's
+
+
+def preset_tokenizer(preset: str) -> Path:
+    """The packaged tokenizer a named preset's vocabulary is sized for."""
+    return PRESET_TOKENIZERS.get(preset, DEFAULT_TOKENIZER)
 
 
 def load_tokenizer(path: str | Path = DEFAULT_TOKENIZER, instruct: bool = False):
-    """The LLaMA tokenizer with Emu2's special tokens added in the official order.
+    """The LLaMA tokenizer (or one built the same way, as the shapes world's) with Emu2's special tokens.
 
     Special tokens strip the whitespace on both sides, as the official slow tokenizer (transformers 4.31) did,
     so ids match the official ones (`tests/test_official_parity.py`). ``instruct`` adds [USER]/[ASSISTANT]
     (Emu2-Chat). A directory that already holds our saved tokenizer (with the tokens) is loaded as is. The
     default is the LLaMA tokenizer shipped with the package (no download).
     """
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), legacy=True)
-    wanted = [*SPECIAL_TOKENS, *(INSTRUCT_TOKENS if instruct else ())]
-    vocab = tokenizer.get_vocab()  # builds a dict each call: once, not per token
-    missing = [t for t in wanted if t not in vocab]
-    if missing:
-        if len(missing) != len(wanted) and not (instruct and missing == list(INSTRUCT_TOKENS)):
-            raise PromptError(f"tokenizer at {path} has only some of the Emu2 special tokens; missing {missing[:5]}")
-
-        def tok(s: str):
-            return AddedToken(s, lstrip=True, rstrip=True, special=True, normalized=False)
-
-        extra = {"additional_special_tokens": [tok(t) for t in missing]}
-        if tokenizer.pad_token is None:
-            extra["pad_token"] = tok(PAD_TOKEN)
-        tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
+    add_emu2_tokens(tokenizer, instruct, source=path)
     tokenizer.padding_side = "left"  # official: left padding for batched generation
     tokenizer.truncation_side = "left"
     return tokenizer
+
+
+def add_emu2_tokens(tokenizer, instruct: bool, source: object = "the tokenizer") -> None:
+    """Add Emu2's special tokens (and [PAD]) in the official order, and [USER]/[ASSISTANT] if ``instruct``;
+    the ones already there are kept. A tokenizer holding only some of the base tokens is an error."""
+    from transformers import AddedToken
+
+    wanted = [*SPECIAL_TOKENS, *(INSTRUCT_TOKENS if instruct else ())]
+    vocab = tokenizer.get_vocab()  # builds a dict each call: once, not per token
+    missing = [t for t in wanted if t not in vocab]
+    if not missing:
+        return
+    if len(missing) != len(wanted) and missing != list(INSTRUCT_TOKENS):
+        raise PromptError(f"{source} has only some of the Emu2 special tokens; missing {missing[:5]}")
+
+    def tok(s: str):
+        return AddedToken(s, lstrip=True, rstrip=True, special=True, normalized=False)
+
+    extra = {"additional_special_tokens": [tok(t) for t in missing]}
+    if tokenizer.pad_token is None:
+        extra["pad_token"] = tok(PAD_TOKEN)
+    tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
 
 
 def expand_placeholders(text: str, n_query: int, v_query: int) -> str:

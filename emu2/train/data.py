@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from emu2.config import BOI_ID, EOI_ID, PAD_ID
 from emu2.data.sequence import IGNORE_INDEX, Sample, collate
 
 from .config import StreamSection, SyntheticSection, TrainConfig
@@ -136,6 +135,8 @@ class SyntheticStream:
         self.synthetic, self.batch_size, self.rank, self.world_size = synthetic, batch_size, rank, world_size
         self.n_query, self.image_size = model_config.n_query, model_config.vision_config.image_size
         self.image_token = model_config.image_token_id
+        self.boi, self.eoi = model_config.boi_token_id, model_config.eoi_token_id
+        self.pad = model_config.text_config.pad_token_id  # text ids are drawn below it: the tokenizer's pieces
         self.seed = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)  # < 2^32: seed * 1e6 + i fits int64
         self.micro_step = int((state or {}).get("micro_step", 0))
         vision = 2 + self.n_query
@@ -147,9 +148,9 @@ class SyntheticStream:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         s = self.synthetic
         length = int(torch.randint(s.seq_len // 2, s.seq_len + 1, (1,), generator=g))
-        visual = [BOI_ID, *[self.image_token] * self.n_query, EOI_ID] * s.images
+        visual = [self.boi, *[self.image_token] * self.n_query, self.eoi] * s.images
         text_len = max(1, length - 2 - len(visual))
-        text = torch.randint(1000, 31000, (text_len,), generator=g).tolist()
+        text = torch.randint(3, self.pad, (text_len,), generator=g).tolist()
         ids = torch.tensor([1, *visual, *text, 2])
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[1 + len(visual):] = ids[1 + len(visual):]
@@ -159,7 +160,7 @@ class SyntheticStream:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             first = (self.micro_step * self.world_size + self.rank) * self.batch_size
-            batch = collate([self.sample(first + j) for j in range(self.batch_size)], PAD_ID, self.image_size)
+            batch = collate([self.sample(first + j) for j in range(self.batch_size)], self.pad, self.image_size)
             self.micro_step += 1
             yield batch
 

@@ -41,7 +41,7 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         setattr(model.config, key, value)
     if model.config.instruct and P.USER not in tokenizer.get_vocab():
         # Emu2-Chat adds [USER] and [ASSISTANT] (paper 2.3.1): grow the tokenizer and the embeddings.
-        tokenizer = P.load_tokenizer(instruct=True)
+        P.add_emu2_tokens(tokenizer, instruct=True)
     if len(tokenizer) > model.config.text_config.vocab_size:
         model.language_model.resize_token_embeddings(len(tokenizer))
     if m.image_size is not None and m.image_size != model.config.vision_config.image_size:
