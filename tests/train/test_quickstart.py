@@ -6,15 +6,16 @@ import json
 
 import pytest
 
-from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, STAGES_WITH_LM, _train_stage
+from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, _train_stage
 
 TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
         "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
         "data.num_workers=0"]
 
 
-@pytest.mark.parametrize("stages", [STAGES, STAGES_WITH_LM])
+@pytest.mark.parametrize("stages", [STAGES, STAGES_WITHOUT_LM])
 def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
+    """Both stand-ins by default (the LM stage, which teaches copying, included); `--no-lm-stage` drops it."""
     names = [name for name, *_ in stages]
     assert [n for n in names if n != "lm"] == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
     for index, (name, _recipe, init_from, _share) in enumerate(stages):
@@ -27,6 +28,7 @@ def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
     assert abs(sum(share for *_, share in stages if share is not None) - 1.0) < 1e-9
     # the LM stage is not time-sliced: copying comes only after its recipe's steps (a phase change)
     assert [name for name, *_, share in stages if share is None] == (["lm"] if "lm" in chain else [])
+    assert any(name == "lm" for name, *_ in STAGES)  # the default
 
 
 def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, tmp_path):
