@@ -44,13 +44,12 @@ def _convert(args) -> int:
     from .config import Emu2Config
     from .convert.official import load_official
     from .pipeline import Emu2Pipeline
-    from .processing import load_tokenizer
+    from .processing import load_tokenizer, preset_tokenizer
 
     config = Emu2Config.from_preset(args.preset)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}[args.dtype]
     model = load_official(args.checkpoint, config, dtype=dtype)
-    tokenizer = load_tokenizer(args.tokenizer or Path(__file__).parent / "assets" / "llama_tokenizer",
-                               instruct=config.instruct)
+    tokenizer = load_tokenizer(args.tokenizer or preset_tokenizer(args.preset), instruct=config.instruct)
     Emu2Pipeline(model, tokenizer).save_pretrained(args.out, max_shard_size=args.max_shard_size)
     print(f"wrote {args.out}")
     return 0

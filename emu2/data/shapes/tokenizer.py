@@ -2,10 +2,11 @@
 
 The LLaMA vocabulary has 32,000 pieces; the shapes world writes a few hundred words. With it, the `shapes`
 preset's embedding and output layers (2 x 256 x 32,274 weights) were 3/4 of its parameters, and the output
-layer most of each step's compute. This tokenizer keeps everything about LLaMA's design (SentencePiece-style
-BPE over "▁"-marked words, byte fallback so any text encodes (a newline is the byte piece <0x0A>, as in
-LLaMA), ``<unk>``/``<s>``/``</s>`` as ids 0-2, a prepended ``<s>``) and learns 1,024 pieces from what the shapes model trains on. Emu2's special tokens are added
-after them in the official order by `emu2.processing.load_tokenizer`, exactly as they are after LLaMA's.
+layer most of each step's compute. This tokenizer keeps everything about LLaMA's design
+(SentencePiece-style BPE over "▁"-marked words; byte fallback, so any text encodes, a newline being the byte
+piece <0x0A> as in LLaMA; ``<unk>``/``<s>``/``</s>`` as ids 0-2; a prepended ``<s>``) and learns 1,024 pieces
+from what the shapes model trains on. Emu2's special tokens are added after them in the official order by
+`emu2.processing.load_tokenizer`, exactly as they are after LLaMA's.
 
 The pieces are learned from the training splits only (``train`` and ``lm``): the held-out label words
 ("florp", ...) are never pieces of their own, so the model reads them as pieces it has been trained on.
@@ -23,9 +24,10 @@ import string
 from collections.abc import Iterator
 
 from emu2 import processing as P
+from emu2.config import SHAPES_PIECES
 from emu2.data.kinds import KINDS
 
-VOCAB_SIZE = 1024  # pieces, counting <unk>, <s>, </s> and the 256 byte-fallback pieces
+VOCAB_SIZE = SHAPES_PIECES  # 1,024 pieces, counting <unk>, <s>, </s> and the 256 byte-fallback pieces
 SPECIALS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))  # LLaMA's ids 0..258
 SAMPLES_PER_KIND = 400
 _NOT_TEXT = tuple(sorted({*P.SPECIAL_TOKENS, *P.INSTRUCT_TOKENS, P.IMAGE_PLACEHOLDER, P.VIDEO_PLACEHOLDER},
