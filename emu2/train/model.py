@@ -39,8 +39,9 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         raise ValueError(f"model.config_overrides may set {_OVERRIDABLE}, not {sorted(unknown)}")
     for key, value in m.config_overrides.items():
         setattr(model.config, key, value)
-    if model.config.instruct and P.USER not in tokenizer.get_vocab():
-        # Emu2-Chat adds [USER] and [ASSISTANT] (paper 2.3.1): grow the tokenizer and the embeddings.
+    if model.config.instruct:
+        # Emu2-Chat adds [USER] and [ASSISTANT] (paper 2.3.1; a no-op when present): grow the tokenizer and the
+        # embeddings.
         P.add_emu2_tokens(tokenizer, instruct=True)
     if len(tokenizer) > model.config.text_config.vocab_size:
         model.language_model.resize_token_embeddings(len(tokenizer))
