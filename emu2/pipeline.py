@@ -1,8 +1,8 @@
 """`Emu2Pipeline`: model + tokenizer, taking the official interleaved inputs (strings, PIL images, videos).
 
     pipe = Emu2Pipeline.from_pretrained("my-emu2")
-    pipe.generate([image, "Describe the image in details:"])            # -> "a red circle ..."
-    pipe.chat([[image, "What is in the image?"]])                       # Emu2-Chat template
+    pipe.generate([image, "Describe the image in details:"])            # official defaults: 5 beams, 10 tokens
+    pipe.chat([[image, "What is in the image?"]], max_new_tokens=512)   # Emu2-Chat template
     pipe.regress_image_embeddings(["a red circle on a white background"])  # (1, n_query, Dv) for the decoder
 """
 
@@ -24,6 +24,27 @@ def _as_batch(inputs) -> list:
     if inputs and all(isinstance(x, (list, tuple)) and not P._is_video(x) for x in inputs):
         return list(inputs)
     return [inputs]
+
+
+# Official `EmuModel.generate` / `EmuChatGeneration.forward` defaults (official-format section 6.2).
+OFFICIAL_GENERATE_DEFAULTS = {"num_beams": 5, "length_penalty": -1.0, "max_new_tokens": 10}
+
+
+def _official_kwargs(kwargs: dict) -> dict:
+    """transformers ``generate`` arguments with the official defaults filled in and official names mapped.
+
+    ``min_len`` (official) became ``min_length`` under transformers 4.31, which counted the dummy BOS it put
+    before generated tokens when given only embeddings: ``min_len`` k means at least k - 1 new tokens.
+    """
+    kwargs = dict(kwargs)
+    min_len = kwargs.pop("min_len", None)
+    if min_len is not None and min_len > 1:
+        kwargs.setdefault("min_new_tokens", int(min_len) - 1)
+    for key, value in OFFICIAL_GENERATE_DEFAULTS.items():
+        kwargs.setdefault(key, value)
+    if kwargs["num_beams"] == 1:
+        kwargs.pop("length_penalty")  # a beam-search knob: transformers warns when it is set without beams
+    return kwargs
 
 
 class Emu2Pipeline:
@@ -108,32 +129,40 @@ class Emu2Pipeline:
     def generate(self, inputs, skip_special_tokens: bool = True, **generate_kwargs) -> list[str]:
         """Text continuation of each input; ``generate_kwargs`` go to transformers ``generate``.
 
-        Official defaults: greedy unless ``num_beams``/``do_sample`` say otherwise; ``max_new_tokens`` 10.
+        Official defaults (`EmuModel.generate`): 5 beams, ``length_penalty`` -1 (favours short answers),
+        ``max_new_tokens`` 10, no sampling. The official ``min_len`` is accepted too (see `_official_kwargs`).
         """
-        generate_kwargs.setdefault("max_new_tokens", 10)
-        ids = self.model.generate_text(**self.encode_interleaved(inputs), **generate_kwargs)
+        ids = self.model.generate_text(**self.encode_interleaved(inputs), **_official_kwargs(generate_kwargs))
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def chat(self, messages: Sequence, system: str | None = P.CHAT_SYSTEM_MESSAGE, grounding: bool = False,
-             **generate_kwargs) -> str:
+    def chat(self, messages: Sequence, system: str | None = None, grounding: bool = False, **kwargs) -> str:
         """Emu2-Chat answer to one conversation: messages (user, assistant, ..., user), each a string or an
-        interleaved list. Official chat defaults: beam size 5."""
-        return self.chat_batch([messages], system=system, grounding=grounding, **generate_kwargs)[0]
+        interleaved list. See `chat_batch` for the arguments."""
+        return self.chat_batch([messages], system=system, grounding=grounding, **kwargs)[0]
 
-    def chat_batch(self, conversations: Sequence[Sequence], system: str | None = P.CHAT_SYSTEM_MESSAGE,
-                   grounding: bool = False, **generate_kwargs) -> list[str]:
-        """`chat` for a batch of conversations, decoded together (left padding)."""
+    def chat_batch(self, conversations: Sequence[Sequence], system: str | None = None, grounding: bool = False,
+                   template: str = "native", skip_special_tokens: bool | None = None, **generate_kwargs) -> list[str]:
+        """`chat` for a batch of conversations, decoded together (left padding).
+
+        As official `EmuChatGeneration.forward`: ``is_grounding`` is an alias of ``grounding``; ``system=None``
+        picks the official system message (the short-answer one when grounding; none for ``template="hf"``,
+        the Hugging Face remote code's ``[USER]: ..[ASSISTANT]:``), ``system=""`` drops it; decoding defaults are
+        the official ones (`generate`). Grounded answers keep their coordinate tokens unless
+        ``skip_special_tokens`` is given (the official README decodes them with ``skip_special_tokens=False``).
+        """
+        grounding = bool(generate_kwargs.pop("is_grounding", grounding))
+        if system is None and template == "native":
+            system = P.SHORT_ANSWER_SYSTEM_MESSAGE if grounding else P.CHAT_SYSTEM_MESSAGE
         prompts, images, frames = [], [], []
         for messages in conversations:
             flat = [P.flatten_interleaved(m) for m in messages]
-            prompts.append(P.chat_prompt([f.text for f in flat], system=system, grounding=grounding))
+            prompts.append(P.chat_prompt([f.text for f in flat], system=system, grounding=grounding,
+                                         template=template))
             images += [im for f in flat for im in f.images]
             frames += [fr for f in flat for fr in f.frames]
-        generate_kwargs.setdefault("num_beams", 5)
-        generate_kwargs.setdefault("max_new_tokens", 512)
-        ids = self.model.generate_text(**self.encode(prompts, images, frames), **generate_kwargs)
-        # Grounded answers keep their coordinate tokens (official README: decode without skipping specials).
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=not grounding)
+        ids = self.model.generate_text(**self.encode(prompts, images, frames), **_official_kwargs(generate_kwargs))
+        skip = not grounding if skip_special_tokens is None else skip_special_tokens
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=skip)
         return [t.replace(self.tokenizer.eos_token, "").replace(self.tokenizer.pad_token, "").strip() for t in texts]
 
     def regress_image_embeddings(self, inputs) -> torch.Tensor:

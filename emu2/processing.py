@@ -173,14 +173,29 @@ def check_placeholder_counts(text: str, num_images: int, num_frames: int = 0) ->
         )
 
 
-def chat_prompt(messages: Sequence[str], system: str | None = CHAT_SYSTEM_MESSAGE, grounding: bool = False) -> str:
-    """The official Emu2-Chat template (native code) for alternating user/assistant turns.
+CHAT_TEMPLATES = ("native", "hf")
 
-    ``messages`` has odd length, starting and ending with a user turn. Result:
-    ``<system> [USER]: u1 [ASSISTANT]: a1</s>[USER]: u2 [ASSISTANT]:`` (+ ``<grounding>`` when grounding).
+
+def chat_prompt(messages: Sequence[str], system: str | None = CHAT_SYSTEM_MESSAGE, grounding: bool = False,
+                template: str = "native") -> str:
+    """An Emu2-Chat prompt for alternating user/assistant turns (official-format section 5).
+
+    ``messages`` has odd length, starting and ending with a user turn. ``template``:
+      - "native" (official `EmuChatGeneration`):
+        ``<system> [USER]: u1 [ASSISTANT]: a1</s>[USER]: u2 [ASSISTANT]:`` (+ ``<grounding>`` when grounding);
+      - "hf" (the Hugging Face hub remote code's ``build_input_ids``): ``<system>[USER]: u1[ASSISTANT]:``, no
+        spaces, one user turn, no grounding flag; the hub code's system message is empty, so pass ``system=None``
+        (or "") to reproduce its prompts.
     """
+    if template not in CHAT_TEMPLATES:
+        raise PromptError(f"unknown chat template {template!r}; expected one of {CHAT_TEMPLATES}")
     if len(messages) % 2 != 1:
         raise PromptError(f"chat needs an odd number of messages (user, assistant, ..., user); got {len(messages)}")
+    if template == "hf":
+        if len(messages) != 1 or grounding:
+            raise PromptError("the Hugging Face remote-code template holds one user turn and no grounding flag; "
+                              "use template='native' for conversations or grounding")
+        return f"{system or ''}{USER}: {messages[0]}{ASSISTANT}:"
     parts = [system or "", f" {USER}: ", messages[0]]
     for i in range(1, len(messages), 2):
         parts += [f" {ASSISTANT}: ", messages[i], f"</s>{USER}: ", messages[i + 1]]
@@ -221,9 +236,17 @@ def pixels_to_pil(pixels: torch.Tensor) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------------ boxes
 _PATCH_RE = re.compile(r"<patch_index_(\d{4})>")
+MULTI_OBJECT_DELIMITER = "</delimiter_of_multi_objects/>"
 _GROUNDED_RE = re.compile(
-    r"<phrase>(?P<phrase>.*?)</phrase>\s*<object>(?P<coords>(?:\s*<patch_index_\d{4}>)+)\s*</object>", re.DOTALL
+    r"<phrase>(?P<phrase>.*?)</phrase>\s*<object>(?P<coords>(?:\s*(?:<patch_index_\d{4}>|"
+    + re.escape(MULTI_OBJECT_DELIMITER) + r"))+)\s*</object>",
+    re.DOTALL,
 )
+
+
+def _coordinate(index: str) -> float:
+    """A coordinate token's index -> fraction of the image side; the 32 tokens past 224 clamp to the edge."""
+    return min(int(index), COORD_BINS) / COORD_BINS
 
 
 def coordinate_token(value: float, extent: float) -> str:
@@ -248,25 +271,31 @@ def grounded_phrase(phrase: str, box: Sequence[float], width: float, height: flo
 
 
 def tokens_to_boxes(text: str, width: float = 1.0, height: float = 1.0) -> list[tuple[str, tuple[float, ...]]]:
-    """Parse ``<phrase>..</phrase><object>4 coordinate tokens</object>`` spans back to (phrase, pixel box).
+    """Parse ``<phrase>..</phrase><object>boxes</object>`` spans back to (phrase, pixel box) pairs.
 
-    Boxes come back in the units of ``width``/``height`` (default: fractions of the image). Spans whose object
-    does not hold exactly four coordinates are skipped.
+    An object holds one box (four coordinate tokens) or several joined by ``</delimiter_of_multi_objects/>``
+    (the official special token, as our grounded data writes them); each box gives one pair, in order. Boxes
+    come back in the units of ``width``/``height`` (default: fractions of the image); coordinate tokens past
+    ``<patch_index_0224>`` clamp to the image edge. A box without exactly four coordinates is skipped.
     """
     found = []
     for match in _GROUNDED_RE.finditer(text):
-        ks = [int(k) for k in _PATCH_RE.findall(match.group("coords"))]
-        if len(ks) != 4:
-            continue
-        x1, y1, x2, y2 = (k / COORD_BINS for k in ks)
-        found.append((match.group("phrase").strip(), (x1 * width, y1 * height, x2 * width, y2 * height)))
+        phrase = match.group("phrase").strip()
+        for part in match.group("coords").split(MULTI_OBJECT_DELIMITER):
+            ks = _PATCH_RE.findall(part)
+            if len(ks) != 4:
+                continue
+            x1, y1, x2, y2 = (_coordinate(k) for k in ks)
+            found.append((phrase, (x1 * width, y1 * height, x2 * width, y2 * height)))
     return found
 
 
 def parse_box(text: str, width: float = 1.0, height: float = 1.0) -> tuple[float, ...] | None:
-    """The first four coordinate tokens in ``text`` as a box (for answers without a phrase), or None."""
-    ks = [int(k) for k in _PATCH_RE.findall(text)][:4]
+    """The first four coordinate tokens in ``text`` as a box (for answers without a phrase), or None.
+
+    Tokens past ``<patch_index_0224>`` clamp to the image edge."""
+    ks = _PATCH_RE.findall(text)[:4]
     if len(ks) < 4:
         return None
-    x1, y1, x2, y2 = (k / COORD_BINS for k in ks)
+    x1, y1, x2, y2 = (_coordinate(k) for k in ks)
     return (x1 * width, y1 * height, x2 * width, y2 * height)

@@ -68,3 +68,91 @@ def test_regress_image_embeddings_shape(pipe):
     out = pipe.regress_image_embeddings(["a red circle"])
     assert out.shape == (1, pipe.model.config.n_query, pipe.model.config.vision_config.width)
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------- official defaults and argument names
+@pytest.fixture
+def calls(monkeypatch):
+    """The pipelines' `generate_text` keyword arguments, recorded (the model still runs)."""
+
+    def spy(model):
+        seen = []
+        original = model.generate_text
+
+        def recording(**kwargs):
+            seen.append({k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "images",
+                                                                     "frames")})
+            return original(**kwargs)
+
+        monkeypatch.setattr(model, "generate_text", recording)
+        return seen
+
+    return spy
+
+
+@pytest.fixture(scope="module")
+def chat_pipe():
+    return Emu2Pipeline.from_preset("tiny-chat")
+
+
+def test_generate_defaults_are_the_official_five_beams_length_penalty_minus_one_ten_tokens(pipe, calls):
+    """Official `EmuModel.generate(num_beams=5, max_new_tokens=10, length_penalty=-1, do_sample=False)`."""
+    seen = calls(pipe.model)
+    pipe.generate([image("red"), "Describe the image in details:"])
+    assert seen[-1]["num_beams"] == 5 and seen[-1]["length_penalty"] == -1 and seen[-1]["max_new_tokens"] == 10
+    assert not seen[-1].get("do_sample", False)
+
+
+def test_chat_defaults_are_the_official_chat_forward_defaults(chat_pipe, calls):
+    """Official `EmuChatGeneration.forward` passes the same defaults as `generate`: 5 beams, length_penalty
+    -1, max_new_tokens 10 (the README's chat example overrides them explicitly)."""
+    seen = calls(chat_pipe.model)
+    chat_pipe.chat([[image("red"), "What is it?"]])
+    assert {k: seen[-1][k] for k in ("num_beams", "length_penalty", "max_new_tokens")} == {
+        "num_beams": 5, "length_penalty": -1, "max_new_tokens": 10}
+
+
+def test_official_min_len_counts_the_dummy_bos_of_transformers_4_31(chat_pipe, calls):
+    """Official `min_len` -> `generate(min_length=min_len)` under transformers 4.31, whose output started
+    with a dummy BOS when only embeddings were given: min_len k = at least k - 1 new tokens, so the default
+    1 constrains nothing."""
+    seen = calls(chat_pipe.model)
+    chat_pipe.chat([["hi"]], min_len=4, num_beams=1, max_new_tokens=6)
+    chat_pipe.chat([["hi"]], min_len=1, num_beams=1, max_new_tokens=6)
+    assert seen[0]["min_new_tokens"] == 3 and "min_new_tokens" not in seen[1]
+
+
+def test_is_grounding_switches_to_the_official_short_answer_system_message(chat_pipe, calls, monkeypatch):
+    """Official `_prepare_chat_inputs`: `GROUND_SYSTEM_MESSAGE if is_grounding else SYSTEM_MESSAGE`, and
+    "<grounding>" after the final " [ASSISTANT]:"; `is_grounding` and `grounding` are the same switch."""
+    from emu2 import processing as P
+
+    prompts = []
+    original = chat_pipe.encode
+    monkeypatch.setattr(chat_pipe, "encode", lambda p, *a: prompts.append(p[0]) or original(p, *a))
+    for kwargs in ({"is_grounding": True}, {"grounding": True}, {}):
+        chat_pipe.chat([[image("red"), "Where is it?"]], num_beams=1, max_new_tokens=2, **kwargs)
+    grounded, also_grounded, plain = prompts
+    assert grounded == also_grounded
+    assert grounded.startswith(P.SHORT_ANSWER_SYSTEM_MESSAGE + " [USER]: ")
+    assert grounded.endswith(" [ASSISTANT]:<grounding>")
+    assert plain.startswith(P.CHAT_SYSTEM_MESSAGE + " [USER]: ") and plain.endswith(" [ASSISTANT]:")
+
+
+def test_official_skip_special_tokens_argument_is_accepted(chat_pipe):
+    """Official README grounding call: `pipe([inputs], is_grounding=True, skip_special_tokens=False, ...)`."""
+    kept = chat_pipe.chat([["Where?"]], is_grounding=True, skip_special_tokens=False, num_beams=1, max_new_tokens=3)
+    dropped = chat_pipe.chat([["Where?"]], is_grounding=True, skip_special_tokens=True, num_beams=1,
+                             max_new_tokens=3)
+    assert isinstance(kept, str) and isinstance(dropped, str)
+    assert "<patch_index" not in dropped
+
+
+def test_hf_template_reproduces_the_hub_remote_code_prompt(chat_pipe, monkeypatch):
+    """HF remote code `build_input_ids` (Emu2-Chat): system_msg (default "") + "[USER]: " + text +
+    "[ASSISTANT]:", no spaces around the role tokens."""
+    prompts = []
+    original = chat_pipe.encode
+    monkeypatch.setattr(chat_pipe, "encode", lambda p, *a: prompts.append(p[0]) or original(p, *a))
+    chat_pipe.chat([[image("red"), "Describe the image."]], template="hf", num_beams=1, max_new_tokens=2)
+    assert prompts == ["[USER]: [<IMG_PLH>]Describe the image.[ASSISTANT]:"]

@@ -95,3 +95,30 @@ def test_preprocess_resizes_squashes_and_normalises():
     assert pixels.shape == (3, 14, 14)
     assert pixels[0, 0, 0].item() == pytest.approx((1 - P.CLIP_MEAN[0]) / P.CLIP_STD[0], rel=1e-5)
     assert P.pixels_to_pil(pixels).getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_hf_chat_template_is_single_turn_without_system_or_spaces():
+    """HF remote code `build_input_ids`: `system_msg + "[USER]: " + text + "[ASSISTANT]:"` (system "")."""
+    assert P.chat_prompt(["hi"], system=None, template="hf") == "[USER]: hi[ASSISTANT]:"
+    assert P.chat_prompt(["hi"], system="S.", template="hf") == "S.[USER]: hi[ASSISTANT]:"
+    with pytest.raises(P.PromptError):
+        P.chat_prompt(["a", "b", "c"], template="hf")
+    with pytest.raises(P.PromptError):
+        P.chat_prompt(["hi"], template="jinja")
+
+
+def test_several_boxes_of_one_object_joined_by_the_official_delimiter_all_parse():
+    """Official special token `</delimiter_of_multi_objects/>` (DOM_SYMBOL) separates the boxes of one object;
+    our grounded data (`emu2.data.kinds`) writes several boxes that way."""
+    first = P.box_to_tokens((0, 0, 112, 56), 224, 224)[len(P.OBJECT):-len(P.OBJECT_END)]
+    second = P.box_to_tokens((112, 112, 224, 224), 224, 224)[len(P.OBJECT):-len(P.OBJECT_END)]
+    text = f"<phrase>two dogs</phrase><object>{first}</delimiter_of_multi_objects/>{second}</object>"
+    assert P.tokens_to_boxes(text, 224, 224) == [("two dogs", (0, 0, 112, 56)), ("two dogs", (112, 112, 224, 224))]
+
+
+def test_coordinate_tokens_past_224_clamp_to_the_image_edge():
+    """Official README: grounding coordinates run from 0 to 224, yet the vocabulary has <patch_index_0000> ..
+    <patch_index_0256>; the 32 tokens past 224 would put a box outside the image."""
+    text = "<phrase>a</phrase><object><patch_index_0112><patch_index_0000><patch_index_0256><patch_index_0230></object>"
+    assert P.tokens_to_boxes(text, 448, 448) == [("a", (224.0, 0.0, 448.0, 448.0))]
+    assert P.parse_box("<patch_index_0256>" * 4) == (1.0, 1.0, 1.0, 1.0)
