@@ -4,14 +4,16 @@ Modes (official `EmuVisualGeneration`, official-format section 7):
 - generation (any text, even ""): cond = the model's regressed embeddings of the prompt (text, images,
   grounded objects as ``<phrase>..</phrase><object>`` + box image + ``</object>`` + subject image);
   uncond = the regressed embeddings of the empty prompt.
-- autoencoding (exactly one image and no text): cond = the encoder's pooled embeddings of that image;
-  uncond = the embeddings of an all-zero image in normalised pixel space.
+- autoencoding (images and no text at all, as the official ``has_image and not has_text``): cond = the
+  encoder's pooled embeddings of the images, one row each; uncond = the embeddings of an all-zero image in
+  normalised pixel space. Pass ``""`` with the image to generate from it instead.
 The unconditional embeddings are computed once per pipeline and cached.
 
     gen = Emu2GenPipeline.from_pretrained("emu2-gen")
     gen(["impressionist painting of an astronaut in a jungle"]).image
     gen([source_image, "wearing a red hat on the beach."]).image          # editing
     gen([source_image]).image                                              # autoencoding
+    gen.to("cuda", torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ _NULL_IMAGE, _EMPTY_PROMPT = "[NULL_IMAGE]", ""
 
 @dataclass
 class Emu2GenOutput:
-    """image: the first generated image; images: all of them; prompt_embeds: (2, Q, Dv), cond then uncond."""
+    """image: the first generated image; images: all of them; prompt_embeds: (2B, Q, Dv), cond then uncond;
+    nsfw_content_detected: the safety checker's flag for ``image`` (None without a checker), as official."""
 
     image: Image.Image
     images: list[Image.Image]
     prompt_embeds: torch.Tensor = field(repr=False)
+    nsfw_content_detected: bool | None = None
 
 
 def tiny_decoder_config(vision_width: int) -> dict:
@@ -89,22 +93,32 @@ class Emu2GenPipeline:
         config = tiny_decoder_config(encoder.model.config.vision_config.width)
         return cls(encoder, Emu2VisualDecoderPipeline.from_configs(config["unet"], config["vae"]))
 
+    def to(self, *args, **kwargs) -> Emu2GenPipeline:
+        """``torch.nn.Module.to`` arguments (device and/or dtype) for the encoder and the decoder together."""
+        self.encoder.model.to(*args, **kwargs)
+        self.decoder.to(*args, **kwargs)
+        self._uncond.clear()  # cached on the old device / in the old dtype
+        return self
+
     # ------------------------------------------------------------------------------------- conditioning
-    def _autoencode_input(self, inputs) -> Image.Image | None:
+    @staticmethod
+    def _autoencode_images(inputs) -> list[Image.Image] | None:
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        if len(items) == 1 and isinstance(items[0], Image.Image):
-            return items[0]
+        if items and not any(isinstance(item, str) for item in items):
+            return list(items)
         return None
 
     @torch.no_grad()
     def conditioning(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (cond, uncond), each ``(1, Q, Dv)``: see the module docstring for the two modes."""
+        """-> (cond ``(B, Q, Dv)``, uncond ``(1, Q, Dv)``): see the module docstring for the two modes; B is the
+        number of images when autoencoding, else 1."""
         model = self.encoder.model
-        image = self._autoencode_input(inputs)
-        if image is not None:
+        images = self._autoencode_images(inputs)
+        if images is not None:
             size = model.config.vision_config.image_size
-            pixels = P.preprocess_image(image, size)[None].to(self.encoder.device, model.dtype)
+            pixels = P.preprocess_images(images, size).to(self.encoder.device, model.dtype)
             cond = model.encode_image(pixels)
+            pixels = pixels[:1]  # every all-zero image has the same embeddings
             if _NULL_IMAGE not in self._uncond:
                 self._uncond[_NULL_IMAGE] = model.encode_image(torch.zeros_like(pixels))
             return cond, self._uncond[_NULL_IMAGE]
@@ -124,13 +138,25 @@ class Emu2GenPipeline:
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
+        crops_coords_top_left: tuple[int, int] | None = None,
+        crop_info: tuple[int, int] | None = None,
     ) -> Emu2GenOutput:
-        """Generate one image from an interleaved prompt (official defaults: 50 Euler steps, guidance 3.0)."""
+        """Generate an image from an interleaved prompt (official defaults: 50 Euler steps, guidance 3.0,
+        ``original_size`` (1024, 1024) whatever the output size, crop (0, 0)).
+
+        ``crop_info`` is the official name of ``crops_coords_top_left``. Autoencoding several images gives one
+        output each; ``image`` is the first, as the official pipeline returns.
+        """
+        if crop_info is not None and crops_coords_top_left is not None:
+            raise ValueError("crop_info is the official name of crops_coords_top_left: pass one of them")
+        crop = tuple(crop_info if crop_info is not None else crops_coords_top_left or (0, 0))
         cond, uncond = self.conditioning(inputs)
-        images = self.decoder(
+        out = self.decoder(
             cond, uncond, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, latents=latents, original_size=original_size,
-            crops_coords_top_left=crops_coords_top_left, output_type="pil",
-        ).images
-        return Emu2GenOutput(image=images[0], images=images, prompt_embeds=torch.cat([cond, uncond]))
+            crops_coords_top_left=crop, output_type="pil",
+        )
+        flags = out.nsfw_content_detected
+        return Emu2GenOutput(image=out.images[0], images=out.images,
+                             prompt_embeds=torch.cat([cond, uncond.expand_as(cond)]),
+                             nsfw_content_detected=None if flags is None else flags[0])

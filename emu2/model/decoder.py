@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ OFFICIAL_SCHEDULER_CONFIG: dict = {
 }
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Official `EmuVisualGeneration.forward(original_size=[1024, 1024])`: the SDXL size condition does not follow
+# the requested height/width. A decoder trained at other sizes should be called with its training size.
+OFFICIAL_ORIGINAL_SIZE = (1024, 1024)
 
 
 # ------------------------------------------------------------------ shared by the image and video decoders
@@ -189,7 +192,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         crops_coords_top_left: tuple[int, int] = (0, 0),
         output_type: str = "pil",
         return_dict: bool = True,
-    ) -> ImagePipelineOutput | tuple:
+    ) -> StableDiffusionPipelineOutput | tuple:
         """Sample images conditioned on visual embeddings.
 
         Args:
@@ -200,18 +203,20 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
             generator: seeds the initial noise (one per prompt, or one for the batch).
             latents: (B, C, height / vae_scale_factor, width / vae_scale_factor) initial standard-normal
                 latents, before ``init_noise_sigma`` scaling; drawn from ``generator`` when None.
-            original_size, crops_coords_top_left: SDXL size conditions; ``original_size`` defaults to
-                (height, width), as in the official call (official-format section 7).
+            original_size, crops_coords_top_left: SDXL size conditions (height, width) and (top, left);
+                ``original_size`` defaults to the official (1024, 1024) whatever the output size (official-format
+                section 7).
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float in [0, 1], "pt" (B, 3, H, W)
                 float in [0, 1], or "latent" (the final latents, undecoded).
 
         Returns:
-            `ImagePipelineOutput(images=...)`, or the tuple ``(images,)`` when ``return_dict`` is False.
+            `StableDiffusionPipelineOutput(images, nsfw_content_detected)`: the safety checker's flag per image
+            (None without a checker); the tuple ``(images, nsfw_content_detected)`` when ``return_dict`` is False.
         """
         # 0. Default size from the UNet, as diffusers pipelines do.
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        original_size = tuple(original_size or (height, width))
+        original_size = tuple(original_size or OFFICIAL_ORIGINAL_SIZE)
 
         # 1. Check inputs.
         do_cfg = guidance_scale > 1.0
@@ -245,17 +250,20 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         latents = guided_denoising(self, latents, predict, guidance_scale, generator)
 
         # 6. Decode (and run the safety checker when one is loaded).
+        has_nsfw = None
         if output_type == "latent":
             images = latents
         else:
             images = self.decode_latents(latents)  # (B, 3, H, W) in [0, 1]
-            images = self.run_safety_checker(images)
+            images, has_nsfw = self.run_safety_checker(images)
             if output_type != "pt":
                 images = images.cpu().permute(0, 2, 3, 1).float().numpy()
                 if output_type == "pil":
                     images = self.numpy_to_pil(images)  # uint8 via round(x * 255), as the official code
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        if not return_dict:
+            return images, has_nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
 
     def check_inputs(
         self, prompt_embeds, negative_prompt_embeds, height, width, do_cfg, latents, output_type
@@ -328,16 +336,19 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         enlarged by ``pixel_scale``)."""
         return decode_to_images(self.vae, latents, self.pixel_scale)
 
-    def run_safety_checker(self, images: torch.Tensor) -> torch.Tensor:
-        """Official post-processing when a checker is loaded: flagged images become black."""
+    def run_safety_checker(self, images: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
+        """Official post-processing when a checker is loaded: flagged images become black.
+
+        Returns the images and one flag per image (None without a checker), as the official pipeline does."""
         if self.safety_checker is None:
-            return images
+            return images, None
         array = images.cpu().permute(0, 2, 3, 1).float().numpy()
         checker_input = self.feature_extractor(self.numpy_to_pil(array), return_tensors="pt")
         pixel_values = checker_input.pixel_values.to(self.safety_checker.device, self.safety_checker.dtype)
         _, has_nsfw = self.safety_checker(images=array, clip_input=pixel_values)
         flagged = torch.tensor(has_nsfw, dtype=torch.bool, device=images.device)
-        return torch.where(flagged[:, None, None, None], torch.zeros_like(images), images)
+        images = torch.where(flagged[:, None, None, None], torch.zeros_like(images), images)
+        return images, [bool(flag) for flag in has_nsfw]
 
 
 def load_official_gen_decoder(

@@ -1,0 +1,94 @@
+"""Emu2GenPipeline against the official `EmuVisualGeneration.forward` surface (tiny random encoder + decoder)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emu2.gen.pipeline import Emu2GenPipeline
+
+STEPS = dict(num_inference_steps=1)
+
+
+@pytest.fixture(scope="module")
+def gen():
+    pipe = Emu2GenPipeline.from_preset("tiny")
+    pipe.decoder.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image(colour):
+    return Image.new("RGB", (32, 32), colour)
+
+
+def unet_time_ids(gen, **call):
+    """The SDXL ``time_ids`` rows the UNet received in one call."""
+    seen = []
+    hook = gen.decoder.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    try:
+        gen(["a red circle"], **STEPS, **call)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_original_size_defaults_to_the_official_1024_square_at_any_output_size(gen):
+    """Official `forward(height=1024, width=1024, crop_info=[0, 0], original_size=[1024, 1024])`:
+    time_ids = original_size + crop_info + [height, width], original_size not following height/width."""
+    rows = unet_time_ids(gen, height=16, width=32)
+    assert rows.tolist() == [[1024, 1024, 0, 0, 16, 32]] * 2  # cond and uncond rows
+    assert unet_time_ids(gen, height=16, width=16, original_size=(48, 40))[0, :2].tolist() == [48, 40]
+
+
+def test_official_crop_info_is_an_alias_of_crops_coords_top_left(gen):
+    """Official argument name `crop_info` (list [top, left]) -> time_ids[2:4]."""
+    assert unet_time_ids(gen, height=16, width=16, crop_info=[3, 5])[0, 2:4].tolist() == [3, 5]
+    assert unet_time_ids(gen, height=16, width=16, crops_coords_top_left=(3, 5))[0, 2:4].tolist() == [3, 5]
+    with pytest.raises(ValueError, match="crop_info"):
+        gen(["x"], crop_info=[0, 0], crops_coords_top_left=(0, 0), **STEPS)
+
+
+def test_safety_checker_flag_is_returned_as_official_nsfw_content_detected(gen):
+    """Official output `EmuVisualGenerationPipelineOutput(image, nsfw_content_detected=has_nsfw_concept[0])`,
+    None without a checker."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    assert gen(["a red circle"], **STEPS).nsfw_content_detected is None
+    clip = CLIPConfig(vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
+                      projection_dim=8)
+    checker = StableDiffusionSafetyChecker(clip)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)  # every image is over the threshold
+    flagged = Emu2GenPipeline(gen.encoder, gen.decoder.__class__(unet=gen.decoder.unet, scheduler=gen.decoder.scheduler,
+                                                                  vae=gen.decoder.vae, safety_checker=checker,
+                                                                  feature_extractor=CLIPImageProcessor()))
+    flagged.decoder.set_progress_bar_config(disable=True)
+    out = flagged(["a red circle"], **STEPS)
+    assert out.nsfw_content_detected is True and not np.asarray(out.image).any()
+
+
+def test_autoencoding_runs_on_any_images_without_text_as_official(gen):
+    """Official `_prepare_and_encode_inputs`: `if has_image and not has_text` -> cond = encode_image of all the
+    images; any string, even "", switches to generation."""
+    model = gen.encoder.model
+    two = [image("red"), image("blue")]
+    cond, _ = gen.conditioning(two)
+    from emu2.processing import preprocess_images
+
+    expected = model.encode_image(preprocess_images(two, model.config.vision_config.image_size))
+    assert torch.allclose(cond, expected)
+    assert len(gen(two, **STEPS).images) == 2
+    generated, _ = gen.conditioning([image("red"), ""])
+    assert torch.allclose(generated, gen.encoder.regress_image_embeddings([image("red"), ""]))
+
+
+def test_to_moves_encoder_and_decoder_like_the_official_pipe_to():
+    """Official README: `pipe.to("cuda")` moves the whole Gen pipeline; here dtype, which a CPU can test."""
+    gen = Emu2GenPipeline.from_preset("tiny")
+    gen.decoder.set_progress_bar_config(disable=True)
+    assert gen.to(torch.bfloat16) is gen
+    assert gen.encoder.model.dtype == torch.bfloat16 and gen.decoder.unet.dtype == torch.bfloat16
+    assert gen(["a red circle"], height=16, width=16, **STEPS).prompt_embeds.dtype == torch.bfloat16
