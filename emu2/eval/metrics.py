@@ -86,36 +86,53 @@ def _process_digits_and_articles(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(word, word) for word in words)
 
 
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
     """Full VQA normalisation of one answer: whitespace, punctuation, case, number words, articles, contractions.
 
     >>> normalize_answer("The Two dogs.")
     '2 dogs'
     """
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digits_and_articles(_process_punctuation(text))
+    return _process_digits_and_articles(_process_punctuation(_clean_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+VQA_EVAL_REVISIONS = ("2017", "2021")
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], revision: str = "2017") -> float:
     """VQA score of one prediction against the annotators' answers (usually 10), in [0, 1].
 
-    ``min(#other annotators who gave the prediction / 3, 1)`` averaged over the leave-one-out subsets: each
+    ``min(1, #other annotators who gave the prediction / 3)`` averaged over the leave-one-out subsets: each
     annotator in turn is left out and the prediction is matched against the remaining ones. With 10 answers of
     which ``m`` match: m=0 -> 0, m=1 -> 0.3, m=2 -> 0.6, m=3 -> 0.9, m>=4 -> 1.
 
-    Official behaviour kept on purpose (numbers must be comparable with the paper):
-      - answers and prediction are normalised only when the annotators disagree; when all answers are the same
-        string, the prediction must equal it exactly (after stripping whitespace). `postprocess_answer`
-        lower-cases and drops a trailing period first, which covers the common cases.
-      - see `_process_punctuation` for how "1,000", "2." and "red,white" are treated.
+    Which strings are normalised, and when, follows the official ``vqaEval.py`` (GT-Vision-Lab/VQA) exactly,
+    asymmetries included, in one of its two revisions:
+      - "2017" (default; the v2.0 release, the copy OpenFlamingo and LAVIS ship, so the one comparable with
+        the paper): the prediction is always normalised in full (whitespace, `_process_punctuation`, then
+        `_process_digits_and_articles`). The answers are used as written (not even stripped) when they are all
+        the same string; otherwise only their punctuation is processed (no lower-casing, no number words, no
+        articles). So "Two." scores 1.0 against ten "2" but "1,000" scores 0.0 against ten "1,000" (the
+        prediction becomes "1000"), and "two" scores 0.0 against answers "Two" that disagree with others.
+      - "2021" (the repository's last commit): whitespace is cleaned on both sides; both are normalised in
+        full only when the answers disagree, and compared raw when they agree.
     """
+    if revision not in VQA_EVAL_REVISIONS:
+        raise ValueError(f"unknown vqaEval.py revision {revision!r}; expected one of {VQA_EVAL_REVISIONS}")
     if not answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer; this record has none")
-    prediction = prediction.replace("\n", " ").replace("\t", " ").strip()
-    gold = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if len(set(gold)) > 1:
-        gold = [normalize_answer(a) for a in gold]
+    gold = list(answers)
+    if revision == "2017":
         prediction = normalize_answer(prediction)
+        if len(set(gold)) > 1:
+            gold = [_process_punctuation(a) for a in gold]
+    else:
+        prediction, gold = _clean_whitespace(prediction), [_clean_whitespace(a) for a in gold]
+        if len(set(gold)) > 1:
+            prediction, gold = normalize_answer(prediction), [normalize_answer(a) for a in gold]
     matches = [a == prediction for a in gold]
     total = sum(matches)
     # Leaving out annotator i removes one match exactly when annotator i matched.

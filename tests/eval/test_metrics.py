@@ -67,11 +67,44 @@ def test_period_before_a_digit_is_kept_other_periods_go():
     assert normalize_answer("e.g.") == "eg"
 
 
-def test_unanimous_answers_are_compared_without_normalisation_as_the_official_script_does():
-    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0  # official quirk: no lower-casing when all agree
-    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0  # whitespace is always stripped
-    assert vqa_accuracy(postprocess_answer("Yes."), ["yes"] * 10) == 1.0  # which post-processing covers
+# Official vqaEval.py, v2.0 revision (2017; what OpenFlamingo and LAVIS ship), `evaluate`: the prediction goes
+# through strip -> processPunctuation -> processDigitArticle every time; the ten answers are left as written when
+# `len(set(gtAnswers)) == 1`, and otherwise get processPunctuation only. Expected scores worked by hand:
+def test_official_2017_normalises_the_prediction_even_when_the_annotators_agree():
+    # "Two." -> periodStrip -> "Two" -> lower -> manualMap "two" -> "2"; ten raw "2" all match: 1.0.
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    # "Yes" -> "yes", the raw "yes" matches: 1.0.
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
+
+
+def test_official_2017_leaves_unanimous_answers_raw_so_a_comma_number_never_matches():
+    # "1,000": commaStrip finds digit-comma-digit, so every mark is deleted -> "1000"; the ten answers stay
+    # "1,000" (unanimous, so unprocessed): no match, 0.0.
+    assert vqa_accuracy("1,000", ["1,000"] * 10) == 0.0
+    # Unanimous answers are not even stripped: "yes " never equals the stripped prediction "yes".
+    assert vqa_accuracy("yes", ["yes "] * 10) == 0.0
+
+
+def test_official_2017_gives_disagreeing_answers_punctuation_processing_only():
+    # Answers disagree -> processPunctuation only: "Two" keeps its capital and its spelling, while the
+    # prediction "two" becomes "2": 0 matches among "Two" x4, "dog" x6 -> 0.0.
+    assert vqa_accuracy("two", ["Two"] * 4 + ["dog"] * 6) == 0.0
+    # "the dog" -> "dog" but the answers "the dog" keep their article: 0.0; "red,white" -> "red white" on both
+    # sides (a mark inside a word becomes a space): 5 of 10 -> 1.0.
+    assert vqa_accuracy("the dog", ["the dog"] * 5 + ["cat"] * 5) == 0.0
+    assert vqa_accuracy("red,white", ["red,white"] * 5 + ["red"] * 5) == 1.0
+
+
+def test_official_2021_revision_normalises_both_sides_only_when_the_annotators_disagree():
+    # Last commit ("Fixed processing answers bug"): whitespace cleaned on both sides, then full normalisation
+    # of both only if `len(set(gtAnswers)) > 1`.
+    assert vqa_accuracy("Two.", ["2"] * 10, revision="2021") == 0.0  # raw "Two." vs raw "2"
+    assert vqa_accuracy("1,000", ["1,000"] * 10, revision="2021") == 1.0  # raw vs raw
+    assert vqa_accuracy(" yes\n", ["yes"] * 10, revision="2021") == 1.0
+    # "two" -> "2" and "Two" -> "2": 4 of 10 -> 1.0 (0.0 in 2017, above).
+    assert vqa_accuracy("two", ["Two"] * 4 + ["dog"] * 6, revision="2021") == 1.0
+    with pytest.raises(ValueError, match="revision"):
+        vqa_accuracy("yes", ["yes"], revision="2019")
 
 
 def test_vqa_accuracy_needs_answers():
