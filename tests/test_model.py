@@ -178,3 +178,52 @@ def test_device_map_loading(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = Emu2ForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu"
+
+
+def test_auto_classes_load_a_saved_model_as_the_official_readme_loads_emu2(tmp_path):
+    """Official README: `AutoModelForCausalLM.from_pretrained(path, ...)`; importing emu2.model registers
+    Emu2Config / Emu2ForCausalLM with AutoConfig / AutoModelForCausalLM (no remote code needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from emu2.config import Emu2Config
+    from emu2.model import Emu2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Emu2ForCausalLM(Emu2Config.from_preset("tiny")).eval()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), Emu2Config)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, Emu2ForCausalLM)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+class _OneDevicePerOp(torch.overrides.TorchFunctionMode):
+    """Refuses any op whose (non-scalar) tensor arguments live on different devices, as CUDA does; lets a CPU
+    test stand in "meta" for a second device (meta kernels themselves accept mixed devices)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {a.device for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor) and a.dim()}
+        if len(devices) > 1:
+            raise RuntimeError(f"{func} got tensors on {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def test_splice_moves_projected_features_to_the_embeddings_device_as_official():
+    """Official `EmuModel.generate`: `text_embeds[image_idx] = prompt_image_embeds.to(text_embeds.device)`,
+    so a model whose embedding table sits on another device than the vision encoder (device_map="auto")
+    works. Here the embedding table is on "meta" (its inputs moved there by a hook, as accelerate's are) and the
+    vision side on CPU; the mode above makes a cross-device op fail as on GPUs. It catches a splice that leaves
+    the features or the slot mask on the vision side's device; it does not run real multi-GPU kernels."""
+    torch.manual_seed(0)
+    config = Emu2Config.from_preset("tiny")
+    model = Emu2ForCausalLM(config).eval()
+    table = model.get_input_embeddings().to("meta")
+    table.register_forward_pre_hook(lambda module, args: (args[0].to("meta"),))
+    n = config.n_query
+    input_ids = torch.tensor([[1, config.boi_token_id, *[config.image_token_id] * n, config.eoi_token_id, 5]])
+    features = torch.randn(1, n, config.vision_config.width, dtype=torch.float64)  # another dtype as well
+    with _OneDevicePerOp():
+        embeds = model.embed(input_ids, features)
+    assert embeds.device.type == "meta" and embeds.dtype == table.weight.dtype
+    assert embeds.shape == (1, n + 4, config.text_config.hidden_size)

@@ -117,8 +117,12 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
                 "emu2.processing.expand_placeholders using the model's n_query/v_query"
             )
         if n_slots:
-            projected = self.project_up(features.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), projected.to(embeds.dtype))
+            weight = self.project_up.weight
+            projected = self.project_up(features.to(device=weight.device, dtype=weight.dtype))
+            # A model split over devices (device_map) may hold the embedding table elsewhere than the vision
+            # side: the official splice moves the projected features to the embeddings' device too.
+            projected = projected.reshape(-1, embeds.shape[-1]).to(device=embeds.device, dtype=embeds.dtype)
+            embeds = embeds.masked_scatter(mask.to(embeds.device).unsqueeze(-1), projected)
         return embeds
 
     def embed(
@@ -290,3 +294,8 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
                 if padded:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         return torch.stack(outputs, dim=1)
+
+
+# `AutoModelForCausalLM.from_pretrained(converted_dir)` works once `emu2.model` is imported (the config's
+# model_type "emu2" is registered with AutoConfig in `emu2.config`).
+AutoModelForCausalLM.register(Emu2Config, Emu2ForCausalLM, exist_ok=True)
