@@ -176,13 +176,20 @@ def test_stop_string_ends_the_answer_before_it(pipe):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def test_cli_writes_a_markdown_document_with_its_images_beside_it(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def gen_dir(tmp_path_factory):
     from emu2.gen.pipeline import Emu2GenPipeline
+
+    path = tmp_path_factory.mktemp("tiny-gen")
+    Emu2GenPipeline.from_preset("tiny").save_pretrained(path)
+    return path
+
+
+def test_cli_writes_a_markdown_document_with_its_images_beside_it(tmp_path, capsys, gen_dir):
     from emu2.serve.cli import main
 
-    Emu2GenPipeline.from_preset("tiny").save_pretrained(tmp_path / "gen")
     out = tmp_path / "docs" / "story.md"
-    argv = ["generate", "--interleaved", "--model", str(tmp_path / "gen"), "Once upon a time", "--image-at", "0",
+    argv = ["generate", "--interleaved", "--model", str(gen_dir), "Once upon a time", "--image-at", "0",
             "--image-at", "3", "--max-new-tokens", "4", "--steps", "2", "--seed", "0", "-o", str(out)]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
@@ -198,3 +205,13 @@ def test_cli_interleaved_needs_a_markdown_output(tmp_path):
 
     with pytest.raises(SystemExit, match="Markdown"):
         main(["generate", "--interleaved", "--model", str(tmp_path), "x", "-o", str(tmp_path / "x.png")])
+
+
+def test_cli_takes_an_emu2_model_with_a_separate_decoder(tmp_path, capsys, gen_dir):
+    from emu2.serve.cli import main
+
+    out = tmp_path / "doc.md"
+    argv = ["generate", "--interleaved", "--model", str(gen_dir / "encoder"), "--decoder", str(gen_dir / "decoder"),
+            "A picture:", "--image-at", "0", "--max-new-tokens", "2", "--steps", "1", "--guidance", "1", "-o", str(out)]
+    assert main(argv) == 0
+    assert (tmp_path / "doc-1.png").is_file() and "](doc-1.png)" in out.read_text()
