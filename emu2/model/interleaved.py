@@ -165,7 +165,7 @@ def iter_interleaved(
         force_image_at: start an image once a row has generated this many text tokens (0: right after the
             prompt); ints for every row, or one collection per row.
         eos_token_id: ends a row (default: the LM config's).
-        generator: the random generator for sampling.
+        generator: the random generator for sampling (on the model's device, as torch.multinomial needs).
         output_logits: keep the raw logits of every token chosen by the LM head (``InterleavedSequence.logits``).
     """
     cfg = model.config
