@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from . import processing as P
 from .model import Emu2ForCausalLM
+from .model.interleaved import InterleavedImage, iter_interleaved
 
 
 def _as_batch(inputs) -> list:
@@ -168,3 +169,117 @@ class Emu2Pipeline:
     def regress_image_embeddings(self, inputs) -> torch.Tensor:
         """The visual embeddings of the image that follows each input: ``(B, n_query, Dv)`` (Emu2-Gen)."""
         return self.model.regress_image_embeddings(**self.encode_interleaved(inputs))
+
+    # ------------------------------------------------------------------------------------ interleaved
+    def stream_interleaved(self, inputs, decoder=None, max_images: int = 4, max_new_tokens: int = 256,
+                           do_sample: bool = False, stop: Sequence[str] = (), decoder_kwargs: dict | None = None,
+                           **kwargs) -> Iterator[tuple[int, str | InterleavedImage]]:
+        """`generate_interleaved` as it happens: yields ``(row, part)``, text deltas (str) and finished images
+        (`InterleavedImage`), in order per row. Text never includes a stop string or what follows it."""
+        from transformers import StopStringCriteria
+
+        stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+        if stop:
+            kwargs["stopping_criteria"] = [*kwargs.get("stopping_criteria", ()),
+                                           StopStringCriteria(self.tokenizer, stop)]
+        draw = self._image_decoder(decoder, decoder_kwargs or {})
+        batch = self.encode_interleaved(inputs)
+        segments = [_TextSegment(self.tokenizer, stop) for _ in range(batch["input_ids"].shape[0])]
+        events = iter_interleaved(self.model, **batch, max_new_tokens=max_new_tokens, max_images=max_images,
+                                  do_sample=do_sample, **kwargs)
+        for event in events:
+            segment = segments[event.row]
+            if event.token is not None:
+                delta = segment.add(event.token)
+                if delta:
+                    yield event.row, delta
+                continue
+            rest = segment.close()
+            if rest:
+                yield event.row, rest
+            yield event.row, InterleavedImage(event.image, draw(event.image) if draw else None)
+        for row, segment in enumerate(segments):
+            rest = segment.close()
+            if rest:
+                yield row, rest
+
+    def generate_interleaved(self, inputs, decoder=None, max_images: int = 4, max_new_tokens: int = 256,
+                             do_sample: bool = False, stop: Sequence[str] = (),
+                             stream: Callable[[int, str | InterleavedImage], None] | None = None,
+                             decoder_kwargs: dict | None = None, **kwargs) -> list[list[str | InterleavedImage]]:
+        """Continue each input with text and images from the one model: per input, its ordered parts.
+
+        Parts are text segments (str) and `InterleavedImage` (the regressed embeddings ``(Q, Dv)``, and the
+        picture when ``decoder`` is given: an `Emu2VisualDecoderPipeline`, guided by the regressed embeddings
+        of the empty prompt as Emu2-Gen, or any callable ``(1, Q, Dv) embeddings -> PIL image``).
+        ``stream(row, part)`` gets text deltas and each finished image as they come. ``max_images`` /
+        ``max_new_tokens`` bound the images and the text tokens per input; ``stop`` strings end an input's
+        answer. Other keywords (temperature, top_p, top_k, logits_processor, force_image_at, generator) go to
+        `emu2.model.interleaved.iter_interleaved`; ``decoder_kwargs`` (num_inference_steps, guidance_scale,
+        generator, ...) to the decoder pipeline.
+        """
+        parts: list[list] = [[] for _ in _as_batch(inputs)]
+        for row, part in self.stream_interleaved(inputs, decoder, max_images, max_new_tokens, do_sample, stop,
+                                                 decoder_kwargs, **kwargs):
+            if stream is not None:
+                stream(row, part)
+            if isinstance(part, str) and parts[row] and isinstance(parts[row][-1], str):
+                parts[row][-1] += part
+            else:
+                parts[row].append(part)
+        return parts
+
+    def _image_decoder(self, decoder, decoder_kwargs: dict):
+        """``decoder`` -> a function ``(Q, Dv) embeddings -> PIL image``, or None."""
+        if decoder is None:
+            return None
+        from .model.decoder import Emu2VisualDecoderPipeline
+
+        if isinstance(decoder, Emu2VisualDecoderPipeline):
+            uncond = []
+
+            def draw(embeddings):
+                if not uncond and decoder_kwargs.get("guidance_scale", 3.0) > 1.0:
+                    uncond.append(self.regress_image_embeddings([""]))  # official Emu2-Gen's unconditional input
+                return decoder(embeddings[None], uncond[0] if uncond else None, **decoder_kwargs).images[0]
+
+            return draw
+        if not callable(decoder):
+            raise TypeError(f"decoder must be an Emu2VisualDecoderPipeline or a callable (1, Q, Dv) -> PIL image; "
+                            f"got {type(decoder).__name__}")
+        return lambda embeddings: decoder(embeddings[None])
+
+
+class _TextSegment:
+    """Token ids of the text since the last image -> text deltas that never split a character or show a stop
+    string (a tail that might begin one is held back until it cannot)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def _text(self) -> tuple[str, bool]:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return (text[:min(hits)], True) if hits else (text, False)
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text, self.stopped = self._text()
+        end = len(text) if self.stopped else len(text) - self.hold
+        if not self.stopped and text.endswith("\ufffd"):  # half of a multi-byte character
+            return ""
+        delta, self.sent = text[self.sent:end], max(self.sent, end)
+        return delta
+
+    def close(self) -> str:
+        """The rest of this segment; the next text starts a new one (after an image)."""
+        text = self._text()[0] if self.ids and not self.stopped else ""
+        rest = text[self.sent:] if text else ""
+        self.ids, self.sent = [], 0
+        return rest

@@ -222,6 +222,10 @@ def _parse_box(text: str) -> tuple[float, ...]:
 def _generate(args) -> int:
     from .generation import GroundedObject, ImageGenerator, build_generation_inputs
 
+    if args.interleaved:
+        from .interleaved import generate_interleaved_command
+
+        return generate_interleaved_command(args)
     if len(args.phrase) != len(args.box) or len(args.subject) > len(args.box):
         raise SystemExit(f"error: give one --phrase per --box ({len(args.box)} box(es), {len(args.phrase)} "
                          f"phrase(s)) and at most one --subject per box ({len(args.subject)} given)")
@@ -331,6 +335,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights dtype (default auto: bf16 on GPU, fp32 on CPU)")
+    from .interleaved import add_arguments as add_interleaved_arguments
+
+    add_interleaved_arguments(p)
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, images) and optional web page",
