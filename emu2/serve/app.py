@@ -9,8 +9,8 @@ Routes: ``POST /v1/chat/completions`` (streaming as server-sent events), ``POST 
 CDN), and the web page at ``/`` with ``ui=True``.
 
 A request goes: validate (pydantic; then on the event loop the model name, unsupported fields, content part types
-and a text-length bound on the prompt; then `ServeLimits` with images decoded and prompts tokenized on a
-thread-pool thread) -> queue for the model thread (429 when full) -> answer (504 past the deadline). Every error is OpenAI's
+and a text-length bound on the prompt; then `ServeLimits`, images decoded and prompts tokenized on a thread-pool
+thread) -> queue for the model thread (429 when full) -> answer (504 past the deadline). Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``; an exception inside the model is a 500 for that request
 only, the worker thread carries on with the next.
 """
@@ -417,7 +417,7 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
                gen_model_name: str = "emu2-gen") -> FastAPI:
     """The FastAPI app serving an `Emu2Pipeline` (chat) and/or an `Emu2GenPipeline` (images)."""
     server = Emu2Server(chat_pipeline, gen_pipeline, limits, allowed_dir, chat_model_name, gen_model_name)
-    # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN and are blank offline; the `docs` route says so.
+    # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN and are blank offline (see `docs`).
     app = FastAPI(title="emu2", version="0.1.0", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   description="Emu2 behind the OpenAI API: chat with images, image generation and editing.")
     app.state.server = server
