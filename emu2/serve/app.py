@@ -5,9 +5,11 @@
 
 Routes: ``POST /v1/chat/completions`` (streaming as server-sent events), ``POST /v1/images/generations``,
 ``POST /v1/images/edits`` (multipart as OpenAI, or JSON with data URLs), ``GET /v1/models``, ``GET /healthz``,
-``GET /docs`` + ``/openapi.json`` (FastAPI), and the web page at ``/`` with ``ui=True``.
+``GET /openapi.json`` (FastAPI's schema; ``/docs`` and ``/redoc`` are off, since their pages load scripts from a
+CDN), and the web page at ``/`` with ``ui=True``.
 
-A request goes: validate (pydantic, then `ServeLimits`; images decoded and prompts tokenized on a thread-pool
+A request goes: validate (pydantic; then on the event loop the model name, unsupported fields, content part types
+and a text-length bound on the prompt; then `ServeLimits`, images decoded and prompts tokenized on a thread-pool
 thread) -> queue for the model thread (429 when full) -> answer (504 past the deadline). Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``; an exception inside the model is a 500 for that request
 only, the worker thread carries on with the next.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import reprlib
 import threading
 import time
 import uuid
@@ -40,6 +43,11 @@ from .generation import GroundedObject, ImageGenerator, build_generation_inputs,
 from .limits import ServeLimits, decode_image_bytes, load_image_url
 from .queue import ModelWorker
 from .schemas import (
+    IGNORED_MESSAGE_FIELDS,
+    SUPPORTED_PART_TYPES,
+    UNSUPPORTED_CHAT_FIELDS,
+    UNSUPPORTED_IMAGE_FIELDS,
+    UNSUPPORTED_MESSAGE_FIELDS,
     APIError,
     ChatCompletion,
     ChatCompletionRequest,
@@ -48,6 +56,8 @@ from .schemas import (
     ImageGenerationRequest,
     ImagesResponse,
     ModelList,
+    OtherPart,
+    refused_field,
 )
 
 logger = logging.getLogger("emu2.serve")
@@ -87,12 +97,67 @@ class Emu2Server:
             raise APIError(500, f"the model failed on this request ({type(error).__name__}: {error}); "
                                 "the server is still running", None, "model_error") from None
 
-    # -------------------------------------------------------------------------------------------- chat
-    def prepare_chat(self, request: ChatCompletionRequest) -> tuple[ChatPrompt, DecodingSettings]:
-        """Validate a chat request against the limits and write its prompt (decodes images: run off the loop)."""
+    # ------------------------------------------------------------------------------- checks on the loop
+    # These run on the event loop before any thread-pool or model work: each is cheap (no tokenizing, no image
+    # decoding), so a request refused here costs the server next to nothing, however large it is.
+    def screen_chat(self, request: ChatCompletionRequest) -> None:
+        """Refuse a chat request for another model, unsupported fields or part types, or surely too long text."""
         if self.chat is None:
             raise APIError(404, "this server has no chat model: start it with --model DIR", "model",
                            "model_not_found")
+        self._check_model(request.model, self.chat_model_name, "chat",
+                          (self.gen_model_name, "/v1/images/generations") if self.gen else None)
+        _refuse_fields(request, UNSUPPORTED_CHAT_FIELDS)
+        chars = 0
+        for i, message in enumerate(request.messages):
+            _refuse_fields(message, UNSUPPORTED_MESSAGE_FIELDS, IGNORED_MESSAGE_FIELDS, f"messages[{i}].")
+            parts = message.content if isinstance(message.content, list) else [message.content or ""]
+            for j, part in enumerate(parts):
+                if isinstance(part, str):
+                    chars += len(part)
+                elif isinstance(part, OtherPart):
+                    raise APIError(400, f"messages[{i}].content[{j}]: content part type {_shown(part.type)} is not "
+                                        f"supported (supported: {', '.join(SUPPORTED_PART_TYPES)})",
+                                   f"messages[{i}].content[{j}].type", "unsupported_content_part")
+                elif part.type == "text":
+                    chars += len(part.text)
+        self._check_text_length(chars, self.chat.prompt_tokenizer, "messages")
+
+    def screen_images(self, request: ImageGenerationRequest) -> None:
+        """Refuse an image request for another model, with unsupported fields, or with surely too long text."""
+        if self.gen is None:
+            raise APIError(404, "this server has no image model: start it with --gen-model DIR", "model",
+                           "model_not_found")
+        self._check_model(request.model, self.gen_model_name, "image",
+                          (self.chat_model_name, "/v1/chat/completions") if self.chat else None)
+        _refuse_fields(request, UNSUPPORTED_IMAGE_FIELDS)
+        chars = len(request.prompt) + sum(len(o.phrase) for o in request.objects)
+        self._check_text_length(chars, self.gen.prompt_tokenizer, "prompt")
+
+    @staticmethod
+    def _check_model(requested: str | None, served: str, kind: str, other: tuple[str, str] | None) -> None:
+        # Absent means this endpoint's model; any name but the one /v1/models lists is refused as OpenAI does
+        # (404 model_not_found), so a client asking for gpt-4o is not answered by Emu2 in its place.
+        if requested is None or requested == served:
+            return
+        if other is not None and requested == other[0]:
+            message = f"the model {_shown(requested)} is this server's other model: send it to {other[1]}"
+        else:
+            message = f"the model {_shown(requested)} does not exist on this server"
+        raise APIError(404, f"{message}; its {kind} model is {served!r} (GET /v1/models lists the models; "
+                            "omit model to use it)", "model", "model_not_found", kind="invalid_request_error")
+
+    def _check_text_length(self, chars: int, tokenizer, param: str) -> None:
+        limit = tokenizer.max_text_chars(self.limits.max_prompt_tokens)
+        if chars > limit:
+            raise APIError(400, f"the prompt holds {chars} characters of text, more than {limit}: no token of "
+                                f"this model covers more than {tokenizer.max_token_chars} characters, so it is "
+                                f"surely over {self.limits.max_prompt_tokens} tokens (server limit "
+                                "--max-prompt-tokens)", param, "context_length_exceeded")
+
+    # -------------------------------------------------------------------------------------------- chat
+    def prepare_chat(self, request: ChatCompletionRequest) -> tuple[ChatPrompt, DecodingSettings]:
+        """Validate a chat request against the limits and write its prompt (decodes images: run off the loop)."""
         lim = self.limits
         max_tokens = (request.max_tokens or request.max_completion_tokens
                       or min(lim.default_max_tokens, lim.max_tokens))
@@ -254,9 +319,6 @@ class Emu2Server:
     # ------------------------------------------------------------------------------------------ images
     def prepare_images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()) -> dict:
         """Validate an image request and write the official Emu2-Gen input list (decodes images: off the loop)."""
-        if self.gen is None:
-            raise APIError(404, "this server has no image model: start it with --gen-model DIR", "model",
-                           "model_not_found")
         lim = self.limits
         if request.stream:
             raise APIError(400, "streaming image generation is not supported; drop stream", "stream",
@@ -309,6 +371,7 @@ class Emu2Server:
                 "seed": request.seed}
 
     async def images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()) -> dict:
+        self.screen_images(request)
         job = await run_in_threadpool(self.prepare_images, request, uploads)
 
         def run(cancel):
@@ -319,6 +382,24 @@ class Emu2Server:
         data = [{key: f"data:image/png;base64,{b64}" if key == "url" else b64} for b64 in encoded]
         return ImagesResponse(created=int(time.time()), data=data,
                               size=f"{job['width']}x{job['height']}").model_dump(exclude_none=True)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def _shown(value) -> str:
+    """A client's value quoted for an error message: shortened, and with lone surrogates escaped (the JSON
+    response is encoded as UTF-8, which cannot hold them)."""
+    return _SHORT_REPR.repr(value)
+
+
+def _refuse_fields(model, unsupported: dict, ignored: frozenset | None = None, prefix: str = "") -> None:
+    refused = refused_field(model, unsupported, *(() if ignored is None else (ignored,)))
+    if refused is not None:
+        name, reason = refused
+        raise APIError(400, f"{prefix}{reason}", f"{prefix}{name}",
+                       "unsupported_parameter" if name in unsupported else "unknown_parameter")
 
 
 def _check_unicode(text: str, param: str) -> None:
@@ -336,7 +417,8 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
                gen_model_name: str = "emu2-gen") -> FastAPI:
     """The FastAPI app serving an `Emu2Pipeline` (chat) and/or an `Emu2GenPipeline` (images)."""
     server = Emu2Server(chat_pipeline, gen_pipeline, limits, allowed_dir, chat_model_name, gen_model_name)
-    app = FastAPI(title="emu2", version="0.1.0", lifespan=_lifespan,
+    # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN and are blank offline (see `docs`).
+    app = FastAPI(title="emu2", version="0.1.0", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   description="Emu2 behind the OpenAI API: chat with images, image generation and editing.")
     app.state.server = server
     app.add_middleware(BodySizeLimit, max_bytes=server.limits.max_request_bytes)
@@ -345,6 +427,7 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
     @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}, **_ERRORS})
     async def chat_completions(request: ChatCompletionRequest):
         """OpenAI chat completions; ``stream: true`` sends server-sent events ending with ``data: [DONE]``."""
+        server.screen_chat(request)
         prompt, settings = await run_in_threadpool(server.prepare_chat, request)
         if request.stream:
             return server.stream_chat(request, prompt, settings)
@@ -374,6 +457,13 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
         names = [name for name, engine in ((server.chat_model_name, server.chat), (server.gen_model_name,
                                                                                    server.gen)) if engine]
         return {"object": "list", "data": [{"id": n, "created": server.started} for n in names]}
+
+    @app.get("/docs", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False)
+    async def docs():
+        raise APIError(404, "interactive API docs are not served (their pages load scripts from a CDN); the "
+                            "OpenAPI schema is at /openapi.json: open it in any OpenAPI viewer", None,
+                       "docs_not_served")
 
     @app.get("/healthz")
     async def healthz():
@@ -435,8 +525,10 @@ async def _read_edit_request(request: Request, limits: ServeLimits) -> tuple[dic
     if content_type.startswith("application/json"):
         try:
             body = json.loads(await request.body())
+        except json.JSONDecodeError as error:
+            raise _json_error(error) from None
         except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the body is not valid JSON", None, "invalid_json") from None
+            raise APIError(400, "the request body is not valid JSON (nor UTF-8 text)", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the JSON body must be an object", None, "invalid_json")
         return body, []
@@ -445,11 +537,29 @@ async def _read_edit_request(request: Request, limits: ServeLimits) -> tuple[dic
 
 
 # ------------------------------------------------------------------------------------------------ errors
+_UNION_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "list"})
+
+
+def _json_error(error: json.JSONDecodeError) -> APIError:
+    return APIError(400, f"the request body is not valid JSON: {error.msg} at line {error.lineno} column "
+                         f"{error.colno} (character {error.pos})", None, "invalid_json")
+
+
 def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
-    """pydantic errors -> (message, param) in OpenAI's style: the first error, its field as a dotted path."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    """pydantic errors -> (message, param) in OpenAI's style: the deepest error, its field as a dotted path.
+
+    The deepest, because a union reports one error per branch: content that is neither a string nor a valid
+    list of parts gets "content.str: Input should be a valid string" first, while the part's own error (say
+    "content.list[...].0.text: Field required") is the one that says what to fix.
+    """
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
+    loc, param = list(first.get("loc", ())), ""
+    for part in loc[1:] if loc[:1] == ["body"] else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.isidentifier() and part not in _UNION_BRANCHES:  # union branches: "str", "list[str]", "text-part"
+            param += f".{part}" if param else part
+    param = param or None
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}{more}", param
 
@@ -461,7 +571,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
-        message, param = _describe_validation(list(error.errors()))
+        errors = list(error.errors())
+        if errors and errors[0].get("type") == "json_invalid":  # FastAPI's report: loc ("body", offset)
+            doc, pos = error.body, errors[0]["loc"][-1]
+            if isinstance(doc, str) and isinstance(pos, int):
+                reason = errors[0].get("ctx", {}).get("error", "JSON decode error")
+                return JSONResponse(_json_error(json.JSONDecodeError(reason, doc, pos)).body(), status_code=400)
+        message, param = _describe_validation(errors)
         return JSONResponse(APIError(400, message, param, "invalid_request").body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -149,6 +149,18 @@ class PromptTokenizer:
 
     def __init__(self, tokenizer, config):
         self._tokenizer, self._config, self._lock = copy.deepcopy(tokenizer), config, threading.Lock()
+        # The most characters of text one token stands for: the longest vocabulary string (byte-fallback pieces
+        # such as "<0x0A>" are longer than the one byte they cover, which only loosens the bound below).
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.max_token_chars = max(len(piece) for piece in pieces if piece is not None)
+
+    def max_text_chars(self, max_tokens: int) -> int:
+        """Text longer than this tokenizes to more than ``max_tokens`` tokens, so it can be refused untokenized.
+
+        Every token covers at most `max_token_chars` characters, and LLaMA's normalization (spaces to "▁", one
+        "▁" prepended) never shortens text, so n characters take at least n / max_token_chars tokens.
+        """
+        return max_tokens * self.max_token_chars
 
     def __call__(self, text: str) -> list[int]:
         expanded = P.expand_placeholders(text, self._config.n_query, self._config.v_query)

@@ -1,16 +1,19 @@
 """The OpenAI wire format the server speaks: request bodies, responses, and the JSON error.
 
-Only what Emu2 can honour is declared; any other field an OpenAI client sends (``user``, ``logprobs: false``,
-``stream_options``, ...) is accepted and ignored, so stock clients work unchanged. Fields marked *extension* are
-ours: ``num_beams``/``grounding``/``top_k``/``length_penalty`` for chat (the official Emu2-Chat decoding knobs),
-``images``/``objects``/``num_inference_steps``/``guidance_scale``/``seed`` for images (Emu2-Gen inputs).
+Only what Emu2 can honour is declared. Other OpenAI fields are listed in `UNSUPPORTED_CHAT_FIELDS` /
+`UNSUPPORTED_IMAGE_FIELDS` (refused with a 400 naming the field unless their value asks for nothing, such as
+``tools: []`` or ``logprobs: false``, which clients send as defaults) or in `IGNORED_FIELDS` (bookkeeping with no
+effect on the answer, accepted); any other field is refused as unrecognized, as OpenAI does, so a misspelt knob
+is not silently dropped. Fields marked *extension* are ours: ``num_beams``/``grounding``/``top_k``/
+``length_penalty`` for chat (the official Emu2-Chat decoding knobs), ``images``/``objects``/
+``num_inference_steps``/``guidance_scale``/``seed`` for images (Emu2-Gen inputs).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
@@ -22,12 +25,14 @@ class APIError(Exception):
              405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "server_error", 504: "timeout_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        kind = self.kind or self.TYPES.get(self.status,
+                                           "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -44,7 +49,65 @@ class ErrorResponse(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- chat
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, not rejected
+    # Extra fields are kept (in ``model_extra``) so the server can name them: see `refused_field`.
+    model_config = ConfigDict(extra="allow")
+
+
+# field -> (what it asks for, the values that ask for nothing). None is always accepted as "not given".
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[str, tuple]] = {
+    "tools": ("tool (function) calling", ([],)),
+    "tool_choice": ("tool (function) calling", ("none", "auto")),
+    "functions": ("function calling", ([],)),
+    "function_call": ("function calling", ("none", "auto")),
+    "response_format": ("structured output (JSON mode or a JSON schema)", ({"type": "text"},)),
+    "logprobs": ("log probabilities", (False,)),
+    "top_logprobs": ("log probabilities", (0,)),
+    "logit_bias": ("logit bias", ({},)),
+    "frequency_penalty": ("frequency penalty", (0,)),
+    "presence_penalty": ("presence penalty", (0,)),
+    "audio": ("audio output", ()),
+    "modalities": ("output modalities other than text", (["text"],)),
+    "prediction": ("predicted outputs", ()),
+    "web_search_options": ("web search", ()),
+    "reasoning_effort": ("reasoning effort (Emu2 is not a reasoning model)", ()),
+    "verbosity": ("verbosity control", ()),
+    "store": ("stored completions (this server stores nothing)", (False,)),
+}
+# Fields of an OpenAI chat message Emu2 cannot take (tool calls; the "tool" role is refused by `ChatMessage`).
+UNSUPPORTED_MESSAGE_FIELDS: dict[str, tuple[str, tuple]] = {
+    "tool_calls": ("tool (function) calling", ([],)),
+    "function_call": ("function calling", ()),
+    "audio": ("audio", ()),
+}
+UNSUPPORTED_IMAGE_FIELDS: dict[str, tuple[str, tuple]] = {
+    "quality": ("quality levels (use the num_inference_steps extension)", ("auto", "standard")),
+    "style": ("DALL-E 3 styles", ()),
+    "background": ("transparent backgrounds", ("auto", "opaque")),
+    "output_format": ("output formats other than png", ("png",)),
+    "output_compression": ("output compression (PNG is lossless)", ()),
+    "partial_images": ("streamed partial images", (0,)),
+    "input_fidelity": ("input fidelity levels", ("low",)),
+}
+# Bookkeeping fields that change nothing in the answer: accepted and ignored.
+IGNORED_FIELDS = frozenset({"user", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
+                            "prompt_cache_key", "moderation"})
+IGNORED_MESSAGE_FIELDS = frozenset({"name", "refusal"})
+
+
+def refused_field(model: BaseModel, unsupported: dict[str, tuple[str, tuple]],
+                  ignored: frozenset[str] = IGNORED_FIELDS) -> tuple[str, str] | None:
+    """(field, reason) for the first extra field of ``model`` the server must refuse, or None."""
+    for name, value in (model.model_extra or {}).items():
+        if name in ignored or value is None:
+            continue
+        if name not in unsupported:
+            return name, f"unrecognized request argument {name!r}"
+        what, accepted = unsupported[name]
+        # Multipart forms send every value as a string, so "0" stands for 0 there.
+        if value in accepted or (isinstance(value, str) and value in {str(a) for a in accepted}):
+            continue
+        return name, f"{name!r} is not supported: this server does not do {what}"
+    return None
 
 
 class TextPart(_Open):
@@ -62,7 +125,24 @@ class ImagePart(_Open):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class OtherPart(_Open):
+    """Any other content part (``input_audio``, ``file``, ...): parsed only so the server can name its type when it
+    refuses it (400)."""
+
+    type: Any = None
+
+
+SUPPORTED_PART_TYPES = ("text", "image_url")
+
+
+def _part_tag(part) -> str:
+    # Tags are not identifiers ("text-part"), so error paths can tell them from field names (`_describe_validation`).
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return f"{kind}-part" if kind in SUPPORTED_PART_TYPES else "other-part"
+
+
+ContentPart = Annotated[Annotated[TextPart, Tag("text-part")] | Annotated[ImagePart, Tag("image_url-part")]
+                        | Annotated[OtherPart, Tag("other-part")], Discriminator(_part_tag)]
 
 
 class ChatMessage(_Open):

@@ -15,7 +15,7 @@ def image_message(text="What is in the image?", colour="red"):
 
 
 def test_chat_with_a_data_url_image_answers_in_openai_format(client):
-    reply = client.chat.completions.create(model="emu2", messages=[image_message()], max_tokens=6)
+    reply = client.chat.completions.create(model="emu2-chat", messages=[image_message()], max_tokens=6)
     choice = reply.choices[0]
     assert reply.object == "chat.completion" and choice.message.role == "assistant"
     assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
@@ -24,7 +24,7 @@ def test_chat_with_a_data_url_image_answers_in_openai_format(client):
 
 
 def test_string_content_system_message_and_multi_turn(client):
-    reply = client.chat.completions.create(model="emu2", max_tokens=4, messages=[
+    reply = client.chat.completions.create(model="emu2-chat", max_tokens=4, messages=[
         {"role": "system", "content": "You are terse."},
         image_message("Describe it."),
         {"role": "assistant", "content": "A red square."},
@@ -35,8 +35,8 @@ def test_string_content_system_message_and_multi_turn(client):
 
 def test_streaming_sends_chunks_ending_with_done_and_matches_the_whole_answer(client, server):
     messages = [image_message("Say something.")]
-    whole = client.chat.completions.create(model="emu2", messages=messages, max_tokens=8)
-    chunks = list(client.chat.completions.create(model="emu2", messages=messages, max_tokens=8, stream=True,
+    whole = client.chat.completions.create(model="emu2-chat", messages=messages, max_tokens=8)
+    chunks = list(client.chat.completions.create(model="emu2-chat", messages=messages, max_tokens=8, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -51,7 +51,7 @@ def test_streaming_sends_chunks_ending_with_done_and_matches_the_whole_answer(cl
 
 
 def test_sampling_with_n_and_seed_is_reproducible(client):
-    kwargs = {"model": "emu2", "messages": [image_message()], "max_tokens": 5, "temperature": 1.0, "top_p": 0.9,
+    kwargs = {"model": "emu2-chat", "messages": [image_message()], "max_tokens": 5, "temperature": 1.0, "top_p": 0.9,
               "n": 2, "seed": 7}
     first, second = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
     assert len(first.choices) == 2 and [c.index for c in first.choices] == [0, 1]
@@ -59,17 +59,17 @@ def test_sampling_with_n_and_seed_is_reproducible(client):
 
 
 def test_beam_search_and_grounding_extensions(client):
-    reply = client.chat.completions.create(model="emu2", messages=[image_message("Where is it?")], max_tokens=4,
+    reply = client.chat.completions.create(model="emu2-chat", messages=[image_message("Where is it?")], max_tokens=4,
                                            n=2, extra_body={"num_beams": 3, "grounding": True})
     assert len(reply.choices) == 2
 
 
 def test_stop_string_ends_the_answer_before_it(client):
-    free = client.chat.completions.create(model="emu2", messages=[image_message()], max_tokens=12)
+    free = client.chat.completions.create(model="emu2-chat", messages=[image_message()], max_tokens=12)
     text = free.choices[0].message.content
     stop = text.strip()[3:5]  # two characters from inside the free answer
     assert len(stop) == 2, text
-    cut = client.chat.completions.create(model="emu2", messages=[image_message()], max_tokens=12, stop=[stop])
+    cut = client.chat.completions.create(model="emu2-chat", messages=[image_message()], max_tokens=12, stop=[stop])
     assert stop not in cut.choices[0].message.content
     assert text.startswith(cut.choices[0].message.content) and cut.choices[0].finish_reason == "stop"
 
@@ -114,7 +114,7 @@ def test_image_edit_as_json_with_a_data_url(server):
 
 
 def test_file_url_under_the_allowed_dir_is_read(client, allowed_dir):
-    reply = client.chat.completions.create(model="emu2", max_tokens=2, messages=[{"role": "user", "content": [
+    reply = client.chat.completions.create(model="emu2-chat", max_tokens=2, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": (allowed_dir / "green.png").as_uri()}},
         {"type": "text", "text": "colour?"}]}])
     assert reply.choices[0].message.content is not None

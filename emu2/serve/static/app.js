@@ -112,7 +112,7 @@ async function sendChat(event) {
   $("chat-send").disabled = true;
   try {
     const body = {
-      model: "emu2", messages: conversation, stream: true,
+      messages: conversation, stream: true,  // no model field: the server answers with the one it serves
       max_tokens: Number($("chat-max-tokens").value) || 256,
       temperature: Number($("chat-temperature").value) || 0,
     };
@@ -139,7 +139,7 @@ async function sendChat(event) {
 async function generateImage(event) {
   event.preventDefault();
   const prompt = $("image-prompt").value;
-  const body = { model: "emu2-gen", prompt, images: editImages, response_format: "b64_json" };
+  const body = { prompt, images: editImages, response_format: "b64_json" };
   if ($("image-steps").value) body.num_inference_steps = Number($("image-steps").value);
   if ($("image-guidance").value) body.guidance_scale = Number($("image-guidance").value);
   if ($("image-seed").value !== "") body.seed = Number($("image-seed").value);
