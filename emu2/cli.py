@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,12 +44,15 @@ def _convert(args) -> int:
 
     from .config import Emu2Config
     from .convert.official import load_official
+    from .model.kind import PRESET_KINDS, record_model_kind
     from .pipeline import Emu2Pipeline
     from .processing import load_tokenizer, preset_tokenizer
 
     config = Emu2Config.from_preset(args.preset)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}[args.dtype]
     model = load_official(args.checkpoint, config, dtype=dtype)
+    if args.preset in PRESET_KINDS:
+        record_model_kind(model.config, PRESET_KINDS[args.preset])
     tokenizer = load_tokenizer(args.tokenizer or preset_tokenizer(args.preset), instruct=config.instruct)
     Emu2Pipeline(model, tokenizer).save_pretrained(args.out, max_shard_size=args.max_shard_size)
     print(f"wrote {args.out}")
@@ -136,20 +140,29 @@ def _quickstart(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def preset_name(name: str) -> str:
+    """argparse ``type`` of ``--preset``: a name of `emu2.config.PRESETS`, checked only when one is given, since
+    importing the config imports transformers and torch (seconds) that ``emu2 VERB --help`` must not wait for."""
     from .config import PRESETS
 
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emu2", description="Emu2: generative multimodal in-context learner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="parameter counts of a preset (built on the meta device, no memory)")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="named model preset")
+    p.add_argument("--preset", required=True, type=preset_name, metavar="PRESET",
+                   help="named model preset (emu2, emu2-chat, emu2-gen, tiny, shapes, ...; a wrong name lists all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("convert", help="official Emu2 / Emu2-Chat / Emu2-Gen checkpoint -> emu2 model directory")
     p.add_argument("checkpoint", help="official file (.bin/.pth/.safetensors) or HF directory (sharded, with index json)")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS),
+    p.add_argument("--preset", required=True, type=preset_name, metavar="PRESET",
                    help="sizes of the checkpoint: emu2, emu2-chat or emu2-gen for the official releases")
     p.add_argument("--out", required=True, help="output directory (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the LLaMA tokenizer shipped with emu2)")
@@ -160,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a model directory of a preset: random (smoke tests), or assembled from "
                        "EVA-CLIP + LLaMA weights with random projections (the stage-1 start, paper Table 5)")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--preset", required=True, type=preset_name, metavar="PRESET",
+                   help="named model preset (a wrong name lists all)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initialisation (projections when assembling)")
     p.add_argument("--vision", help="EVA-CLIP weights as released (open_clip state dict with visual.* keys; "
@@ -209,9 +223,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _reason(error: BaseException) -> str:
+    """A user error -> the one line that says what was wrong."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.strerror}: {error.filename}"  # "[Errno 2] ..." tells a user less than this
+    return _one_line(str(error) or type(error).__name__)
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Errors a person causes and fixes (a missing file, a wrong value, a checkpoint that does not fit).
+
+    ValueError covers our own error classes (PromptError, ConfigError, DataError, CheckpointMismatchError, ...,
+    all ValueErrors) and argument checks; OSError covers missing or unreadable files and model directories.
+    """
+    if isinstance(error, (OSError, ValueError)):
+        return True
+    checkpoint = sys.modules.get("emu2.train.checkpoint")  # imported only by the commands that can raise it
+    return checkpoint is not None and isinstance(error, checkpoint.CheckpointError)
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading progress bars and library advice on stderr hide what the command says; a user who wants
+    them back sets these variables themselves. Only the `emu2` process is affected, not library users."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers and huggingface_hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `emu2` command; returns its exit status (0 on success).
+
+    A user error ends the command with ``emu2: error: <reason>`` on one line (`SystemExit`, status 1); any other
+    exception is a bug and keeps its traceback. ``EMU2_DEBUG=1`` shows the traceback of user errors too.
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    _quiet_libraries()
+    try:
+        status = args.func(args)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # our commands' own one-line refusals
+            message = _one_line(exit_.code).removeprefix("error: ")
+            raise SystemExit(message if message.startswith("emu2") else f"emu2: error: {message}") from None
+        raise
+    except KeyboardInterrupt:
+        print("emu2: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's status for a command ended by SIGINT
+    except Exception as error:
+        if not _is_user_error(error) or os.environ.get("EMU2_DEBUG"):
+            raise
+        raise SystemExit(f"emu2: error: {_reason(error)}") from None
+    # Some commands return what they computed (a manifest, scores) for in-process callers: that is no failure.
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

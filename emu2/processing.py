@@ -14,10 +14,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where pixels are made: the CLI reads this module's names for its --help
+    import torch
 
 IMAGE_PLACEHOLDER = "[<IMG_PLH>]"
 VIDEO_PLACEHOLDER = "[<VID_PLH>]"
@@ -213,6 +216,8 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     """
     if not isinstance(image, Image.Image):
         raise PromptError(f"expected a PIL image, got {type(image).__name__}")
+    import torch
+
     image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
@@ -221,6 +226,8 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
 
 def preprocess_images(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """A list of PIL images -> ``(N, 3, size, size) float32`` (``(0, 3, size, size)`` when empty)."""
+    import torch
+
     if not images:
         return torch.zeros(0, 3, size, size)
     return torch.stack([preprocess_image(im, size) for im in images])
@@ -228,6 +235,8 @@ def preprocess_images(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 def pixels_to_pil(pixels: torch.Tensor) -> Image.Image:
     """Undo ``preprocess_image``: ``(3, H, W)`` normalised pixels -> PIL RGB image."""
+    import torch
+
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     array = ((pixels.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

@@ -19,6 +19,10 @@ BENCHMARKS = {
 }
 
 
+PROTOCOLS = ("base", "chat")
+DEFAULT_SHOTS = [0, 4, 8, 16]
+
+
 def _shots(text: str) -> list[int]:
     return [int(k) for k in text.split(",") if k.strip()]
 
@@ -53,8 +57,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--support", help="annotation file of the split in-context examples come from (few-shot)")
         p.add_argument("--support-images", help="image folder of the support split")
         p.add_argument("--support-annotations", help="VQAv2/OK-VQA: the support split's annotations json")
-        p.add_argument("--shots", type=_shots, default=[0, 4, 8, 16], help="comma-separated shot counts")
-        p.add_argument("--rices", action="store_true", help="choose examples by RICES (default: random, seeded)")
+        p.add_argument("--protocol", choices=PROTOCOLS,
+                       help="base: few-shot prompts (the paper's Emu2 protocol); chat: zero-shot through the chat "
+                            "template (Emu2-Chat's). Default: what the model directory records it is (base when "
+                            "it records nothing)")
+        p.add_argument("--shots", type=_shots, default=None,
+                       help=f"comma-separated shot counts (base protocol; default {','.join(map(str, DEFAULT_SHOTS))})")
+        p.add_argument("--rices", action="store_true", help="choose examples by RICES (base protocol; default: "
+                       "random, seeded)")
         p.add_argument("--num-beams", type=int, default=5, help="beam size (official generate default 5)")
         p.add_argument("--max-new-tokens", type=int, default=10, help="answer length cap (official default 10)")
         p.add_argument("--limit", type=int, help="evaluate only the first N records (quick checks)")
@@ -167,6 +177,49 @@ def image_embedding_fn(pipe):
     return encode
 
 
+def resolve_protocol(args, model_config) -> tuple[str, list[int]]:
+    """-> (protocol, shot counts) for a paper benchmark, refusing any argument the protocol would not use.
+
+    The protocol is ``--protocol``, else the model's recorded kind (`emu2.model.kind`): base Emu2 is evaluated
+    few-shot (paper 3.1), Emu2-Chat zero-shot through its template (paper 3.2). The vocabulary is no guide: every
+    shapes-world model has the chat tokens.
+    """
+    import sys
+
+    from ..model.kind import model_kind
+
+    name = args.benchmark
+    _, _, fewshot_prompt, chat_prompt = BENCHMARKS[name]
+    protocol, kind = args.protocol, model_kind(model_config)
+    if protocol is None:
+        if kind == "gen":
+            raise SystemExit(f"{args.model} is an Emu2-Gen encoder, which the paper does not evaluate on "
+                             f"{name}; pass --protocol base or --protocol chat to evaluate it anyway")
+        if kind is None and fewshot_prompt is not None and chat_prompt is not None:
+            print(f"note: {args.model} does not record whether it is a base or a chat model (written before "
+                  "model kinds were recorded, or by `emu2 init`): evaluating with the base protocol; pass "
+                  "--protocol chat for a chat model", file=sys.stderr)
+        protocol = kind if kind in PROTOCOLS else ("base" if fewshot_prompt is not None else "chat")
+    if protocol == "base" and fewshot_prompt is None:
+        raise SystemExit(f"{name} has only the chat protocol (the paper evaluates it zero-shot on Emu2-Chat); "
+                         "pass --protocol chat with a chat model")
+    if protocol == "chat" and chat_prompt is None:
+        raise SystemExit(f"{name} has only the base protocol (few-shot prompts); pass --protocol base")
+    if protocol == "chat":
+        unused = [flag for flag, value in (("--shots", args.shots not in (None, [0])), ("--rices", args.rices),
+                                           ("--support", args.support), ("--support-images", args.support_images),
+                                           ("--support-annotations", args.support_annotations)) if value]
+        if unused:
+            why = "the model records it is a chat model" if args.protocol is None else "--protocol chat"
+            raise SystemExit(f"the chat protocol is zero-shot ({why}), so {', '.join(unused)} would be ignored; "
+                             "drop them, or pass --protocol base for few-shot evaluation")
+        return protocol, [0]
+    shots = DEFAULT_SHOTS if args.shots is None else args.shots
+    if not shots:
+        raise SystemExit("--shots needs at least one shot count, e.g. --shots 0,4")
+    return protocol, shots
+
+
 def run_benchmark(args) -> dict:
     from ..pipeline import Emu2Pipeline
     from . import fewshot as F
@@ -177,9 +230,8 @@ def run_benchmark(args) -> dict:
     name = args.benchmark
     _, scorer, fewshot_prompt, chat_prompt = BENCHMARKS[name]
     pipe = Emu2Pipeline.from_pretrained(args.model)
-    instruct = pipe.model.config.instruct
-    prompt_fn = getattr(F, chat_prompt if instruct and chat_prompt else fewshot_prompt or chat_prompt)
-    shots = [0] if instruct or fewshot_prompt is None else args.shots
+    protocol, shots = resolve_protocol(args, pipe.model.config)
+    prompt_fn = getattr(F, chat_prompt if protocol == "chat" else fewshot_prompt)
     records = _load(name, args.data, args.images, args.annotations)[: args.limit]
     support = records
     if max(shots) > 0:
@@ -197,7 +249,8 @@ def run_benchmark(args) -> dict:
     scores = F.run_fewshot(records, support, make_answer_fn(pipe, args.num_beams, args.max_new_tokens), shots=shots,
                            selector=selector, out_jsonl=out / f"{name}-predictions.jsonl", batch_size=args.batch_size,
                            metric=getattr(scoring, scorer), prompt_fn=prompt_fn)
-    save_results(out / f"{name}-results.json", fewshot={name: scores}, meta={"model": args.model, "shots": shots})
+    save_results(out / f"{name}-results.json", fewshot={name: scores},
+                 meta={"model": args.model, "protocol": protocol, "shots": shots})
     table = fewshot_markdown_table({name: scores})
     (out / f"{name}-table.md").write_text(table + "\n")
     print(table)

@@ -71,12 +71,13 @@ class DecodingSettings:
 
 @dataclass
 class ChatPrompt:
-    """A conversation written as the model's prompt: ``text`` holds one placeholder per image."""
+    """A conversation written as the model's prompt: ``text`` holds one placeholder per image and per video frame."""
 
     text: str
     images: list[Image.Image]
     grounding: bool = False
     num_tokens: int = 0  # what the model sees, each image's visual slots included
+    frames: list[Image.Image] = field(default_factory=list)  # video frames, in order
 
 
 @dataclass
@@ -184,7 +185,8 @@ class ChatEngine:
     # ------------------------------------------------------------------------------------------- prompt
     def build_prompt(self, turns: Sequence[Sequence], system: str | None = P.CHAT_SYSTEM_MESSAGE,
                      grounding: bool = False, template: bool | None = None) -> ChatPrompt:
-        """Turns user, assistant, ..., user (each an interleaved list of strings and PIL images) -> prompt.
+        """Turns user, assistant, ..., user (each an interleaved list of strings, PIL images and videos as lists of
+        frames, as `processing.flatten_interleaved` takes them) -> prompt.
 
         ``template``: use the chat template (default: when the model is instruction-tuned); without it the turns
         are concatenated as one plain prompt to continue (few-shot prompting). Raises `PromptError` for a
@@ -192,15 +194,17 @@ class ChatEngine:
         """
         flat = [P.flatten_interleaved(list(turn)) for turn in turns]
         images = [im for f in flat for im in f.images]
+        frames = [fr for f in flat for fr in f.frames]
         if self.instruct if template is None else template:
             text = P.chat_prompt([f.text for f in flat], system=system, grounding=grounding)
         else:
             text = "".join(f.text for f in flat)
         ids = self.prompt_tokenizer(text)
-        if ids.count(self.config.image_token_id) != len(images) * self.config.n_query:
+        if (ids.count(self.config.image_token_id) != len(images) * self.config.n_query
+                or ids.count(self.config.frame_token_id) != len(frames) * self.config.v_query):
             raise P.PromptError(f"the prompt text contains a reserved image token ({', '.join(RESERVED_TEXT)}); "
                                 "send images as images, not as tokens")
-        return ChatPrompt(text, images, grounding, len(ids))
+        return ChatPrompt(text, images, grounding, len(ids), frames)
 
     # ------------------------------------------------------------------------------------------ answers
     def answer(self, prompt: ChatPrompt, settings: DecodingSettings,
@@ -236,7 +240,7 @@ class ChatEngine:
             kwargs["stopping_criteria"] = StoppingCriteriaList([CancelOnEvent(cancel)])
         if settings.seed is not None:
             torch.manual_seed(settings.seed)  # one model thread, so the global generator is ours alone
-        batch = self.pipeline.encode([prompt.text], prompt.images)
+        batch = self.pipeline.encode([prompt.text], prompt.images, prompt.frames)
         return self.pipeline.model.generate_text(**batch, **kwargs)  # (n, T) new tokens, pad after the end
 
     def _drop_ids(self) -> set[int]:

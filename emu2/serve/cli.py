@@ -14,14 +14,21 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import processing as P
+from .video import DEFAULT_NUM_FRAMES, load_video_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 CHAT_HELP = """commands:
   /image PATH   attach an image to your next message (or write @PATH inside the message, @"a b.png" with spaces)
+  /video PATH   attach a video to your next message: a folder of frames or an animated GIF (frames sampled)
   /system TEXT  replace the system message (and start over)
   /reset        forget the conversation
   /quit         leave (as does Ctrl-D)
+Ctrl-C stops an answer being written (the conversation is kept) or clears the line being typed.
 """
+# Official Emu2-Chat decoding (`EmuChatGeneration.__call__` defaults: num_beams=5, length_penalty=-1, no
+# sampling). `emu2 chat` and `emu2 ask` use it unless a flag says otherwise; the answer length is the official
+# demo's 512 tokens, since the class's own default of 10 is for benchmark answers.
+OFFICIAL_CHAT_DECODING = {"num_beams": 5, "length_penalty": -1.0}
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -63,10 +70,15 @@ def _add_model_arguments(p: argparse.ArgumentParser, what: str) -> None:
                    help="weights dtype (default auto: bf16 on GPU, fp32 on CPU)")
 
 
-def _add_decoding_arguments(p: argparse.ArgumentParser, beams_default: str) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default: %(default)s)")
+def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="longest answer in tokens (default: %(default)s, the official demo's)")
     p.add_argument("--num-beams", type=int, default=None,
-                   help=f"beam search width; {beams_default}")
+                   help=f"beam search width (default: {OFFICIAL_CHAT_DECODING['num_beams']}, the official Emu2-Chat's); "
+                        "1 streams the answer as it is written, beam search shows it at the end")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help=f"beam search length penalty (default: {OFFICIAL_CHAT_DECODING['length_penalty']:g}, the "
+                        "official Emu2-Chat's: favours short answers)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sample with this temperature (default: deterministic decoding)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (implies sampling)")
@@ -80,11 +92,19 @@ def _add_decoding_arguments(p: argparse.ArgumentParser, beams_default: str) -> N
                    help="ask for grounded answers: boxes as <phrase>..</phrase><object><patch_index_k>..</object>")
 
 
-def _settings(args, default_beams: int):
+def _add_frames_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", type=int, default=DEFAULT_NUM_FRAMES, metavar="N",
+                   help="frames sampled uniformly from each video (default: %(default)s, the official demo's)")
+
+
+def decoding_settings(args):
+    """The `DecodingSettings` of `emu2 chat` / `emu2 ask`: the flags given, else the official Emu2-Chat decoding."""
     from .chat import DecodingSettings
 
+    given = {"num_beams": args.num_beams, "length_penalty": args.length_penalty}
+    official = {k: OFFICIAL_CHAT_DECODING[k] if v is None else v for k, v in given.items()}
     return DecodingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            num_beams=args.num_beams or default_beams, stop=args.stop, seed=args.seed)
+                            stop=args.stop, seed=args.seed, **official)
 
 
 # ----------------------------------------------------------------------------------------------------- chat
@@ -114,16 +134,23 @@ def parse_message(line: str, load: Callable = open_image) -> list:
 
 
 def chat_loop(engine, settings, system: str | None, grounding: bool, read: Callable[[], str],
-              out: TextIO) -> None:
-    """The `emu2 chat` conversation: reads lines with ``read`` (EOFError ends), writes answers to ``out``."""
+              out: TextIO, num_frames: int = DEFAULT_NUM_FRAMES) -> None:
+    """The `emu2 chat` conversation: reads lines with ``read`` (EOFError ends), writes answers to ``out``.
+
+    KeyboardInterrupt (Ctrl-C) while reading drops the line; while answering it stops the answer, and the
+    conversation goes on with the answer as far as it was shown (or without the question, when none was).
+    """
     turns, pending = [], []
     stream = settings.num_beams == 1 and settings.n == 1
     while True:
         try:
             line = read().strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             out.write("\n")
             return
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
         if not line:
             continue
         command, _, rest = line.partition(" ")
@@ -141,24 +168,35 @@ def chat_loop(engine, settings, system: str | None, grounding: bool, read: Calla
             out.write("(system message set; conversation cleared)\n")
             continue
         try:
-            if command == "/image":
-                pending.append(open_image(rest.strip().strip('"')))
-                out.write(f"(image attached: {len(pending)} waiting for your next message)\n")
+            if command in ("/image", "/video"):
+                path = rest.strip().strip('"')
+                pending.append(open_image(path) if command == "/image" else load_video_frames(path, num_frames))
+                out.write(f"({command[1:]} attached: {len(pending)} waiting for your next message)\n")
                 continue
             message = pending + parse_message(line)
             prompt = engine.build_prompt([*turns, message], system=system, grounding=grounding)
-        except (OSError, P.PromptError) as error:
+        except (OSError, ValueError) as error:  # a missing or unreadable file, a prompt the template refuses
             out.write(f"error: {error}\n")
             continue
         out.write("emu2> ")
         out.flush()
-        if stream:
-            answer = engine.stream(prompt, settings, lambda text: (out.write(text), out.flush()))
-        else:
-            answer = engine.answer(prompt, settings)[0]
-            out.write(answer.text)
+        shown: list[str] = []
+        try:
+            if stream:
+                answer = engine.stream(prompt, settings, lambda text: (shown.append(text), out.write(text),
+                                                                        out.flush())).text
+            else:
+                answer = engine.answer(prompt, settings)[0].text
+                out.write(answer)
+        except KeyboardInterrupt:
+            answer = "".join(shown).strip()
+            out.write(" (stopped)" if answer else "(stopped; the question is dropped)")
+            if not answer:
+                out.write("\n")
+                pending = []
+                continue
         out.write("\n")
-        turns += [message, answer.text]
+        turns += [message, answer]
         pending = []
 
 
@@ -168,6 +206,10 @@ def _chat(args) -> int:
     engine = ChatEngine(load_chat_pipeline(args))
     interactive = sys.stdin.isatty()
     if interactive:
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing and history
+        except ImportError:  # not on every platform (Windows)
+            pass
         print(f"emu2 chat with {args.model}; /help for commands, /quit to leave")
 
     def read() -> str:
@@ -178,32 +220,33 @@ def _chat(args) -> int:
             raise EOFError
         return line
 
-    chat_loop(engine, _settings(args, default_beams=1), args.system, args.grounding, read, sys.stdout)
+    chat_loop(engine, decoding_settings(args), args.system, args.grounding, read, sys.stdout, args.frames)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------ ask
 def _ask(args) -> int:
-    from .chat import ChatEngine
-
-    images = [open_image(path) for path in args.image]
+    images = [open_image(path) for path in args.image]  # before the model's imports: a wrong path is told at once
+    videos = [load_video_frames(path, args.frames) for path in args.video]
     pieces = args.prompt.split(P.IMAGE_PLACEHOLDER)
     if len(pieces) > 1:  # few-shot: the placeholders say where each image goes
         if len(pieces) - 1 != len(images):
             raise SystemExit(f"error: the prompt has {len(pieces) - 1} {P.IMAGE_PLACEHOLDER} placeholder(s) but "
                              f"{len(images)} --image given; give one --image per placeholder, in order")
-        items = [pieces[0]]
+        items = [*videos, pieces[0]]
         for image, text in zip(images, pieces[1:]):
             items += [image, text]
     else:
-        items = [*images, args.prompt]
+        items = [*images, *videos, args.prompt]
+    from .chat import ChatEngine
+
     engine = ChatEngine(load_chat_pipeline(args))
     try:
         prompt = engine.build_prompt([items], system=args.system, grounding=args.grounding,
                                      template=False if args.raw else None)
     except P.PromptError as error:
         raise SystemExit(f"error: {error}") from None
-    for answer in engine.answer(prompt, _settings(args, default_beams=5)):
+    for answer in engine.answer(prompt, decoding_settings(args)):
         print(answer.text)
     return 0
 
@@ -292,8 +335,8 @@ def add_parsers(subparsers) -> None:
                               description="Chat with an Emu2 model. " + CHAT_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(p, "model")
-    _add_decoding_arguments(p, "default 1, which streams the answer as it is written (beam search answers "
-                               "at the end)")
+    _add_decoding_arguments(p)
+    _add_frames_argument(p)
     p.set_defaults(func=_chat)
 
     p = subparsers.add_parser("ask", help="one question about one or more images, answered once",
@@ -304,10 +347,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("prompt", help=f"the question; may hold {P.IMAGE_PLACEHOLDER} placeholders, one per --image")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file (repeatable, in order)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video, as a folder of frame images (sorted by name) or an animated GIF; it comes "
+                        "before the prompt, after the images (repeatable; extract an mp4's frames first)")
+    _add_frames_argument(p)
     p.add_argument("--raw", action="store_true",
                    help="send the prompt as is, without the chat template (few-shot prompting of a chat model; "
                         "base models never use the template)")
-    _add_decoding_arguments(p, "default 5, as the official Emu2-Chat")
+    _add_decoding_arguments(p)
     p.set_defaults(func=_ask)
 
     p = subparsers.add_parser("generate", help="generate or edit an image with Emu2-Gen",

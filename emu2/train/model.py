@@ -14,6 +14,7 @@ from torch import nn
 
 from emu2 import processing as P
 from emu2.model import Emu2ForCausalLM
+from emu2.model.kind import STAGE_KINDS, record_model_kind
 from emu2.pipeline import Emu2Pipeline
 
 from .config import TrainConfig
@@ -39,6 +40,8 @@ def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
         raise ValueError(f"model.config_overrides may set {_OVERRIDABLE}, not {sorted(unknown)}")
     for key, value in m.config_overrides.items():
         setattr(model.config, key, value)
+    if config.stage in STAGE_KINDS:  # saved with the stage output: evaluation follows what the model is
+        record_model_kind(model.config, STAGE_KINDS[config.stage])
     if model.config.instruct:
         # Emu2-Chat adds [USER] and [ASSISTANT] (paper 2.3.1; a no-op when present): grow the tokenizer and the
         # embeddings.

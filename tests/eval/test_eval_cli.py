@@ -101,3 +101,64 @@ def test_answer_nll_is_the_models_own_cross_entropy_on_the_answer_tokens(model_d
             want = pipe.model(**batch, labels=labels).text_loss
         assert value == pytest.approx(float(want), rel=1e-4)
     assert got[0] != got[1]
+
+
+# ------------------------------------------------------------------------- protocol: what the model is, or --protocol
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """Tiny models with the chat vocabulary (as every shapes model has), recorded as base or chat models."""
+    from emu2.model.kind import record_model_kind
+
+    dirs = {}
+    for kind in ("base", "chat"):
+        pipe = Emu2Pipeline.from_preset("tiny-chat")
+        record_model_kind(pipe.model.config, kind)
+        dirs[kind] = tmp_path_factory.mktemp(kind)
+        pipe.save_pretrained(dirs[kind])
+    return dirs
+
+
+def vqa_args(root, model, *extra):
+    write_vqa(root, "val2014", 2)
+    write_vqa(root, "train2014", 3)
+    return ["eval", "vqav2", "--model", str(model), "--data", str(root / "q-val2014.json"),
+            "--images", str(root / "val2014"), "--annotations", str(root / "a-val2014.json"),
+            "--num-beams", "1", "--max-new-tokens", "2", "--out", str(root / "out"), *extra]
+
+
+SUPPORT = ("--support", "{root}/q-train2014.json", "--support-images", "{root}/train2014",
+           "--support-annotations", "{root}/a-train2014.json")
+
+
+def support(root):
+    return [a.format(root=root) for a in SUPPORT]
+
+
+def test_a_base_model_with_the_chat_vocabulary_is_evaluated_few_shot(kinds, tmp_path):
+    """The paper's base-Emu2 protocol (section 3.1): the recorded kind decides, not the [USER] token."""
+    main(vqa_args(tmp_path, kinds["base"], "--shots", "0,2", "--rices", *support(tmp_path)))
+    results = json.loads((tmp_path / "out" / "vqav2-results.json").read_text())
+    assert results["meta"]["protocol"] == "base" and set(results["fewshot"]["VQAv2"]) == {"0", "2"}
+
+
+def test_a_chat_model_given_shots_or_rices_is_refused_not_silently_zero_shot(kinds, tmp_path):
+    with pytest.raises(SystemExit, match=r"--shots, --rices, --support.* would be ignored"):
+        main(vqa_args(tmp_path, kinds["chat"], "--shots", "0,4", "--rices", *support(tmp_path)))
+
+
+def test_a_chat_model_is_evaluated_zero_shot_through_the_chat_template(kinds, tmp_path):
+    main(vqa_args(tmp_path, kinds["chat"]))
+    results = json.loads((tmp_path / "out" / "vqav2-results.json").read_text())
+    assert results["meta"]["protocol"] == "chat" and set(results["fewshot"]["VQAv2"]) == {"0"}
+
+
+def test_protocol_flag_overrides_the_recorded_kind(kinds, tmp_path):
+    main(vqa_args(tmp_path, kinds["chat"], "--protocol", "base", "--shots", "0,2", *support(tmp_path)))
+    results = json.loads((tmp_path / "out" / "vqav2-results.json").read_text())
+    assert results["meta"]["protocol"] == "base" and set(results["fewshot"]["VQAv2"]) == {"0", "2"}
+
+
+def test_a_model_that_records_no_kind_gets_the_base_protocol_and_a_note(model_dir, tmp_path, capsys):
+    main(vqa_args(tmp_path, model_dir, "--shots", "0"))
+    assert "does not record whether it is a base or a chat model" in capsys.readouterr().err
+

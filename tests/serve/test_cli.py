@@ -130,3 +130,112 @@ def test_serve_builds_the_app_with_its_limits_and_page(loaded, chat_model_dir, t
 def test_serve_needs_a_model():
     with pytest.raises(SystemExit, match="--model"):
         cli.app_from_args(parser().parse_args(["serve"]))
+
+
+def test_ask_and_chat_decode_alike_by_default_with_the_official_chat_settings():
+    """Official `EmuChatGeneration.__call__`: num_beams=5, length_penalty=-1, no sampling, for every caller."""
+    ask = cli.decoding_settings(parser().parse_args(["ask", "--model", "m", "what?"]))
+    chat = cli.decoding_settings(parser().parse_args(["chat", "--model", "m"]))
+    assert ask == chat
+    assert (ask.num_beams, ask.length_penalty, ask.sampling) == (5, -1.0, False)
+    assert ask.generate_kwargs()["length_penalty"] == -1.0
+
+
+def test_decoding_flags_override_the_official_settings():
+    settings = cli.decoding_settings(parser().parse_args(["chat", "--model", "m", "--num-beams", "1",
+                                                          "--length-penalty", "0.5"]))
+    assert (settings.num_beams, settings.length_penalty) == (1, 0.5)
+    assert "length_penalty" not in settings.generate_kwargs()  # a beam-search knob, unused by greedy decoding
+
+
+class ScriptedEngine:
+    """A chat engine whose answers are scripted: each is text chunks, or KeyboardInterrupt after some chunks."""
+
+    def __init__(self, answers):
+        self.answers, self.prompts = list(answers), []
+
+    def build_prompt(self, turns, **kwargs):
+        self.prompts.append([list(t) if isinstance(t, list) else t for t in turns])
+        return turns
+
+    def stream(self, prompt, settings, on_text):
+        chunks = self.answers.pop(0)
+        for chunk in chunks:
+            if chunk is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            on_text(chunk)
+        from emu2.serve.chat import Answer
+
+        return Answer("".join(chunks), "stop", len(chunks))
+
+
+def reader(lines):
+    """A fake `input`: each item is a line, or an exception to raise (Ctrl-C is KeyboardInterrupt)."""
+    items = iter(lines)
+
+    def read():
+        item = next(items, EOFError)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    return read
+
+
+def test_ctrl_c_while_an_answer_streams_stops_it_and_keeps_the_conversation():
+    engine = ScriptedEngine([["a red ", "cir", KeyboardInterrupt], ["yes"]])
+    out = io.StringIO()
+    cli.chat_loop(engine, DecodingSettings(num_beams=1), None, False, reader(["what is it?", "sure?"]), out)
+    assert "(stopped)" in out.getvalue()
+    # the next question sees the first one and the answer as far as it was shown
+    assert engine.prompts[1] == [["what is it?"], "a red cir", ["sure?"]]
+
+
+def test_ctrl_c_before_any_answer_text_drops_the_question_only():
+    engine = ScriptedEngine([[KeyboardInterrupt], ["fine"], ["again"]])
+    read = reader(["first", "second", "third"])
+    cli.chat_loop(engine, DecodingSettings(num_beams=1), None, False, read, io.StringIO())
+    assert engine.prompts[1] == [["second"]]
+    assert engine.prompts[2] == [["second"], "fine", ["third"]]
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_chat_goes_on():
+    engine = ScriptedEngine([["hi"]])
+    cli.chat_loop(engine, DecodingSettings(num_beams=1), None, False, reader([KeyboardInterrupt, "hello"]),
+                  io.StringIO())
+    assert engine.prompts == [[["hello"]]]
+
+
+def test_chat_attaches_a_folder_of_frames_as_one_video(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(12):
+        Image.new("RGB", (8, 8), (20 * k, 0, 0)).save(frames / f"{k:05d}.png")
+    engine = ScriptedEngine([["ok"]])
+    cli.chat_loop(engine, DecodingSettings(num_beams=1), None, False, reader([f"/video {frames}", "what happens?"]),
+                  io.StringIO(), num_frames=4)
+    [[message]] = engine.prompts
+    video, text = message
+    assert text == "what happens?" and len(video) == 4 and all(isinstance(f, Image.Image) for f in video)
+
+
+def test_ask_with_a_video_puts_its_frames_in_the_prompt(loaded, chat_model_dir, tmp_path, monkeypatch):
+    gif = tmp_path / "clip.gif"
+    frames = [Image.new("RGB", (16, 16), (40 * k, 100, 0)) for k in range(6)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    seen = []
+    answer = ChatEngine.answer
+    monkeypatch.setattr(ChatEngine, "answer", lambda self, prompt, settings: seen.append(prompt)
+                        or answer(self, prompt, settings))
+    argv = ["ask", "--model", str(chat_model_dir), "--video", str(gif), "--frames", "3", "what happens?",
+            "--max-new-tokens", "2", "--num-beams", "1"]
+    assert cli.main(argv) == 0  # the model ran on the frames
+    [prompt] = seen
+    assert len(prompt.frames) == 3 and prompt.text.count("[<VID_PLH>]") == 3 and "[VIDEO]" in prompt.text
+
+
+def test_ask_refuses_a_video_file_it_cannot_decode_and_says_how(tmp_path, chat_model_dir):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="extract its frames"):
+        cli.main(["ask", "--model", str(chat_model_dir), "--video", str(clip), "what happens?"])
