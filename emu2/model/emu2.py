@@ -21,6 +21,7 @@ from transformers.cache_utils import StaticCache
 from transformers.utils import ModelOutput
 
 from ..config import Emu2Config
+from .errors import CheckpointMismatchError
 from .vision import EVAVisionTransformer
 
 
@@ -84,8 +85,6 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         With ``strict`` (default) a checkpoint with missing, unexpected or wrongly shaped tensors raises
         `CheckpointMismatchError` naming them, instead of silently keeping random weights.
         """
-        from ..convert.official import CheckpointMismatchError
-
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = (sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())),

@@ -177,7 +177,7 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.gen.decoder_stage (stage: decoder)
+    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.decoder_stage (stage: decoder)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property

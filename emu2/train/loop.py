@@ -365,15 +365,14 @@ def _prepare(accelerator, model, config: TrainConfig):
 
 
 def _train_decoder(config: TrainConfig, resume: bool, stop_after: int | None = None) -> dict:
-    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.gen.decoder_stage`.
+    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.train.decoder_stage`.
 
     Its ``train_decoder_stage`` / ``train_video_decoder_stage(config, resume, stop_after)`` read the recipe's
     ``model.init_from`` (the frozen stage-1 encoder), ``data`` (image shards), ``optim``, ``schedule``, ``steps``,
     ``checkpoint``, ``output_dir`` and the free-form ``decoder`` section (unet_init, output_image_size,
     cfg_drop_prob, noise_offset, ...).
     """
-    from emu2.gen import decoder_stage
+    from .decoder_stage import train_decoder_stage, train_video_decoder_stage
 
-    name = "train_video_decoder_stage" if config.stage == "video-decoder" else "train_decoder_stage"
-    entry = getattr(decoder_stage, name)
+    entry = train_video_decoder_stage if config.stage == "video-decoder" else train_decoder_stage
     return entry(config, resume=resume, **({} if stop_after is None else {"stop_after": stop_after}))

@@ -235,7 +235,7 @@ def test_activation_checkpointing_gives_the_same_training(shapes_dir, tmp_path):
 
 
 def test_the_decoder_stage_hands_off_to_the_decoder_trainer(tmp_path, monkeypatch):
-    import emu2.gen.decoder_stage as decoder_module
+    import emu2.train.decoder_stage as decoder_module
 
     config = tiny_config("shapes-decoder", tmp_path)
     calls = []

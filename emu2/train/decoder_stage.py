@@ -25,10 +25,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ..data.shards import DataError, decode_record
-from .decoder_shards import DecoderImageShards, decoder_image_loader
-from .sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
-from .small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
-from .train_decoder import (
+from ..gen.decoder_shards import DecoderImageShards, decoder_image_loader
+from ..gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
+from ..gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
+from ..gen.train_decoder import (
     DecoderTrainingConfig,
     accumulated_update,
     configure_decoder_optimizer,
@@ -82,7 +82,7 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
 
     from ..data.mixing import expand_urls
     from ..data.shards import read_shard
-    from ..train.data import _sources
+    from .data import _sources
 
     records: list = []
     stats: Counter = Counter()
@@ -150,7 +150,7 @@ def _options(config, known: dict) -> dict:
 def _micro_batch_sizes(config) -> dict[str, int]:
     """Each stream's batch per micro-step: its ``batch_size`` (per optimizer step, as in the language-model
     stages) over ``gradient_accumulation_steps``; the stages run in one process. Raises if it does not divide."""
-    from ..train.data import micro_batch_size
+    from .data import micro_batch_size
 
     return {name: micro_batch_size(stream, name, 1, config.gradient_accumulation_steps)
             for name, stream in config.data.streams.items()}
@@ -161,7 +161,7 @@ def _stage_setup(config, opts: dict):
     from accelerate import Accelerator
 
     from ..pipeline import Emu2Pipeline
-    from ..train.loop import _has_device
+    from .loop import _has_device
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_device())
     if accelerator.num_processes > 1:
@@ -210,9 +210,9 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
     import time
     from pathlib import Path
 
-    from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-    from ..train.loop import TrainingDiverged
-    from ..train.metrics import MetricsWriter, progress_bar
+    from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from .loop import TrainingDiverged
+    from .metrics import MetricsWriter, progress_bar
 
     freeze_for_decoder_training(pipe)
     optimizer, schedule = configure_decoder_optimizer(pipe.unet, train_config)
@@ -274,7 +274,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     from collections import Counter
 
     from ..processing import preprocess_images
-    from ..train.data import StreamBatches, _sources
+    from .data import StreamBatches, _sources
 
     opts = _options(config, IMAGE_OPTIONS)
     size = int(opts.get("output_image_size", 64))
@@ -439,7 +439,8 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
     `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
     """
-    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_loss
+    from ..gen.train_video_decoder import video_decoder_loss
+    from ..model.video_decoder import Emu2VideoDecoderPipeline
 
     opts = _options(config, VIDEO_OPTIONS)
     batch_size, accumulation = sum(_micro_batch_sizes(config).values()), config.gradient_accumulation_steps
