@@ -125,6 +125,11 @@ class DataSection:
     # The paper describes no augmentation for the LM stages.
     augmentation: dict[str, Any] | None = None
     synthetic: SyntheticSection | None = None
+    # The run stops once more than this share of the samples read was skipped (unreadable shards, undecodable
+    # images, malformed records; emu2.train.data.SkippedSamples). Web-crawled shards lose a few samples to bad
+    # images as a matter of course; a truncated download or a wrong shard layout loses far more than 1%.
+    # 1.0: never stop.
+    max_skipped_fraction: float = 0.01
 
 
 @dataclass
@@ -419,6 +424,9 @@ def validate(config: TrainConfig) -> None:
                     problems.append(f"data.streams.{name}.sources.{i}.weight must be >= 0")
         if config.lora.enabled and not config.lora.target_modules:
             problems.append("lora.target_modules is empty")
+    if not 0 <= config.data.max_skipped_fraction <= 1:
+        problems.append(f"data.max_skipped_fraction must be in [0, 1] (1: never stop), got "
+                        f"{config.data.max_skipped_fraction}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:
         problems.append("checkpoint.every and checkpoint.keep_last must be positive")
     if problems:

@@ -16,7 +16,10 @@ from emu2.gen.train_decoder import (
 from emu2.gen.train_video_decoder import video_decoder_training_step
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train.config import load_config
+from emu2.train.data import TooManySkippedSamples
 from emu2.train.loop import train
+
+from ..conftest import write_damaged_pair_shards
 
 SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
 
@@ -101,6 +104,24 @@ def test_accumulated_decoder_run_logs_optimizer_steps_and_resumes_exactly(world,
 def test_a_batch_size_that_accumulation_does_not_divide_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=2 is not a positive multiple .* gradient_accumulation_steps \(3\)"):
         train(_image_config(world, tmp_path, "gradient_accumulation_steps=3"))
+
+
+def _damaged_config(world, out, *overrides):
+    shards = write_damaged_pair_shards(out.parent, SIZE)
+    return _image_config(world, out, f"data.streams.images.sources=[{{kind: pair, urls: '{shards}/{{mixed,cut}}.tar'}}]",
+                         *overrides)
+
+
+def test_decoder_stage_reports_skipped_samples_by_reason(world, tmp_path):
+    result = train(_damaged_config(world, tmp_path / "run", "steps=2", "data.max_skipped_fraction=1.0"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped/bad_image"] == 2 and records[-1]["skipped/read_errors"] == 1
+    assert result["skipped"] == {"bad_image": 2, "read_errors": 1}
+
+
+def test_decoder_stage_stops_past_the_skipped_threshold(world, tmp_path):
+    with pytest.raises(TooManySkippedSamples, match=r"bad_image 2, read_errors 1.*data\.max_skipped_fraction=0\.1\b"):
+        train(_damaged_config(world, tmp_path / "run", "data.max_skipped_fraction=0.1"))
 
 
 def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):
