@@ -33,7 +33,6 @@ from ..gen.small_decoders import decoder_scheduler_config, decoder_unet_config, 
 from ..gen.train_decoder import (
     DecoderTrainingConfig,
     accumulated_update,
-    configure_decoder_optimizer,
     decoder_loss,
     freeze_for_decoder_training,
     prepare_decoder_batch,
@@ -42,6 +41,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import SkippedSamples, StreamBatches, _sources, micro_batch_size
 from .loop import TrainingDiverged, _has_device
 from .metrics import MetricsWriter, progress_bar
+from .optim import build_decoder_optimizer, build_scheduler
 
 # The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
 IMAGE_OPTIONS = {
@@ -171,10 +171,9 @@ def _stage_setup(config, opts: dict):
     torch.manual_seed(config.seed)
     encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
     encoder.to(accelerator.device)
-    lr = next(iter(config.optim.lr.values())) if isinstance(config.optim.lr, dict) else config.optim.lr
+    # The optimizer and schedule come from the recipe (`_run_stage`); these are the step's own settings.
     train_config = DecoderTrainingConfig(
-        learning_rate=lr, weight_decay=config.optim.weight_decay, warmup_steps=config.warmup_steps,
-        total_steps=config.steps, max_grad_norm=config.optim.grad_clip,
+        max_grad_norm=config.optim.grad_clip,
         condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
         max_scale=float(opts.get("max_scale", 1.25)),
         snr_gamma=None if opts.get("snr_gamma") is None else float(opts["snr_gamma"]),
@@ -205,7 +204,8 @@ def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
 
 def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
                step_fn: Callable, summary: dict, data_stats: Callable[[], Mapping[str, int]]) -> dict:
-    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet, `step_fn(optimizer, schedule)`
+    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet (`emu2.train.optim`, as the
+    language-model stages: optim.betas/eps/weight_decay, schedule.warmup_*/decay), `step_fn(optimizer, schedule)`
     per optimizer step (all its micro-batches; it returns their mean loss), metrics.jsonl, atomic verified
     checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule, step, RNG states and ``sampling``, saved
     between optimizer steps) and, once finished, the pipeline saved to ``output_dir``. ``data_stats()``: the
@@ -214,7 +214,8 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
     import time
 
     freeze_for_decoder_training(pipe)
-    optimizer, schedule = configure_decoder_optimizer(pipe.unet, train_config)
+    optimizer = build_decoder_optimizer(pipe.unet, config)
+    schedule = build_scheduler(optimizer, config)  # the language-model stages' warm-up and decay
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
     start = 0

@@ -18,6 +18,7 @@ from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train.config import load_config
 from emu2.train.data import TooManySkippedSamples
 from emu2.train.loop import train
+from emu2.train.optim import lr_factor
 
 from ..conftest import write_damaged_pair_shards
 
@@ -104,6 +105,21 @@ def test_accumulated_decoder_run_logs_optimizer_steps_and_resumes_exactly(world,
 def test_a_batch_size_that_accumulation_does_not_divide_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=2 is not a positive multiple .* gradient_accumulation_steps \(3\)"):
         train(_image_config(world, tmp_path, "gradient_accumulation_steps=3"))
+
+
+def test_decoder_stage_optimizer_has_the_recipes_betas_eps_and_weight_decay(world, tmp_path):
+    train(_image_config(world, tmp_path, "steps=1", "optim.betas=[0.8,0.95]", "optim.eps=1e-5",
+                        "optim.weight_decay=0.02"))
+    state = torch.load(tmp_path / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
+    [group] = state["param_groups"]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-5, 0.02)
+
+
+def test_decoder_stage_learning_rate_follows_the_language_model_schedule(world, tmp_path):
+    train(_image_config(world, tmp_path, "steps=5", "schedule.warmup_steps=2", "schedule.decay=cosine",
+                        "optim.lr.unet=1e-3"))
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([1e-3 * lr_factor(k, 5, 2, "cosine") for k in range(5)])
 
 
 def _damaged_config(world, out, *overrides):
