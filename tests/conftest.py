@@ -20,3 +20,27 @@ def official_initial_latents(recorded, num_steps: int):
     generator = torch.Generator().manual_seed(OFFICIAL_GEN_SEED)
     draws = [torch.randn(recorded.shape, generator=generator) for _ in range(num_steps + 1)]
     return draws[0] if torch.equal(draws[num_steps], recorded) else recorded
+
+
+def write_damaged_pair_shards(root: Path, image_size: int = 20) -> Path:
+    """Caption pairs in ``root``: ``mixed.tar`` holds 6 good samples and 2 whose image bytes are not an image;
+    ``cut.tar`` (8 samples) was cut in the middle of a member, as an interrupted download leaves it."""
+    import webdataset as wds
+    from PIL import Image
+
+    from emu2.data.kinds import ImageTextPair
+    from emu2.data.shards import encode_record
+
+    def pair(i: int) -> dict:
+        image = Image.new("RGB", (image_size, image_size), (30 * i % 256, 90, 160))
+        return encode_record(ImageTextPair(image, f"shape {i}"), f"{i:04d}")
+
+    with wds.TarWriter(str(root / "mixed.tar"), mtime=0) as writer:
+        for i in range(8):
+            writer.write({**pair(i), "png": b"\x89PNG not an image"} if i in (2, 5) else pair(i))
+    with wds.TarWriter(str(root / "cut.tar"), mtime=0) as writer:
+        for i in range(8, 16):
+            writer.write(pair(i))
+    data = (root / "cut.tar").read_bytes()
+    (root / "cut.tar").write_bytes(data[: len(data) // 2 + 700])
+    return root

@@ -17,18 +17,15 @@ import torch
 
 
 def _model(seed: int = 0):
-    from ..config import BASE_VOCAB, Emu2Config, Emu2VisionConfig, _llama
     from ..gen.pipeline import Emu2GenPipeline, tiny_decoder_config
     from ..model import Emu2ForCausalLM
     from ..model.decoder import Emu2VisualDecoderPipeline
     from ..pipeline import Emu2Pipeline
     from ..processing import load_tokenizer
+    from .regression import bench_config
 
     torch.manual_seed(seed)
-    config = Emu2Config(
-        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=256, layers=2, head_width=64, mlp_ratio=4.0),
-        text_config=_llama(512, 1376, 8, 8, BASE_VOCAB), n_query=64, v_query=16,
-    )
+    config = bench_config()
     encoder = Emu2Pipeline(Emu2ForCausalLM(config).eval(), load_tokenizer())
     parts = tiny_decoder_config(config.vision_config.width)
     parts["unet"].update(sample_size=32, block_out_channels=[64, 128], attention_head_dim=[2, 4])

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import LlamaConfig
 
-from ..config import BASE_VOCAB, Emu2Config, Emu2VisionConfig, _llama
+from ..config import Emu2Config, Emu2VisionConfig
 from ..model import Emu2ForCausalLM
 
 
@@ -36,14 +37,22 @@ def official_recompute_regression(model: Emu2ForCausalLM, input_ids: torch.Tenso
     return previous
 
 
-def bench_model(seed: int = 0) -> Emu2ForCausalLM:
-    """A random 512-wide, 8-layer LLaMA with a small ViT and n_query = 64."""
-    torch.manual_seed(seed)
-    config = Emu2Config(
+def bench_config() -> Emu2Config:
+    """The benchmarks' model: the ``tiny`` preset (vocabulary, special ids) widened to a 512-wide, 8-layer LLaMA,
+    with a small ViT and n_query = 64."""
+    text = Emu2Config.from_preset("tiny").text_config.to_dict()
+    text.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8, head_dim=64)
+    return Emu2Config(
         vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=256, layers=2, head_width=64, mlp_ratio=4.0),
-        text_config=_llama(512, 1376, 8, 8, BASE_VOCAB), n_query=64, v_query=16,
+        text_config=LlamaConfig.from_dict(text), n_query=64, v_query=16,
     )
-    return Emu2ForCausalLM(config).eval()
+
+
+def bench_model(seed: int = 0) -> Emu2ForCausalLM:
+    """A random model of `bench_config`."""
+    torch.manual_seed(seed)
+    return Emu2ForCausalLM(bench_config()).eval()
 
 
 def _prompt(model, length: int, shots: int) -> tuple[torch.Tensor, torch.Tensor | None]:

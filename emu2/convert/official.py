@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Emu2Config
+from ..model.errors import CheckpointMismatchError  # re-exported: emu2.convert's public error
 
 _PREFIXES = (
     ("multimodal_encoder.decoder.lm.", "language_model."),
@@ -33,19 +34,6 @@ _PREFIXES = (
     ("project_", "project_"),
 )
 _DECODER_PARTS = ("unet.", "vae.", "safety_checker.")
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit the model: names the missing and unexpected keys."""
-
-    def __init__(self, missing: list[str], unexpected: list[str], shape_errors: list[str] = ()):
-        self.missing, self.unexpected, self.shape_errors = missing, unexpected, list(shape_errors)
-        lines = ["checkpoint does not match the model config"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", self.shape_errors)):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
-                lines.append(f"  {title} keys: {shown}")
-        super().__init__("\n".join(lines))
 
 
 def official_key(key: str) -> str | None:

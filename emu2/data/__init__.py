@@ -4,6 +4,7 @@
 * `kinds`: the sample kinds of the paper (records) and `build_sample(record, tokenizer, config, rng)`.
 * `shards` / `mixing`: shard layouts, `ShardDataset`, `make_dataloader`, `Source`, weighted mixing, resume.
 * `convert`: LAION/CapsFusion, MMC4, GRIT, LLaVA and InstructPix2Pix to shards.
+* `boxes`: the official box-mask images of grounded generation (`draw_box_image` in pixels).
 * `shapes`: the procedural shapes world (``python -m emu2.data.shapes --out DIR``).
 * `bench`: `benchmark_pipeline` (samples/s through the whole pipeline).
 * `cli`: ``emu2 data shapes|convert`` argument parsers (importing it stays light).

@@ -125,9 +125,9 @@ def collate(samples: Sequence[Sample], pad_id: int, image_size: int | None = Non
 def draw_box_image(boxes: Sequence[Sequence[float]], size: int) -> Image.Image:
     """The box image of Emu2-Gen's grounded prompt for boxes given as fractions (x1, y1, x2, y2) of the image.
 
-    Drawn by `emu2.gen.boxes.draw_box_image` (the official OpenCV outline, reproduced pixel for pixel).
+    Drawn by `emu2.data.boxes.draw_box_image` (the official OpenCV outline, reproduced pixel for pixel).
     """
-    from ..gen.boxes import draw_box_image as draw_pixels
+    from .boxes import draw_box_image as draw_pixels
 
     return draw_pixels([tuple(min(max(float(v), 0.0), 1.0) * (size - 1) for v in box) for box in boxes], size)
 

@@ -17,15 +17,15 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_
 Steps 1-5 are `decoder_loss`, step 6 `accumulated_update`: a step may accumulate the gradients of several
 equal-sized micro-batches (the recipe's ``gradient_accumulation_steps``; the paper's global batch of 2,048 does
 not fit one device) with equal weights, which is one batch of all their samples since the MSE is a per-sample
-mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu2.model.video_decoder`).
+mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu2.gen.train_video_decoder`).
 
 Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
 corner are the SDXL size conditions (A.3.1). `train_decoder` is a plain loop over images held in memory.
 
-This module depends on torch and diffusers only (no data layer), so the model package may use it. The rest of
+This module depends on torch and diffusers only (no data layer). The rest of
 decoder training: `emu2.gen.small_decoders` (small UNet/VAE configs and the tiny VAE of the shapes world),
 `emu2.gen.sdxl` (SDXL-base parts from a local folder), `emu2.gen.decoder_shards` (streamed crops of webdataset
-shards) and `emu2.gen.decoder_stage` (the `emu2 train` recipe stages, with resumable checkpoints).
+shards) and `emu2.train.decoder_stage` (the `emu2 train` recipe stages, with resumable checkpoints).
 """
 
 from __future__ import annotations

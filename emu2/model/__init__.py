@@ -5,6 +5,7 @@ Shape legend used throughout: B batch, L sequence, N images, M video frames, Q v
 """
 
 from .emu2 import Emu2ForCausalLM, Emu2Output, SlotCountError
+from .errors import CheckpointMismatchError
 from .vision import EVAVisionTransformer
 
-__all__ = ["Emu2ForCausalLM", "Emu2Output", "EVAVisionTransformer", "SlotCountError"]
+__all__ = ["CheckpointMismatchError", "Emu2ForCausalLM", "Emu2Output", "EVAVisionTransformer", "SlotCountError"]

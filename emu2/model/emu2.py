@@ -21,6 +21,7 @@ from transformers.cache_utils import StaticCache
 from transformers.utils import ModelOutput
 
 from ..config import Emu2Config
+from .errors import CheckpointMismatchError
 from .vision import EVAVisionTransformer
 
 
@@ -56,7 +57,7 @@ class Emu2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block", "LlamaDecoderLayer"]
     _supports_sdpa = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -84,8 +85,6 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         With ``strict`` (default) a checkpoint with missing, unexpected or wrongly shaped tensors raises
         `CheckpointMismatchError` naming them, instead of silently keeping random weights.
         """
-        from ..convert.official import CheckpointMismatchError
-
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = (sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())),
@@ -276,21 +275,20 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
         # The cache is preallocated for prompt + n_query: a growing cache re-copies all keys/values every step.
+        # Each call appends its keys/values after the rows already written (the cache counts them).
         decoder = self._decoder()
         cache = StaticCache(config=self.config.text_config, max_cache_len=input_ids.shape[1] + n_query)
         outputs = []
         step_input, step_positions, mask = embeds, positions, attention_mask
-        slots = torch.arange(input_ids.shape[1], device=input_ids.device)  # cache rows written this step
         for k in range(n_query):
             hidden = decoder(
                 inputs_embeds=step_input, attention_mask=mask if padded else None, position_ids=step_positions,
-                past_key_values=cache, use_cache=True, cache_position=slots,
+                cache=cache, use_cache=True,
             ).last_hidden_state[:, -1]
             outputs.append(self.project_down(hidden))
             if k + 1 < n_query:
                 step_input = self.project_up(outputs[-1]).unsqueeze(1)
                 step_positions = step_positions[:, -1:] + 1
-                slots = slots[-1:] + 1
                 if padded:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         return torch.stack(outputs, dim=1)

@@ -51,7 +51,7 @@ def check_box(box: Sequence[float], canvas: int = BOX_CANVAS) -> tuple[float, fl
 
 def draw_box(box: Sequence[float], canvas: int = BOX_CANVAS) -> Image.Image:
     """The layout image of one box: a white outline on black, as the official `draw_box` (cv2, 3 px)."""
-    from ..gen.boxes import draw_box_image
+    from ..data.boxes import draw_box_image
 
     return draw_box_image([tuple(box)], canvas)
 

@@ -4,7 +4,8 @@
     train(load_config("shapes-stage1", ["steps=20"]))
 
 Parts: `config` (recipes, overrides), `model` (load/adjust/freeze/LoRA), `optim` (groups, schedule), `data`
-(recipe -> batches), `loop` (the loop), `checkpoint` (atomic, verified, exact resume), `metrics`, `bench`,
+(recipe -> batches), `loop` (the loop), `decoder_stage`
+(``stage: decoder`` / ``video-decoder``), `checkpoint` (atomic, verified, exact resume), `metrics`, `bench`,
 `cli` (``emu2 train``). Recipes: ``emu2/recipes/*.yaml`` (`recipe_names()`).
 
 The names below are imported on first use, so ``import emu2.train.cli`` does not load torch.

@@ -48,10 +48,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from .loop import train
+    from .data import TooManySkippedSamples
+    from .loop import TrainingDiverged, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = train(config, resume=args.resume, stop_after=args.stop_after)
+    try:
+        summary = train(config, resume=args.resume, stop_after=args.stop_after)
+    except (TooManySkippedSamples, TrainingDiverged) as exn:  # the run stopped for a reason the user can act on
+        raise SystemExit(f"emu2 train: {exn}") from None
     print(json.dumps(summary))
     return 0
 

@@ -125,6 +125,11 @@ class DataSection:
     # The paper describes no augmentation for the LM stages.
     augmentation: dict[str, Any] | None = None
     synthetic: SyntheticSection | None = None
+    # The run stops once more than this share of the samples read was skipped (unreadable shards, undecodable
+    # images, malformed records; emu2.train.data.SkippedSamples). Web-crawled shards lose a few samples to bad
+    # images as a matter of course; a truncated download or a wrong shard layout loses far more than 1%.
+    # 1.0: never stop.
+    max_skipped_fraction: float = 0.01
 
 
 @dataclass
@@ -177,7 +182,7 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.gen.decoder_stage (stage: decoder)
+    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.decoder_stage (stage: decoder)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -388,15 +393,6 @@ def validate(config: TrainConfig) -> None:
                             f"(optim.freeze)")
         if not trained:
             problems.append("optim.freeze freezes every group: nothing to train")
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            problems.append(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.grad_clip is not None and o.grad_clip <= 0:
-            problems.append("optim.grad_clip must be positive or null")
-        s = config.schedule
-        if s.decay not in DECAYS:
-            problems.append(f"schedule.decay must be one of {DECAYS}, got {s.decay!r}")
-        if not 0 <= s.warmup_ratio < 1:
-            problems.append("schedule.warmup_ratio must be in [0, 1)")
         d = config.data
         from emu2.data.kinds import KINDS
 
@@ -419,7 +415,47 @@ def validate(config: TrainConfig) -> None:
                     problems.append(f"data.streams.{name}.sources.{i}.weight must be >= 0")
         if config.lora.enabled and not config.lora.target_modules:
             problems.append("lora.target_modules is empty")
+    else:
+        problems += _unused_by_decoder_stages(config)
+    o, s = config.optim, config.schedule
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        problems.append(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        problems.append("optim.grad_clip must be positive or null")
+    if s.decay not in DECAYS:
+        problems.append(f"schedule.decay must be one of {DECAYS}, got {s.decay!r}")
+    if not 0 <= s.warmup_ratio < 1:
+        problems.append("schedule.warmup_ratio must be in [0, 1)")
+    if not 0 <= config.data.max_skipped_fraction <= 1:
+        problems.append(f"data.max_skipped_fraction must be in [0, 1] (1: never stop), got "
+                        f"{config.data.max_skipped_fraction}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:
         problems.append("checkpoint.every and checkpoint.keep_last must be positive")
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+
+# Sections the decoder stages (emu2.train.decoder_stage) do not read: set, they would be silently ignored.
+_NOT_READ_BY_DECODER_STAGES = {
+    "model": ("preset", "config_overrides", "image_size", "activation_checkpointing"),
+    "lora": tuple(f.name for f in dataclasses.fields(LoraSection)),
+    "data": ("split", "max_length", "sequence", "augmentation", "synthetic"),
+    "optim": ("freeze",),
+}
+
+
+def _unused_by_decoder_stages(config: TrainConfig) -> list[str]:
+    """What a decoder stage's recipe sets but the stage does not use; its learning rate is ``optim.lr.unet``."""
+    problems = []
+    for section, names in _NOT_READ_BY_DECODER_STAGES.items():
+        given, default = getattr(config, section), type(getattr(config, section))()
+        problems += [f"{section}.{name} is not used by stage {config.stage} (it is {getattr(given, name)!r}): "
+                     "remove it" + (" (decoder.gradient_checkpointing recomputes UNet activations)"
+                                    if name == "activation_checkpointing" else "")
+                     for name in names if getattr(given, name) != getattr(default, name)]
+    if list(config.optim.lr) != ["unet"]:
+        problems.append(f"optim.lr of stage {config.stage} has one group, unet (the UNet is all it trains); "
+                        f"got {sorted(config.optim.lr)}")
+    if config.model.init_from is None:
+        problems.append(f"model.init_from: stage {config.stage} needs the stage-1 model whose encoder it decodes")
+    return problems

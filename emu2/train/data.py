@@ -10,13 +10,19 @@ optimizer step. `build_data` makes one from the recipe:
 * every micro-step takes one batch from every stream; per-rank micro-batch = global / (ranks x accumulation).
 
 Synthetic streams (``data.synthetic``) give random, deterministic batches for benchmarks and distributed tests.
+
+Samples the data layer cannot use are skipped and counted (`emu2.data.shards.ShardDataset.stats`);
+`SkippedSamples` is how every trainer reports those counts and stops past ``data.max_skipped_fraction``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +31,72 @@ from emu2.data.sequence import IGNORE_INDEX, Sample, collate
 from .config import StreamSection, SyntheticSection, TrainConfig
 
 Batch = dict[str, torch.Tensor]
+
+
+class TooManySkippedSamples(RuntimeError):
+    """More than ``data.max_skipped_fraction`` of the samples read could not be used; the run stopped."""
+
+
+@dataclass(frozen=True)
+class SkippedSamples:
+    """The data layer's counters (``samples``, ``skipped.<reason>``, ``read_errors``) as a trainer reports them.
+
+    A read error (a truncated or unreadable shard) counts as one skipped sample: how many samples the damaged
+    part held is unknown, so the share is a lower bound of what was lost.
+    """
+
+    used: int  # samples that reached a batch
+    by_reason: dict[str, int]  # skipped samples per reason: bad_image, bad_json, no_targets, read_errors, ...
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, int]) -> SkippedSamples:
+        reasons = {key.removeprefix("skipped."): n for key, n in stats.items() if key.startswith("skipped.") and n}
+        if stats.get("read_errors"):
+            reasons["read_errors"] = stats["read_errors"]
+        return cls(int(stats.get("samples", 0)), dict(sorted(reasons.items())))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    @property
+    def fraction(self) -> float:
+        """Skipped share of the samples read (0 before any was read)."""
+        read = self.used + self.total
+        return self.total / read if read else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """``skipped``, ``skipped_fraction`` and ``skipped/<reason>`` for metrics.jsonl."""
+        return {"skipped": self.total, "skipped_fraction": self.fraction,
+                **{f"skipped/{reason}": n for reason, n in self.by_reason.items()}}
+
+    def text(self) -> str:
+        """``skipped 3 (bad_image 2, read_errors 1)``, for the progress bar and the log."""
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.by_reason.items())
+        return f"skipped {self.total}" + (f" ({reasons})" if reasons else "")
+
+    def check(self, max_fraction: float) -> None:
+        """Raise `TooManySkippedSamples` when the skipped share is above ``max_fraction``.
+
+        Only once ``1 / max_fraction`` samples were read, so that one bad sample among the first few cannot
+        stop a run on its own (with fewer, a single skip is already more than the share allows).
+        """
+        read = self.used + self.total
+        if max_fraction >= 1 or read < (math.ceil(1 / max_fraction) if max_fraction > 0 else 1):
+            return
+        if self.fraction > max_fraction:
+            raise TooManySkippedSamples(
+                f"{self.text()} of the {read} samples read: {self.fraction:.1%}, more than "
+                f"data.max_skipped_fraction={max_fraction:g}. Check the shards (read_errors: truncated or unreadable tar files; bad_*: samples that do not "
+                "decode), or raise data.max_skipped_fraction to accept the loss")
+
+
+def summed_stats(loaders) -> Counter:
+    """The counters of several loaders (those that keep ``stats``: shard loaders; synthetic streams do not)."""
+    total: Counter = Counter()
+    for loader in loaders:
+        total.update(getattr(loader, "stats", None) or {})
+    return total
 
 
 class StreamBatches:
@@ -51,6 +123,11 @@ class StreamBatches:
                     raise RuntimeError(f"data stream {name!r} ran out of samples; its sources are exhausted "
                                        "(shards are repeated unless a source is empty)") from None
                 yield batch
+
+    @property
+    def stats(self) -> Counter:
+        """The data layer's sample and skip counters, summed over the open streams (resumed runs included)."""
+        return summed_stats(self._loaders.values())
 
     def state_dict(self) -> dict:
         return {"streams": {name: (self._loaders[name].state_dict() if name in self._loaders else self._states[name])

@@ -37,7 +37,7 @@ import torch
 
 from .checkpoint import is_deepspeed, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import build_data
+from .data import SkippedSamples, build_data
 from .metrics import MetricsWriter, progress_bar, progress_text
 from .model import base_model, build_model, is_lora, merged_model
 from .optim import build_optimizer, build_scheduler
@@ -150,8 +150,11 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     """Run (or resume) one stage; returns a summary. The stage output is an Emu2Pipeline at ``output_dir``.
 
     ``data``: an iterable of collated batches with ``state_dict``/``load_state_dict`` (and optionally
-    ``micro_batches_per_step``) instead of the recipe's data section. ``stop_after``: checkpoint and return
-    once this step is done (time-sliced jobs; tests of resumption).
+    ``micro_batches_per_step``, and ``stats``: the data layer's skip counters) instead of the recipe's data
+    section. ``stop_after``: checkpoint and return once this step is done (time-sliced jobs; tests of resumption).
+
+    Skipped samples (`SkippedSamples`, summed over ranks at each logged step) go to the progress bar,
+    metrics.jsonl and the summary; past ``data.max_skipped_fraction`` the run stops with `TooManySkippedSamples`.
     """
     if config.stage in ("decoder", "video-decoder"):
         return _train_decoder(config, resume, stop_after)
@@ -193,6 +196,7 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
 
     batches = iter(data)
     step = start
+    skipped = None
     try:
         while step < config.steps and (stop_after is None or step < stop_after):
             began = time.perf_counter()
@@ -215,10 +219,18 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
                       "grad_norm": result.grad_norm, "lr": lrs.get("lm", next(iter(lrs.values()))),
                       **{f"lr/{g}": v for g, v in lrs.items()}, "tokens": tokens_seen,
                       "tokens_per_s": result.tokens / seconds, "step_seconds": seconds}
-            bar.set_postfix_str(progress_text(values), refresh=False)
+            logged = step % config.log.every == 0 or step == config.steps or step == start + 1
+            if logged:
+                skipped = _skipped_samples(accelerator, data)
+            if skipped is not None:
+                values.update(skipped.metrics())
+            bar.set_postfix_str(progress_text(values) + (f" | {skipped.text()}" if skipped and skipped.total else ""),
+                                refresh=False)
             bar.update(1)
-            if step % config.log.every == 0 or step == config.steps or step == start + 1:
+            if logged:
                 metrics.log(step, values)
+                if skipped is not None:
+                    skipped.check(config.data.max_skipped_fraction)
             if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
                 save_checkpoint(checkpoints, step, accelerator, model, optimizer, scheduler, data,
                                 {"tokens": tokens_seen}, config.checkpoint.keep_last)
@@ -230,8 +242,28 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     if finished:
         save_output(accelerator, model, tokenizer, out)
     accelerator.wait_for_everyone()
-    return {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
-            "loss": result.loss if step > start else None}
+    summary = {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
+               "loss": result.loss if step > start else None}
+    skipped = _skipped_samples(accelerator, data)
+    if skipped is not None:
+        log.info("%s of %d samples read", skipped.text(), skipped.used + skipped.total)
+        summary.update(skipped=skipped.by_reason, skipped_fraction=skipped.fraction)
+    return summary
+
+
+def _skipped_samples(accelerator, data) -> SkippedSamples | None:
+    """The data's skip counters summed over ranks; None for data that keeps none. A collective: every rank
+    calls it at the same steps."""
+    from collections import Counter
+
+    from accelerate.utils import gather_object
+
+    if not hasattr(data, "stats"):
+        return None
+    total: Counter = Counter()
+    for stats in gather_object([dict(data.stats)]):
+        total.update(stats)
+    return SkippedSamples.from_stats(total)
 
 
 def save_output(accelerator, model, tokenizer, out: Path) -> None:
@@ -365,15 +397,14 @@ def _prepare(accelerator, model, config: TrainConfig):
 
 
 def _train_decoder(config: TrainConfig, resume: bool, stop_after: int | None = None) -> dict:
-    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.gen.decoder_stage`.
+    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.train.decoder_stage`.
 
     Its ``train_decoder_stage`` / ``train_video_decoder_stage(config, resume, stop_after)`` read the recipe's
     ``model.init_from`` (the frozen stage-1 encoder), ``data`` (image shards), ``optim``, ``schedule``, ``steps``,
     ``checkpoint``, ``output_dir`` and the free-form ``decoder`` section (unet_init, output_image_size,
     cfg_drop_prob, noise_offset, ...).
     """
-    from emu2.gen import decoder_stage
+    from .decoder_stage import train_decoder_stage, train_video_decoder_stage
 
-    name = "train_video_decoder_stage" if config.stage == "video-decoder" else "train_decoder_stage"
-    entry = getattr(decoder_stage, name)
+    entry = train_video_decoder_stage if config.stage == "video-decoder" else train_decoder_stage
     return entry(config, resume=resume, **({} if stop_after is None else {"stop_after": stop_after}))

@@ -1,5 +1,8 @@
 """Module groups, AdamW parameter groups with per-group learning rates, and the warm-up + decay schedule.
 
+Every recipe stage but the encoder's builds its optimizer here (`build_optimizer`; the decoder stages
+`build_decoder_optimizer`) and follows the one schedule, `lr_factor` (`build_scheduler`).
+
 Groups (paper 2.2.2): ``project`` (project_up + project_down, "the linear projection layer"), ``lm``
 ("Multimodal Modeling") and ``visual`` ("Visual Encoder"), each with its own peak learning rate, or frozen.
 """
@@ -82,6 +85,16 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     default_lr = max(o.lr.values()) if config.lora.enabled and o.lr else None
     return torch.optim.AdamW(param_groups(model, o, default_lr), betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay)
+
+
+def build_decoder_optimizer(unet: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over a decoder stage's UNet (``stage: decoder`` / ``video-decoder``): its one group ``unet`` at
+    ``optim.lr.unet``, with the recipe's betas, eps and weight decay as in `build_optimizer`. Every trained UNet
+    weight decays (paper 2.2.3 gives one weight decay for the decoder)."""
+    o = config.optim
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": params, "lr": o.lr["unet"], "group": "unet", "decay": True}],
+                             betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:

@@ -109,7 +109,7 @@ def test_full_scale_stage_trains_only_the_unet_on_vae_latents_and_saves_a_pipeli
     assert result["finished"] and all(np.isfinite(_losses(out))) and len(_losses(out)) == 4
     report = json.loads((out / "unet_init.json").read_text())
     assert sorted(report["reinitialised"]) == sorted(result["reinitialised"]) and len(result["reinitialised"]) == 9
-    assert result["data"]["skipped.bad_image"] >= 1 and result["data"]["skipped.too_small"] >= 1
+    assert result["skipped"]["bad_image"] >= 1 and result["skipped"]["too_small"] >= 1
 
     pretrained, trained = _weights(world / "sdxl" / "unet"), _weights(out / "unet")
     kept = [k for k in pretrained if k not in report["reinitialised"]]

@@ -13,9 +13,14 @@ from emu2.gen.train_decoder import (
     configure_decoder_optimizer,
     freeze_for_decoder_training,
 )
-from emu2.model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_training_step
+from emu2.gen.train_video_decoder import video_decoder_training_step
+from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train.config import load_config
+from emu2.train.data import TooManySkippedSamples
 from emu2.train.loop import train
+from emu2.train.optim import lr_factor
+
+from ..conftest import write_damaged_pair_shards
 
 SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
 
@@ -102,6 +107,39 @@ def test_a_batch_size_that_accumulation_does_not_divide_is_refused(world, tmp_pa
         train(_image_config(world, tmp_path, "gradient_accumulation_steps=3"))
 
 
+def test_decoder_stage_optimizer_has_the_recipes_betas_eps_and_weight_decay(world, tmp_path):
+    train(_image_config(world, tmp_path, "steps=1", "optim.betas=[0.8,0.95]", "optim.eps=1e-5",
+                        "optim.weight_decay=0.02"))
+    state = torch.load(tmp_path / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
+    [group] = state["param_groups"]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-5, 0.02)
+
+
+def test_decoder_stage_learning_rate_follows_the_language_model_schedule(world, tmp_path):
+    train(_image_config(world, tmp_path, "steps=5", "schedule.warmup_steps=2", "schedule.decay=cosine",
+                        "optim.lr.unet=1e-3"))
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([1e-3 * lr_factor(k, 5, 2, "cosine") for k in range(5)])
+
+
+def _damaged_config(world, out, *overrides):
+    shards = write_damaged_pair_shards(out.parent, SIZE)
+    return _image_config(world, out, f"data.streams.images.sources=[{{kind: pair, urls: '{shards}/{{mixed,cut}}.tar'}}]",
+                         *overrides)
+
+
+def test_decoder_stage_reports_skipped_samples_by_reason(world, tmp_path):
+    result = train(_damaged_config(world, tmp_path / "run", "steps=2", "data.max_skipped_fraction=1.0"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped/bad_image"] == 2 and records[-1]["skipped/read_errors"] == 1
+    assert result["skipped"] == {"bad_image": 2, "read_errors": 1}
+
+
+def test_decoder_stage_stops_past_the_skipped_threshold(world, tmp_path):
+    with pytest.raises(TooManySkippedSamples, match=r"bad_image 2, read_errors 1.*data\.max_skipped_fraction=0\.1\b"):
+        train(_damaged_config(world, tmp_path / "run", "data.max_skipped_fraction=0.1"))
+
+
 def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):
     out = tmp_path / "run"
     train(_image_config(world, out, "checkpoint.every=1", "checkpoint.keep_last=3"), stop_after=3)
@@ -170,7 +208,7 @@ def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
     from collections import Counter
 
     from emu2.data.shards import decode_record, read_shard
-    from emu2.gen.decoder_stage import _clip_tensor
+    from emu2.train.decoder_stage import _clip_tensor
 
     shard = next((world / "data" / "train").glob("video_pair-*.tar"))
     clips = [decode_record("video_pair", s).frames[:4] for s, _ in zip(read_shard(str(shard), Counter()), range(2))]

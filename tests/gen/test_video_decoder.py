@@ -11,11 +11,8 @@ from emu2.gen.train_decoder import (
     configure_decoder_optimizer,
     freeze_for_decoder_training,
 )
-from emu2.model.video_decoder import (
-    Emu2VideoDecoderPipeline,
-    PerFrameCrossAttnProcessor,
-    video_decoder_training_step,
-)
+from emu2.gen.train_video_decoder import video_decoder_training_step
+from emu2.model.video_decoder import Emu2VideoDecoderPipeline, PerFrameCrossAttnProcessor
 
 WIDTH, Q, FRAMES = 16, 4, 3
 

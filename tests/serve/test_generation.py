@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from emu2 import processing as P
-from emu2.gen.boxes import draw_box_image
+from emu2.data.boxes import draw_box_image
 from emu2.serve.generation import GroundedObject, build_generation_inputs
 
 from .conftest import png_image

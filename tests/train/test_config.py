@@ -99,3 +99,12 @@ def test_cli_lists_recipes_and_prints_the_resolved_config(capsys):
     assert main(["shapes-chat", "steps=3", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "steps: 3" in printed and "n_query: 64" in printed
+
+
+def test_a_decoder_stage_refuses_recipe_fields_it_does_not_use():
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes-decoder", ["lora.enabled=true", "optim.freeze=[visual]", "data.max_length=256",
+                                       "model.activation_checkpointing=true", "optim.lr.lm=1e-4"])
+    for field in ("lora.enabled", "optim.freeze", "data.max_length", "model.activation_checkpointing", "optim.lr"):
+        assert field in str(err.value)
+    assert "decoder.gradient_checkpointing" in str(err.value)

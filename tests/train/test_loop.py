@@ -10,6 +10,7 @@ from emu2.data.sequence import collate
 from emu2.model import Emu2ForCausalLM
 from emu2.pipeline import Emu2Pipeline
 from emu2.train.checkpoint import list_checkpoints, verify
+from emu2.train.config import load_config
 from emu2.train.data import build_data
 from emu2.train.loop import TrainingDiverged, _accelerator, _prepare, train, train_step
 from emu2.train.metrics import read_metrics
@@ -235,9 +236,9 @@ def test_activation_checkpointing_gives_the_same_training(shapes_dir, tmp_path):
 
 
 def test_the_decoder_stage_hands_off_to_the_decoder_trainer(tmp_path, monkeypatch):
-    import emu2.gen.decoder_stage as decoder_module
+    import emu2.train.decoder_stage as decoder_module
 
-    config = tiny_config("shapes-decoder", tmp_path)
+    config = load_config("shapes-decoder", [f"output_dir={tmp_path}"])
     calls = []
     monkeypatch.setattr(decoder_module, "train_decoder_stage", lambda c, resume: calls.append((c, resume)) or {})
     train(config, resume=True)

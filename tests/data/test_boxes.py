@@ -6,7 +6,7 @@ The golden masks below were drawn by OpenCV 5.0 (opencv-python-headless) with ex
 import numpy as np
 import pytest
 
-from emu2.gen.boxes import OFFICIAL_MASK_SIZE, draw_box_image
+from emu2.data.boxes import OFFICIAL_MASK_SIZE, draw_box_image
 
 CV2_GOLDEN = [
     (

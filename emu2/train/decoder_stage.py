@@ -14,9 +14,11 @@ gradients add up to that of the whole batch (`emu2.gen.train_decoder.accumulated
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +27,21 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ..data.shards import DataError, decode_record
-from .decoder_shards import DecoderImageShards, decoder_image_loader
-from .sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
-from .small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
-from .train_decoder import (
+from ..gen.decoder_shards import DecoderImageShards, decoder_image_loader
+from ..gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
+from ..gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
+from ..gen.train_decoder import (
     DecoderTrainingConfig,
     accumulated_update,
-    configure_decoder_optimizer,
     decoder_loss,
     freeze_for_decoder_training,
     prepare_decoder_batch,
 )
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .data import SkippedSamples, StreamBatches, _sources, micro_batch_size
+from .loop import TrainingDiverged, _has_device
+from .metrics import MetricsWriter, progress_bar
+from .optim import build_decoder_optimizer, build_scheduler
 
 # The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
 IMAGE_OPTIONS = {
@@ -74,15 +80,13 @@ VIDEO_OPTIONS = {
 }
 
 
-def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
+def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[list, Counter]:
     """Up to ``limit`` records of the recipe's data sources (``data.streams``; shard urls, or the kinds of
-    ``data.root``'s dataset.json), read in source order. Unreadable shards and samples are skipped, as the
-    data layer does."""
-    from collections import Counter
-
+    ``data.root``'s dataset.json), read in source order, and the data layer's counters of that reading
+    (``samples``, ``skipped.<reason>``, ``read_errors``): unreadable shards and samples are skipped and counted,
+    as the data layer does."""
     from ..data.mixing import expand_urls
     from ..data.shards import read_shard
-    from ..train.data import _sources
 
     records: list = []
     stats: Counter = Counter()
@@ -98,11 +102,12 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> list:
                     except DataError as exn:
                         stats[f"skipped.{exn.reason}"] += 1
                         continue
+                    stats["samples"] += 1
                     if len(records) >= limit:
-                        return records
+                        return records, stats
     if not records:
         raise ValueError(f"the recipe's data sources hold no {' or '.join(kinds_wanted)} samples")
-    return records
+    return records, stats
 
 
 class StageSampling:
@@ -150,8 +155,6 @@ def _options(config, known: dict) -> dict:
 def _micro_batch_sizes(config) -> dict[str, int]:
     """Each stream's batch per micro-step: its ``batch_size`` (per optimizer step, as in the language-model
     stages) over ``gradient_accumulation_steps``; the stages run in one process. Raises if it does not divide."""
-    from ..train.data import micro_batch_size
-
     return {name: micro_batch_size(stream, name, 1, config.gradient_accumulation_steps)
             for name, stream in config.data.streams.items()}
 
@@ -161,7 +164,6 @@ def _stage_setup(config, opts: dict):
     from accelerate import Accelerator
 
     from ..pipeline import Emu2Pipeline
-    from ..train.loop import _has_device
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_device())
     if accelerator.num_processes > 1:
@@ -169,10 +171,9 @@ def _stage_setup(config, opts: dict):
     torch.manual_seed(config.seed)
     encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
     encoder.to(accelerator.device)
-    lr = next(iter(config.optim.lr.values())) if isinstance(config.optim.lr, dict) else config.optim.lr
+    # The optimizer and schedule come from the recipe (`_run_stage`); these are the step's own settings.
     train_config = DecoderTrainingConfig(
-        learning_rate=lr, weight_decay=config.optim.weight_decay, warmup_steps=config.warmup_steps,
-        total_steps=config.steps, max_grad_norm=config.optim.grad_clip,
+        max_grad_norm=config.optim.grad_clip,
         condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
         max_scale=float(opts.get("max_scale", 1.25)),
         snr_gamma=None if opts.get("snr_gamma") is None else float(opts["snr_gamma"]),
@@ -202,20 +203,19 @@ def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
 
 
 def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
-               step_fn: Callable, summary: dict) -> dict:
-    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet, `step_fn(optimizer, schedule)`
+               step_fn: Callable, summary: dict, data_stats: Callable[[], Mapping[str, int]]) -> dict:
+    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet (`emu2.train.optim`, as the
+    language-model stages: optim.betas/eps/weight_decay, schedule.warmup_*/decay), `step_fn(optimizer, schedule)`
     per optimizer step (all its micro-batches; it returns their mean loss), metrics.jsonl, atomic verified
     checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule, step, RNG states and ``sampling``, saved
-    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``."""
+    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``. ``data_stats()``: the
+    data layer's sample and skip counters so far, reported and bounded as in the language-model loop
+    (`emu2.train.data.SkippedSamples`, ``data.max_skipped_fraction``)."""
     import time
-    from pathlib import Path
-
-    from ..train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-    from ..train.loop import TrainingDiverged
-    from ..train.metrics import MetricsWriter, progress_bar
 
     freeze_for_decoder_training(pipe)
-    optimizer, schedule = configure_decoder_optimizer(pipe.unet, train_config)
+    optimizer = build_decoder_optimizer(pipe.unet, config)
+    schedule = build_scheduler(optimizer, config)  # the language-model stages' warm-up and decay
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
     start = 0
@@ -238,11 +238,13 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"step {step + 1}: decoder loss {loss}; stopped before updating the weights")
             step += 1
-            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began}
-            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            skipped = SkippedSamples.from_stats(data_stats())
+            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began, **skipped.metrics()}
+            bar.set_postfix_str(f"loss {loss:.4f}" + (f" | {skipped.text()}" if skipped.total else ""), refresh=False)
             bar.update(1)
             if step % config.log.every == 0 or step == config.steps or step == start + 1:
                 metrics.log(step, values)
+                skipped.check(config.data.max_skipped_fraction)
             if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
                 save_checkpoint(checkpoints, step, accelerator, pipe.unet, optimizer, schedule, sampling, {},
                                 config.checkpoint.keep_last)
@@ -252,8 +254,11 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
     finished = step >= config.steps
     if finished:
         pipe.save_pretrained(out)
+    skipped = SkippedSamples.from_stats(data_stats())
+    logging.getLogger(__name__).info("%s of %d samples read", skipped.text(), skipped.used + skipped.total)
     return {"step": step, "finished": finished, "output_dir": str(out), "loss": loss if step > start else None,
-            "seconds": round(time.perf_counter() - started, 1), **summary}
+            "seconds": round(time.perf_counter() - started, 1), **summary,
+            "skipped": skipped.by_reason, "skipped_fraction": skipped.fraction}
 
 
 def train_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -270,11 +275,8 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
     """
     import json
-    import logging
-    from collections import Counter
 
     from ..processing import preprocess_images
-    from ..train.data import StreamBatches, _sources
 
     opts = _options(config, IMAGE_OPTIONS)
     size = int(opts.get("output_image_size", 64))
@@ -308,8 +310,6 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
 
     cached = None
     if opts.get("streaming", False):
-        loaders: dict = {}
-
         def open_stream(name: str, state: dict | None):
             stream = config.data.streams[name]
             shards = DecoderImageShards(
@@ -317,11 +317,11 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
                 min_image_size=int(opts.get("min_image_size", 0)), seed=config.seed,
                 shuffle_buffer=config.data.shuffle_buffer,
             )
-            loaders[name] = decoder_image_loader(shards, micro_batch_sizes[name], vision.image_size,
-                                                 config.data.num_workers, state)
-            return loaders[name]
+            return decoder_image_loader(shards, micro_batch_sizes[name], vision.image_size, config.data.num_workers,
+                                        state)
 
         data = StreamBatches(list(config.data.streams), open_stream, accumulation)
+        data_stats = lambda: data.stats
         sampling = StageSampling(config.seed, data)
         batches = None
 
@@ -332,8 +332,11 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     else:
         min_size = int(opts.get("min_image_size", 0))
-        records = _stage_records(config, int(opts.get("max_images", 4000)), DecoderImageShards.KINDS)
+        records, stats = _stage_records(config, int(opts.get("max_images", 4000)), DecoderImageShards.KINDS)
         images = [r.image for r in records if min(r.image.size) >= min_size]
+        stats["samples"] -= len(records) - len(images)
+        stats["skipped.too_small"] += len(records) - len(images)  # as DecoderImageShards counts them
+        data_stats = lambda: stats
         if not images:
             raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
                              f"{min_size} px or more")
@@ -365,10 +368,8 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
                                   max_grad_norm=train_config.max_grad_norm)
 
-    result = _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary)
-    if opts.get("streaming", False):  # skipped samples, summed over the streams once the run is over
-        result["data"] = dict(sum((loader.stats for loader in loaders.values()), Counter()))
-    return result
+    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary,
+                      data_stats)
 
 
 def _stage_decoder(opts: dict, vision_width: int, size: int):
@@ -439,7 +440,8 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
     `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
     """
-    from ..model.video_decoder import Emu2VideoDecoderPipeline, video_decoder_loss
+    from ..gen.train_video_decoder import video_decoder_loss
+    from ..model.video_decoder import Emu2VideoDecoderPipeline
 
     opts = _options(config, VIDEO_OPTIONS)
     batch_size, accumulation = sum(_micro_batch_sizes(config).values()), config.gradient_accumulation_steps
@@ -449,9 +451,11 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
     n_query = int(opts.get("n_query", encoder.config.v_query))
-    clips = [r.frames for r in _stage_records(config, int(opts.get("max_clips", 256)), ("video_pair",))]
-    num_frames = int(opts.get("num_frames", len(clips[0])))
-    clips = [c[:num_frames] for c in clips if len(c) >= num_frames]
+    records, stats = _stage_records(config, int(opts.get("max_clips", 256)), ("video_pair",))
+    num_frames = int(opts.get("num_frames", len(records[0].frames)))
+    clips = [r.frames[:num_frames] for r in records if len(r.frames) >= num_frames]
+    stats["samples"] -= len(records) - len(clips)
+    stats["skipped.too_few_frames"] += len(records) - len(clips)
     if not clips:
         raise ValueError(f"no training clip has {num_frames} frames")
     unet_config = video_decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
@@ -478,4 +482,4 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
                                   max_grad_norm=train_config.max_grad_norm)
 
     return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
-                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query})
+                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query}, lambda: stats)
