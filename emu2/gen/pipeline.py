@@ -80,9 +80,10 @@ class Emu2GenPipeline:
         decoder = Emu2VisualDecoderPipeline.from_pretrained(path / "decoder", dtype=dtype)
         return cls(Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype), decoder)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        """``kwargs`` go to the encoder's `save_pretrained` (e.g. ``max_shard_size``)."""
         path = Path(path)
-        self.encoder.save_pretrained(path / "encoder")
+        self.encoder.save_pretrained(path / "encoder", **kwargs)
         self.decoder.save_pretrained(path / "decoder")
 
     @classmethod
