@@ -42,7 +42,18 @@ def _inspect(args) -> int:
 def _convert(args) -> int:
     import torch
 
+    if args.to != "emu2":
+        from .convert.export import export_official
+
+        files = export_official(args.checkpoint, args.out, args.to, max_shard_size=args.max_shard_size)
+        print(f"wrote {len(files)} files ({args.to}) to {args.out}")
+        return 0
+    if args.preset is None:
+        raise SystemExit("emu2 convert: --preset is required to read an official checkpoint (emu2, emu2-chat or "
+                         "emu2-gen for the official releases)")
+
     from .config import Emu2Config
+    from .convert.gen import is_official_gen, load_official_gen
     from .convert.official import load_official
     from .model.kind import PRESET_KINDS, record_model_kind
     from .pipeline import Emu2Pipeline
@@ -50,11 +61,19 @@ def _convert(args) -> int:
 
     config = Emu2Config.from_preset(args.preset)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None}[args.dtype]
-    model = load_official(args.checkpoint, config, dtype=dtype)
+    tokenizer = None
+    if args.tokenizer or not is_official_gen(args.checkpoint):
+        tokenizer = load_tokenizer(args.tokenizer or preset_tokenizer(args.preset), instruct=config.instruct)
+    if is_official_gen(args.checkpoint):  # encoder + decoder: an Emu2GenPipeline directory
+        pipe = load_official_gen(args.checkpoint, config, tokenizer=tokenizer, decoder_config=args.decoder_config,
+                                 dtype=dtype)
+        model = pipe.encoder.model
+    else:
+        pipe = Emu2Pipeline(load_official(args.checkpoint, config, dtype=dtype), tokenizer)
+        model = pipe.model
     if args.preset in PRESET_KINDS:
         record_model_kind(model.config, PRESET_KINDS[args.preset])
-    tokenizer = load_tokenizer(args.tokenizer or preset_tokenizer(args.preset), instruct=config.instruct)
-    Emu2Pipeline(model, tokenizer).save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    pipe.save_pretrained(args.out, max_shard_size=args.max_shard_size)
     print(f"wrote {args.out}")
     return 0
 
@@ -160,12 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("convert", help="official Emu2 / Emu2-Chat / Emu2-Gen checkpoint -> emu2 model directory")
-    p.add_argument("checkpoint", help="official file (.bin/.pth/.safetensors) or HF directory (sharded, with index json)")
-    p.add_argument("--preset", required=True, type=preset_name, metavar="PRESET",
-                   help="sizes of the checkpoint: emu2, emu2-chat or emu2-gen for the official releases")
-    p.add_argument("--out", required=True, help="output directory (config.json + safetensors + tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the LLaMA tokenizer shipped with emu2)")
+    p = sub.add_parser("convert", help="official Emu2 / Emu2-Chat / Emu2-Gen checkpoint -> emu2 model directory, "
+                       "or back with --to")
+    p.add_argument("checkpoint", help="official file (.bin/.pth/.safetensors) or HF directory (sharded, with index "
+                   "json; Emu2-Gen: the diffusers layout); with --to official-*: an emu2 model directory")
+    p.add_argument("--to", default="emu2", choices=["emu2", "official-native", "official-hf"],
+                   help="emu2 (default): read an official checkpoint; official-native / official-hf: write an emu2 "
+                   "model directory (base, chat or Gen) in that official layout")
+    p.add_argument("--preset", type=preset_name, metavar="PRESET",
+                   help="sizes of the checkpoint: emu2, emu2-chat or emu2-gen for the official releases (reading only)")
+    p.add_argument("--out", required=True, help="output directory (Emu2-Gen: encoder/ + decoder/)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the HF Gen folder's tokenizer/, else the LLaMA "
+                   "tokenizer shipped with emu2)")
+    p.add_argument("--decoder-config", help="native Emu2-Gen file: the official conf/diffusion_config folder (unet/, "
+                   "vae/, scheduler/ configs) for what the weights do not fix (heads, norm groups); default: the "
+                   "official values. Sizes are read from the file")
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
                    help="weights dtype to write (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")

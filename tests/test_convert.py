@@ -96,3 +96,72 @@ def test_convert_command_writes_a_loadable_model(model, tmp_path):
     pipe = Emu2Pipeline.from_pretrained(tmp_path / "out")
     assert_same(model, pipe.model)
     assert len(pipe.tokenizer) == 32272
+
+
+# ------------------------------------------------------------------------------ Emu2-Gen and the way back
+def _same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _gen_state(pipe):
+    state = {f"encoder.{k}": v for k, v in pipe.encoder.model.state_dict().items()}
+    for part in ("unet", "vae"):
+        state.update({f"{part}.{k}": v for k, v in getattr(pipe.decoder, part).state_dict().items()})
+    return state
+
+
+def test_gen_directory_round_trips_through_the_official_native_file(tmp_path):
+    """ours -> official native Gen file (multimodal_encoder.*, unet.*, vae.*) -> ours, with one command each way;
+    the decoder's sizes are read from the file, its head counts from the official conf/diffusion_config layout."""
+    from emu2.gen.pipeline import Emu2GenPipeline, tiny_decoder_config
+
+    Emu2GenPipeline.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    original = Emu2GenPipeline.from_pretrained(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), "--to", "official-native", "--out", str(tmp_path / "official")]) == 0
+    (native,) = (tmp_path / "official").iterdir()
+    config = tmp_path / "diffusion_config"
+    for part, values in tiny_decoder_config(original.encoder.model.config.vision_config.width).items():
+        (config / part).mkdir(parents=True)
+        (config / part / "config.json").write_text(json.dumps(values))
+    assert main(["convert", str(native), "--preset", "tiny", "--decoder-config", str(config),
+                 "--out", str(tmp_path / "back")]) == 0
+    _same_tensors(_gen_state(original), _gen_state(Emu2GenPipeline.from_pretrained(tmp_path / "back")))
+
+
+def test_gen_directory_round_trips_through_the_official_hf_layout(tmp_path):
+    """ours -> BAAI/Emu2-Gen diffusers layout (multimodal_encoder/, unet/, vae/, scheduler/, tokenizer/) -> ours."""
+    from emu2.gen.pipeline import Emu2GenPipeline
+
+    Emu2GenPipeline.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), "--to", "official-hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(tmp_path / "hf"), "--preset", "tiny", "--out", str(tmp_path / "back")]) == 0
+    _same_tensors(_gen_state(Emu2GenPipeline.from_pretrained(tmp_path / "ours")),
+                  _gen_state(Emu2GenPipeline.from_pretrained(tmp_path / "back")))
+
+
+@pytest.mark.parametrize("to", ["official-native", "official-hf"])
+def test_chat_directory_round_trips_through_the_official_layouts(tmp_path, to):
+    """ours -> official (native file / HF shards with model.* and root project_* names) -> ours, bit-identical."""
+    Emu2Pipeline.from_preset("tiny-chat").save_pretrained(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), "--to", to, "--out", str(tmp_path / "official")]) == 0
+    source = tmp_path / "official"
+    if to == "official-native":
+        (source,) = source.iterdir()
+        assert source.name == "Emu2-Chat_pytorch_model.bin"
+    assert main(["convert", str(source), "--preset", "tiny-chat", "--out", str(tmp_path / "back")]) == 0
+    _same_tensors(Emu2Pipeline.from_pretrained(tmp_path / "ours").model.state_dict(),
+                  Emu2Pipeline.from_pretrained(tmp_path / "back").model.state_dict())
+
+
+def test_hf_export_uses_the_official_hf_key_names(model, tmp_path):
+    """HF EmuForCausalLM: model.visual.*, model.decoder.lm.*, and project_up/down at the root."""
+    Emu2Pipeline(model, Emu2Pipeline.from_preset("tiny").tokenizer).save_pretrained(tmp_path / "ours")
+    main(["convert", str(tmp_path / "ours"), "--to", "official-hf", "--out", str(tmp_path / "hf")])
+    names = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(names) == sorted(official_hf(model))
+
+
+def test_reading_an_official_checkpoint_needs_a_preset(tmp_path):
+    with pytest.raises(SystemExit, match="--preset is required"):
+        main(["convert", str(tmp_path / "x.bin"), "--out", str(tmp_path / "out")])

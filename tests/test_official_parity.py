@@ -182,9 +182,7 @@ def test_gen_prompt_embeddings_match(cases, gen, expected, run):
     _close(torch.cat([cond, uncond]), expected[f"gen.{run}.prompt_embeds"])
 
 
-@pytest.mark.parametrize("run", ["t2i", "edit", "autoencode"])
-def test_gen_images_within_one_grey_level(cases, gen, expected, run):
-    """End to end: our encoder's embeddings (not the recorded ones) through our decoder."""
+def _assert_official_gen_image(gen, cases, expected, run):
     import numpy as np
 
     args = dict(cases["gen_runs"][run])
@@ -194,3 +192,144 @@ def test_gen_images_within_one_grey_level(cases, gen, expected, run):
               latents=official_initial_latents(expected[f"gen.{run}.latents"], args["num_inference_steps"]))
     diff = np.abs(np.asarray(out.image).astype(int) - expected[f"gen.{run}.image_uint8"].numpy().astype(int))
     assert diff.max() <= 1, f"max grey-level difference {diff.max()}"
+
+
+@pytest.mark.parametrize("run", ["t2i", "edit", "autoencode"])
+def test_gen_images_within_one_grey_level(cases, gen, expected, run):
+    """End to end: our encoder's embeddings (not the recorded ones) through our decoder."""
+    _assert_official_gen_image(gen, cases, expected, run)
+
+
+# ------------------------------------------------------------------ Emu2-Gen converted to a pipeline directory
+def _write_diffusion_config(folder, configs):
+    """The official conf/diffusion_config layout the native Gen loader builds its decoder from."""
+    for part, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        (folder / part).mkdir(parents=True)
+        (folder / part / name).write_text(json.dumps(configs[part]))
+
+
+def _encoder_config(cases):
+    state = read_official_state_dict(FIXTURE / "gen.safetensors")
+    vocab = state["multimodal_encoder.decoder.lm.model.embed_tokens.weight"].shape[0]
+    llama = json.loads((FIXTURE / "tokenizer" / "config.json").read_text())
+    return config_from_official(cases["base_vision_cfg"], llama, vocab)
+
+
+@pytest.fixture(scope="module")
+def converted_gen(cases, tmp_path_factory):
+    """The native Gen file -> our Gen directory (one call) -> `Emu2GenPipeline.from_pretrained`."""
+    from emu2.convert.gen import load_official_gen
+    from emu2.gen.pipeline import Emu2GenPipeline
+
+    tmp = tmp_path_factory.mktemp("gen")
+    _write_diffusion_config(tmp / "diffusion_config", cases["gen_configs"])
+    pipe = load_official_gen(FIXTURE / "gen.safetensors", _encoder_config(cases), load_tokenizer(FIXTURE / "tokenizer"),
+                             decoder_config=tmp / "diffusion_config")
+    pipe.save_pretrained(tmp / "converted")
+    loaded = Emu2GenPipeline.from_pretrained(tmp / "converted")
+    loaded.decoder.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.mark.parametrize("run", ["t2i", "edit", "autoencode"])
+def test_native_gen_file_converts_to_a_gen_directory_with_official_images(cases, converted_gen, expected, run):
+    """Official `EmuVisualGeneration.from_pretrained` loads multimodal_encoder.*, unet.*, vae.* from the one file:
+    all of them must reach our encoder/ and decoder/, so the converted directory gives the official images."""
+    _assert_official_gen_image(converted_gen, cases, expected, run)
+
+
+def test_native_gen_decoder_sizes_come_from_the_file(cases, expected, tmp_path):
+    """The official loader builds the UNet/VAE from conf/diffusion_config; the sizes the weights fix are read
+    from the file, so a config with the 37B model's sizes still converts the tiny file."""
+    from emu2.convert.gen import OFFICIAL_UNET_CONFIG, OFFICIAL_VAE_CONFIG, load_official_gen
+
+    configs = json.loads(json.dumps(cases["gen_configs"]))
+    for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block",
+                "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        configs["unet"][key] = OFFICIAL_UNET_CONFIG[key]
+    configs["unet"]["attention_head_dim"] = cases["gen_configs"]["unet"]["attention_head_dim"]  # not in the weights
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types"):
+        configs["vae"][key] = OFFICIAL_VAE_CONFIG[key]
+    _write_diffusion_config(tmp_path, configs)
+    pipe = load_official_gen(FIXTURE / "gen.safetensors", _encoder_config(cases), load_tokenizer(FIXTURE / "tokenizer"),
+                             decoder_config=tmp_path)
+    pipe.decoder.set_progress_bar_config(disable=True)
+    _assert_official_gen_image(pipe, cases, expected, "t2i")
+
+
+@pytest.fixture(scope="module")
+def hf_gen_folder(converted_gen, tmp_path_factory):
+    """The BAAI/Emu2-Gen diffusers layout of the fixture's weights, written by our exporter."""
+    from emu2.convert.export import export_official
+
+    tmp = tmp_path_factory.mktemp("hf")
+    converted_gen.save_pretrained(tmp / "ours")
+    export_official(tmp / "ours", tmp / "Emu2-Gen", "official-hf")
+    return tmp / "Emu2-Gen"
+
+
+def test_hf_gen_layout_has_the_official_folders(hf_gen_folder):
+    """BAAI/Emu2-Gen: multimodal_encoder/ (bf16-variant shards + model.safetensors.index.bf16.json), unet/, vae/,
+    scheduler/, tokenizer/ (official-format 1)."""
+    names = {p.name for p in hf_gen_folder.iterdir()}
+    assert {"multimodal_encoder", "unet", "vae", "scheduler", "tokenizer"} <= names
+    assert (hf_gen_folder / "multimodal_encoder" / "model.safetensors.index.bf16.json").is_file()
+    assert (hf_gen_folder / "unet" / "diffusion_pytorch_model.bf16.safetensors").is_file()
+    index = json.loads((hf_gen_folder / "multimodal_encoder" / "model.safetensors.index.bf16.json").read_text())
+    assert "model.decoder.lm.lm_head.weight" in index["weight_map"] and "project_up.weight" in index["weight_map"]
+
+
+def test_hf_gen_layout_converts_to_a_gen_directory_with_official_images(cases, hf_gen_folder, expected, tmp_path):
+    """Official HF `DiffusionPipeline.from_pretrained(BAAI/Emu2-Gen)` reads each part from its subfolder; our
+    converter reads the same folders into one Gen directory."""
+    from emu2.convert.gen import load_official_gen
+    from emu2.gen.pipeline import Emu2GenPipeline
+
+    load_official_gen(hf_gen_folder, _encoder_config(cases)).save_pretrained(tmp_path)
+    pipe = Emu2GenPipeline.from_pretrained(tmp_path)
+    pipe.decoder.set_progress_bar_config(disable=True)
+    _assert_official_gen_image(pipe, cases, expected, "edit")
+
+
+# ---------------------------------------------------------------------- back to the official layouts
+def _assert_identical(official, written):
+    assert sorted(written) == sorted(official)
+    different = [k for k in official if official[k].dtype != written[k].dtype or not torch.equal(official[k], written[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("name,vision", [("base", "base_vision_cfg"), ("chat", "chat_vision_cfg")])
+def test_native_checkpoint_round_trips_bit_identical(cases, tmp_path, name, vision):
+    """Official native `from_pretrained` loads the file with strict=True: what we export must carry exactly its
+    key names (rotary inv_freq buffers included) and tensors."""
+    from emu2.convert.export import export_official
+    from emu2.pipeline import Emu2Pipeline
+
+    official = read_official_state_dict(FIXTURE / f"{name}.safetensors")
+    model = _load(name, cases[vision])
+    Emu2Pipeline(model, load_tokenizer(FIXTURE / "tokenizer", instruct=model.config.instruct)).save_pretrained(
+        tmp_path / "ours")
+    (written,) = export_official(tmp_path / "ours", tmp_path / "official", "official-native")
+    assert written.name == ("Emu2-Chat" if name == "chat" else "Emu2") + "_pytorch_model.bin"
+    _assert_identical(official, torch.load(written, weights_only=True))
+
+
+def test_native_gen_file_round_trips_bit_identical(converted_gen, tmp_path):
+    """Official `EmuVisualGeneration.from_pretrained` loads multimodal_encoder.*, unet.*, vae.* strictly."""
+    from emu2.convert.export import export_official
+
+    converted_gen.save_pretrained(tmp_path / "ours")
+    (written,) = export_official(tmp_path / "ours", tmp_path / "official", "official-native")
+    assert written.name == "Emu2-Gen_pytorch_model.safetensors"
+    _assert_identical(read_official_state_dict(FIXTURE / "gen.safetensors"), load_file(str(written)))
+
+
+def test_hf_gen_layout_round_trips_bit_identical(cases, hf_gen_folder, tmp_path):
+    """official HF -> ours -> official HF keeps every weight file's names and tensors."""
+    from emu2.convert.export import export_official
+    from emu2.convert.gen import load_official_gen
+
+    load_official_gen(hf_gen_folder, _encoder_config(cases)).save_pretrained(tmp_path / "ours")
+    export_official(tmp_path / "ours", tmp_path / "again", "official-hf")
+    for part in ("multimodal_encoder", "unet", "vae"):
+        _assert_identical(read_official_state_dict(hf_gen_folder / part), read_official_state_dict(tmp_path / "again" / part))

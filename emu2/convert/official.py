@@ -46,6 +46,33 @@ def official_key(key: str) -> str | None:
     return key  # unknown: reported as unexpected
 
 
+# Our key prefix -> the official one, per layout (the inverse of _PREFIXES).
+_TO_OFFICIAL = {
+    "native": (("visual.", "visual."), ("language_model.", "decoder.lm."), ("project_", "project_")),
+    "hf": (("visual.", "model.visual."), ("language_model.", "model.decoder.lm."), ("project_", "project_")),
+}
+
+
+def to_official_state_dict(model, layout: str = "native") -> dict[str, torch.Tensor]:
+    """`Emu2ForCausalLM` -> its state dict under the official key names (``layout`` "native" or "hf").
+
+    The per-layer rotary ``inv_freq`` buffers are added back: the official code (transformers 4.31) keeps them in
+    its state dict and the native loader is strict, so a file without them does not load there.
+    """
+    if layout not in _TO_OFFICIAL:
+        raise ValueError(f"layout must be one of {sorted(_TO_OFFICIAL)}, got {layout!r}")
+    state = {}
+    for key, value in model.state_dict().items():
+        old, new = next((o, n) for o, n in _TO_OFFICIAL[layout] if key.startswith(o))
+        state[new + key[len(old):]] = value
+    lm_prefix = dict(_TO_OFFICIAL[layout])["language_model."]
+    inv_freq = model.language_model.get_decoder().rotary_emb.inv_freq
+    dtype = model.language_model.get_input_embeddings().weight.dtype  # official `.to(dtype)` casts buffers too
+    for layer in range(model.config.text_config.num_hidden_layers):
+        state[f"{lm_prefix}model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.to(dtype, copy=True)
+    return state
+
+
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))

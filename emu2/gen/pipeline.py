@@ -71,18 +71,22 @@ class Emu2GenPipeline:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> Emu2GenPipeline:
-        """A directory with ``encoder/`` (an `Emu2Pipeline` directory) and ``decoder/`` (diffusers layout)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **encoder_kwargs) -> Emu2GenPipeline:
+        """A directory with ``encoder/`` (an `Emu2Pipeline` directory) and ``decoder/`` (diffusers layout).
+
+        ``encoder_kwargs`` go to the encoder's ``from_pretrained``: e.g. ``load_in_4bit=True`` quantizes its
+        language model as the official demo's ``--generate-quantize`` (the UNet and VAE stay unquantized)."""
         path = Path(path)
         for part in ("encoder", "decoder"):
             if not (path / part).is_dir():
                 raise FileNotFoundError(f"{path} is not an Emu2-Gen directory: no {part}/ folder")
         decoder = Emu2VisualDecoderPipeline.from_pretrained(path / "decoder", dtype=dtype)
-        return cls(Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype), decoder)
+        return cls(Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype, **encoder_kwargs), decoder)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        """``kwargs`` go to the encoder's `save_pretrained` (e.g. ``max_shard_size``)."""
         path = Path(path)
-        self.encoder.save_pretrained(path / "encoder")
+        self.encoder.save_pretrained(path / "encoder", **kwargs)
         self.decoder.save_pretrained(path / "decoder")
 
     @classmethod

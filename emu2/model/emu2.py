@@ -83,8 +83,13 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         """transformers ``from_pretrained`` (dtype, device_map, low-memory loading), refusing mismatched files.
 
         With ``strict`` (default) a checkpoint with missing, unexpected or wrongly shaped tensors raises
-        `CheckpointMismatchError` naming them, instead of silently keeping random weights.
+        `CheckpointMismatchError` naming them, instead of silently keeping random weights. ``quantization_config``
+        (any transformers one) or the official ``load_in_4bit=True`` / ``load_in_8bit=True`` quantize the language
+        model's decoder layers only (`emu2.model.quantization`).
         """
+        from .quantization import quantization_kwargs
+
+        kwargs = quantization_kwargs(kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = (sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())),

@@ -1,0 +1,68 @@
+"""Quantized loading of the language model through transformers' quantization configs.
+
+    Emu2ForCausalLM.from_pretrained(path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))  # CPU or GPU
+    Emu2Pipeline.from_pretrained(path, load_in_4bit=True)   # the official README's call: bitsandbytes, CUDA only
+
+``load_in_4bit`` / ``load_in_8bit`` (with the official demo's ``bnb_4bit_compute_dtype`` and any other
+``bnb_4bit_*`` / ``llm_int8_*`` keyword) become a `transformers.BitsAndBytesConfig`, as transformers 4.31 did
+for the official code. Any other transformers quantization config is passed through.
+
+Only the LLaMA's decoder layers are quantized: the vision tower, ``project_up`` / ``project_down`` and
+``lm_head`` stay in the load dtype (`UNQUANTIZED_MODULES`, added to the config's skip list). The official demo
+(``--chat-quantize``) loads the whole HF model with ``load_in_4bit``, vision tower included; keeping the vision
+tower (4B of 37B parameters) and the heads unquantized is a deliberate difference that costs little memory and keeps the image
+features and the regressed embeddings at full precision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+# Module-name prefixes transformers' quantizers leave as they are (matched at module boundaries).
+UNQUANTIZED_MODULES = ["visual", "project_up", "project_down", "language_model.lm_head"]
+_BNB_PREFIXES = ("bnb_4bit_", "llm_int8_")
+
+
+class QuantizationUnavailableError(ImportError):
+    """The requested quantization backend cannot run here; the message says what to install or use instead."""
+
+
+def quantization_kwargs(kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments with ``load_in_4bit``/``load_in_8bit`` turned into a
+    ``quantization_config`` and `UNQUANTIZED_MODULES` added to that config's skip list (``kwargs`` is not
+    modified). Raises `QuantizationUnavailableError` for bitsandbytes without the package or without CUDA."""
+    kwargs = dict(kwargs)
+    load_in_4bit, load_in_8bit = kwargs.pop("load_in_4bit", False), kwargs.pop("load_in_8bit", False)
+    bnb_options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(_BNB_PREFIXES)}
+    config = kwargs.get("quantization_config")
+    if load_in_4bit or load_in_8bit or bnb_options:
+        if config is not None:
+            raise ValueError("pass either quantization_config or load_in_4bit/load_in_8bit (bnb_*), not both")
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive")
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, **bnb_options)
+    if config is None:
+        return kwargs
+    if type(config).__name__ == "BitsAndBytesConfig":
+        _check_bitsandbytes()
+    attribute = "llm_int8_skip_modules" if hasattr(config, "llm_int8_skip_modules") else "modules_to_not_convert"
+    skipped = list(getattr(config, attribute, None) or [])
+    setattr(config, attribute, skipped + [m for m in UNQUANTIZED_MODULES if m not in skipped])
+    kwargs["quantization_config"] = config
+    return kwargs
+
+
+def _check_bitsandbytes() -> None:
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(
+            "load_in_4bit/load_in_8bit use bitsandbytes, which is not installed: `pip install bitsandbytes` on a "
+            "machine with a CUDA GPU; on a CPU use quantization_config=TorchAoConfig(Int8WeightOnlyConfig()) "
+            "(`pip install emu2[quant]`)")
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailableError(
+            "load_in_4bit/load_in_8bit (bitsandbytes) need a CUDA GPU and none is visible; on a CPU use "
+            "quantization_config=TorchAoConfig(Int8WeightOnlyConfig()) (`pip install emu2[quant]`)")

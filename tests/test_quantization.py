@@ -1,0 +1,84 @@
+"""Quantized loading of the language model (official README: `load_in_4bit=True`; here any transformers
+quantization config, tested on a CPU with torchao's int8 weight-only quantization)."""
+
+import pytest
+import torch
+
+from emu2.model import Emu2ForCausalLM
+from emu2.model import quantization as Q
+from emu2.pipeline import Emu2Pipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    Emu2Pipeline.from_preset("tiny", seed=0).save_pretrained(path)
+    return path
+
+
+def _int8_config():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def _is_quantized(module) -> bool:
+    return type(module.weight.data) is not torch.Tensor  # torchao swaps in a quantized tensor subclass
+
+
+def test_only_the_language_model_layers_are_quantized(model_dir):
+    """Vision tower, project_up/down and lm_head keep the load dtype; the LLaMA's decoder layers are quantized."""
+    model = Emu2ForCausalLM.from_pretrained(model_dir, quantization_config=_int8_config())
+    kept = [model.visual.blocks[0].mlp.fc1, model.visual.blocks[0].attn.proj, model.project_up, model.project_down,
+            model.language_model.lm_head]
+    assert not any(_is_quantized(m) for m in kept)
+    layer = model.language_model.model.layers[0]
+    assert all(_is_quantized(m) for m in (layer.self_attn.q_proj, layer.mlp.gate_proj, layer.mlp.down_proj))
+
+
+def test_int8_model_logits_within_two_percent_and_same_greedy_answer(model_dir):
+    """Tolerance: int8 per-channel weights (error <= 1/254 of each row's range) keep every logit within 2% of the
+    largest logit; the greedy answer is the same."""
+    full = Emu2ForCausalLM.from_pretrained(model_dir)
+    quantized = Emu2ForCausalLM.from_pretrained(model_dir, quantization_config=_int8_config())
+    pipe = Emu2Pipeline.from_pretrained(model_dir)
+    batch = pipe.encode(["[<IMG_PLH>]a red circle"], images=[torch.zeros(3, 56, 56)])
+    with torch.no_grad():
+        want = full(batch["input_ids"], images=batch["images"]).logits
+        got = quantized(batch["input_ids"], images=batch["images"]).logits
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    generate = dict(images=batch["images"], max_new_tokens=5, num_beams=1, do_sample=False)
+    assert torch.equal(quantized.generate_text(batch["input_ids"], **generate),
+                       full.generate_text(batch["input_ids"], **generate))
+
+
+def test_own_skip_list_is_kept_and_extended(model_dir):
+    config = _int8_config()
+    config.modules_to_not_convert = ["language_model.model.layers.0"]
+    model = Emu2ForCausalLM.from_pretrained(model_dir, quantization_config=config)
+    assert not _is_quantized(model.language_model.model.layers[0].mlp.up_proj)
+    assert _is_quantized(model.language_model.model.layers[1].mlp.up_proj) and not _is_quantized(model.project_up)
+
+
+def test_official_load_in_4bit_becomes_a_bitsandbytes_config(monkeypatch):
+    """The official demo: from_pretrained(..., load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)."""
+    monkeypatch.setattr(Q, "_check_bitsandbytes", lambda: None)
+    kwargs = Q.quantization_kwargs({"load_in_4bit": True, "bnb_4bit_compute_dtype": torch.float16, "dtype": "auto"})
+    config = kwargs["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_compute_dtype == torch.float16 and kwargs["dtype"] == "auto"
+    assert set(Q.UNQUANTIZED_MODULES) <= set(config.llm_int8_skip_modules)
+
+
+def test_load_in_4bit_without_bitsandbytes_says_what_to_install(model_dir, monkeypatch):
+    monkeypatch.setattr(Q.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(Q.QuantizationUnavailableError, match="pip install bitsandbytes"):
+        Emu2Pipeline.from_pretrained(model_dir, load_in_4bit=True)
+
+
+def test_load_in_8bit_without_cuda_says_so(model_dir, monkeypatch):
+    monkeypatch.setattr(Q.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Q.QuantizationUnavailableError, match="need a CUDA GPU"):
+        Emu2ForCausalLM.from_pretrained(model_dir, load_in_8bit=True)
