@@ -188,6 +188,13 @@ class BatchDecoder:
     def room(self) -> int:
         return self.max_batch_size - len(self.sequences)
 
+    def can_join(self, group_size: int, group_tokens: int, num_tokens: int) -> bool:
+        """May a prompt of ``num_tokens`` join a prefill group of ``group_size`` prompts and ``group_tokens`` tokens?
+        A prompt over the token budget is prefilled alone rather than never."""
+        if group_size >= self.room:
+            return False
+        return group_size == 0 or group_tokens + num_tokens <= self.max_batch_tokens
+
     @property
     def batching_factor(self) -> float | None:
         """Mean answers advanced per decode step so far (None before the first step)."""
@@ -343,7 +350,7 @@ class BatchingWorker(ModelWorker):
                     self.busy = True
                     self._run_job(job)
                     continue
-                if joining and tokens + call.prompt.num_tokens > decoder.max_batch_tokens:
+                if not decoder.can_join(len(joining), tokens, call.prompt.num_tokens):
                     self._held = job
                     break
                 joining.append(job)
