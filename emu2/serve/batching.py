@@ -114,7 +114,7 @@ class _Sequence:
     """One answer being decoded: its tokens so far, how it picks the next one, and where it stops."""
 
     def __init__(self, request: BatchRequest, engine: ChatEngine, device: torch.device):
-        self.request, self.engine = request, engine
+        self.request, self.engine, self.error = request, engine, None
         settings = request.call.settings
         self.settings, self.tokens = settings, []
         self.warpers = _warpers(settings) if settings.sampling else None
@@ -274,8 +274,12 @@ class BatchDecoder:
         ended = []
         for i, row in enumerate(rows):
             s = self.sequences[row]
-            token = s.pick(logits[i]) if s.warpers is not None else greedy[i]
-            if s.add(token, self.eos):
+            try:
+                token = s.pick(logits[i]) if s.warpers is not None else greedy[i]
+                if s.add(token, self.eos):
+                    ended.append(row)
+            except Exception as error:  # noqa: BLE001 - e.g. its stream callback failed: this answer alone fails
+                s.error = error
                 ended.append(row)
         self._end(ended)
 
@@ -286,10 +290,12 @@ class BatchDecoder:
         keep = [i for i in range(self.active) if i not in leaving]
         self._keep(keep)
         for s in ending:
-            try:
-                result, error = s.result(), None
-            except Exception as exc:  # noqa: BLE001 - decoding this answer's text failed; it alone fails
-                result, error = None, exc
+            result, error = None, s.error
+            if error is None:
+                try:
+                    result = s.result()
+                except Exception as exc:  # noqa: BLE001 - decoding this answer's text failed; it alone fails
+                    error = exc
             s.request.finish(result, error)
 
     def _keep(self, rows: list[int]) -> None:

@@ -105,12 +105,13 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
     lock, stop = threading.Lock(), threading.Event()
     rss = {"before": None, "peak": 0.0}
 
-    with ServerThread(create_app(pipeline, limits=limits)) as server:
+    app = create_app(pipeline, limits=limits)
+    with ServerThread(app) as server:
         url = server.url + "/v1/chat/completions"
         with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
             warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
         rss["before"] = _rss_mb()
-        decoder = getattr(server.app.state.server.worker, "decoder", None)
+        decoder = getattr(app.state.server.worker, "decoder", None)
         steps_before = (decoder.decode_steps, decoder.sequence_steps) if decoder else None
         started = time.monotonic()
         end = started + seconds
