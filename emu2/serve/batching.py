@@ -374,7 +374,9 @@ class BatchingWorker(ModelWorker):
             self.busy = bool(decoder.active)
 
     def _join(self, jobs: list[Job]) -> None:
-        requests = [BatchRequest(job.fn, _finisher(job), job.cancel, job.deadline) for job in jobs]
+        # No deadline of their own: the server sets ``cancel`` when it answers 504, as for serial jobs; ending an
+        # answer at the deadline here could settle it with a partial 200 just before the 504.
+        requests = [BatchRequest(job.fn, _finisher(job), job.cancel) for job in jobs]
         try:
             self.decoder.join(requests)
         except Exception as error:

@@ -146,6 +146,21 @@ def test_streamed_pieces_add_up_to_the_answer_decoded_alone(engine, prompts):
     assert answer == engine.stream(prompts[2], settings, lambda text: None)
 
 
+def test_an_answer_whose_stream_fails_ends_alone_and_the_others_continue(engine, prompts):
+    def broken(text):
+        raise BrokenPipeError("client gone")
+
+    settings = DecodingSettings(max_new_tokens=10)
+    decoder = BatchDecoder(engine)
+    (failing, o_failing), (other, o_other) = (collect(engine, prompts[2], settings, on_text=broken),
+                                              collect(engine, prompts[0], settings))
+    decoder.join([failing, other])
+    while decoder.active:
+        decoder.step()
+    assert isinstance(o_failing["error"], BrokenPipeError)
+    assert o_other["result"] == engine.answer(prompts[0], settings)
+
+
 def test_a_group_larger_than_the_room_left_is_refused(engine, prompts):
     decoder = BatchDecoder(engine, max_batch_size=1)
     with pytest.raises(ValueError, match="do not fit"):
