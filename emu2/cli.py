@@ -117,15 +117,26 @@ def _bench(args) -> int:
 
         result = run_train_benchmark()
     elif args.what == "serve":
-        from .serve.bench import run_fuzz, run_serve_benchmark
+        from .serve.bench import run_fuzz, run_serve_scaling
 
-        result = {"load": run_serve_benchmark(clients=args.clients, seconds=args.seconds, torch_threads=1)}
+        result = {"load": run_serve_scaling(clients=args.clients, seconds=args.seconds, torch_threads=1,
+                                            max_batch_size=args.max_batch_size)}
         if args.fuzz:
             result["fuzz"] = run_fuzz(max_examples=args.fuzz, seconds=max(args.seconds, 60))
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {args.what}")
     print(json.dumps(result, indent=2 if not args.json else None))
     return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (1,8,32); got {text!r}")
+    return values
 
 
 def _bench_data(args) -> dict:
@@ -220,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
     p.add_argument("--seconds", type=float, default=10.0, help="data/serve: seconds timed per run")
-    p.add_argument("--clients", type=int, default=8, help="serve: concurrent clients on loopback")
+    p.add_argument("--clients", type=_int_list, default=(1, 8, 32),
+                   help="serve: concurrent clients on loopback, one run per count (default: 1,8,32)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="serve: the server's --max-batch-size (default: emu2 serve's; 1: one request at a time)")
     p.add_argument("--fuzz", type=int, default=50, help="serve: schemathesis examples per operation (0: no fuzz)")
     p.set_defaults(func=_bench)
 

@@ -38,10 +38,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import processing as P
+from .batching import ChatCall, make_worker
 from .chat import ChatEngine, ChatPrompt, DecodingSettings, reserved_token_in
 from .generation import GroundedObject, ImageGenerator, build_generation_inputs, png_base64
 from .limits import ServeLimits, decode_image_bytes, load_image_url
-from .queue import ModelWorker
 from .schemas import (
     IGNORED_MESSAGE_FIELDS,
     SUPPORTED_PART_TYPES,
@@ -82,7 +82,7 @@ class Emu2Server:
         self.limits = limits or ServeLimits()
         self.allowed_dir = Path(allowed_dir).resolve() if allowed_dir is not None else None
         self.chat_model_name, self.gen_model_name = chat_model_name, gen_model_name
-        self.worker = ModelWorker(self.limits.max_queue, self.limits.timeout)
+        self.worker = make_worker(self.limits, self.chat)
         self.started = int(time.time())
 
     # ------------------------------------------------------------------------------------------ models
@@ -264,14 +264,10 @@ class Emu2Server:
         def push(kind: str, value) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        def run(cancel):
-            try:
-                push("end", self.chat.stream(prompt, settings, lambda text: push("text", text), cancel))
-            except Exception as error:
-                push("error", error)
-                raise
+        def done(answer, error) -> None:
+            push("end", answer) if error is None else push("error", error)
 
-        job = self.worker.submit(run)
+        job = self.worker.submit(ChatCall(self.chat, prompt, settings, lambda text: push("text", text), done))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.chat_model_name
         usage_wanted = bool((request.stream_options or {}).get("include_usage"))
@@ -431,7 +427,7 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
         prompt, settings = await run_in_threadpool(server.prepare_chat, request)
         if request.stream:
             return server.stream_chat(request, prompt, settings)
-        answers = await server.run_model(lambda cancel: server.chat.answer(prompt, settings, cancel))
+        answers = await server.run_model(ChatCall(server.chat, prompt, settings))
         return server.chat_response(request, prompt, answers)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)

@@ -1,6 +1,7 @@
 """Serving benchmarks: a bounded load test and a bounded schema fuzz, both against a real server on loopback.
 
     run_serve_benchmark(clients=8, seconds=10)   # requests/s, latency percentiles, errors, peak RSS
+    run_serve_scaling(clients=(1, 8, 32))        # the same for each client count, and the scaling targets
     run_fuzz(max_examples=25, seconds=60)        # schemathesis against /openapi.json; 5xx responses must be 0
 
 Both start the server in this process (uvicorn on a thread, 127.0.0.1, a free port) with a tiny random model
@@ -64,12 +65,15 @@ def _load_chat(model_dir):
 
 def run_serve_benchmark(clients: int = 8, seconds: float = 10.0, max_tokens: int = 8, with_image: bool = True,
                         stream: bool = False, model_dir: str | Path | None = None,
-                        max_requests: int = 100_000, pipeline=None, torch_threads: int | None = None) -> dict:
+                        max_requests: int = 100_000, pipeline=None, torch_threads: int | None = None,
+                        max_batch_size: int | None = None) -> dict:
     """``clients`` concurrent clients posting chat completions for ``seconds`` (at most ``max_requests`` in all).
 
-    Returns requests/s, latency percentiles (ms), error count (any non-200), the latency of /healthz probes made
-    during the load (the event loop must stay responsive while the model computes), and memory (RSS, MiB; the
-    server and the clients share this process). ``pipeline``: an already loaded `Emu2Pipeline` to serve.
+    Returns requests/s, completion tokens/s, latency percentiles (ms), error count (any non-200), the batching
+    factor (mean answers per decode step; 1 for the serial worker), the latency of /healthz probes made during
+    the load (the event loop must stay responsive while the model computes), and memory (RSS, MiB; the server and
+    the clients share this process). ``pipeline``: an already loaded `Emu2Pipeline` to serve.
+    ``max_batch_size``: the server's (default: `ServeLimits`'; 1 decodes one request at a time).
     ``torch_threads``: intra-op threads for the run (default: torch's); on a CPU shared with other work, 1 can be
     many times faster than spinning threads that wait for cores.
     """
@@ -81,16 +85,18 @@ def run_serve_benchmark(clients: int = 8, seconds: float = 10.0, max_tokens: int
         torch.set_num_threads(torch_threads)
     try:
         return _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline,
-                                httpx, torch.get_num_threads())
+                                httpx, torch.get_num_threads(), max_batch_size)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline, httpx,
-                     torch_threads) -> dict:
+                     torch_threads, max_batch_size) -> dict:
 
     pipeline = pipeline or _load_chat(model_dir)
-    limits = ServeLimits(max_queue=max(clients, 1), max_tokens=max(max_tokens, 1), timeout=max(60.0, 2 * seconds))
+    batching = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    limits = ServeLimits(max_queue=max(clients, 1), max_tokens=max(max_tokens, 1), timeout=max(60.0, 2 * seconds),
+                         **batching)
     content = [{"type": "text", "text": "What is in the image?"}]
     if with_image:
         content.insert(0, {"type": "image_url", "image_url": {"url": _png_data_url()}})
@@ -99,11 +105,14 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
     lock, stop = threading.Lock(), threading.Event()
     rss = {"before": None, "peak": 0.0}
 
-    with ServerThread(create_app(pipeline, limits=limits)) as server:
+    app = create_app(pipeline, limits=limits)
+    with ServerThread(app) as server:
         url = server.url + "/v1/chat/completions"
         with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
             warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
         rss["before"] = _rss_mb()
+        decoder = getattr(app.state.server.worker, "decoder", None)
+        steps_before = (decoder.decode_steps, decoder.sequence_steps) if decoder else None
         started = time.monotonic()
         end = started + seconds
 
@@ -148,13 +157,18 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
         elapsed = time.monotonic() - started
         stop.set()
         watcher.join(timeout=5)
+        factor = 1.0
+        if decoder is not None:
+            steps = decoder.decode_steps - steps_before[0]
+            factor = round((decoder.sequence_steps - steps_before[1]) / steps, 2) if steps else None
 
     requests = sum(statuses.values())
     ms = lambda v: None if v is None else round(1000 * v, 1)
     return {
         "benchmark": "serve", "model": str(model_dir) if model_dir else "tiny-chat (random)",
         "clients": clients, "seconds": round(elapsed, 2), "max_tokens": max_tokens, "with_image": with_image,
-        "stream": stream, "torch_threads": torch_threads, "requests": requests, "ok": statuses.get(200, 0),
+        "stream": stream, "torch_threads": torch_threads, "max_batch_size": limits.max_batch_size,
+        "batching_factor": factor, "requests": requests, "ok": statuses.get(200, 0),
         "errors": requests - statuses.get(200, 0), "status_counts": {str(k): v for k, v in statuses.items()},
         "requests_per_s": round(statuses.get(200, 0) / elapsed, 2),
         "completion_tokens_per_s": round(tokens[0] / elapsed, 1) if not stream else None,
@@ -165,6 +179,29 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
         "rss_mb": {"before_load": rss["before"] and round(rss["before"], 1), "peak_sampled": round(rss["peak"], 1),
                    "peak_process": round(_peak_rss_mb(), 1)},
     }
+
+
+def run_serve_scaling(clients=(1, 8, 32), seconds: float = 10.0, max_tokens: int = 8,
+                      model_dir: str | Path | None = None, pipeline=None, torch_threads: int | None = 1,
+                      max_batch_size: int | None = None) -> dict:
+    """`run_serve_benchmark` for each client count on one loaded model, in one run, with the issue's targets:
+    8 clients reach >= 4x the requests/s of 1 client, with p99 latency <= 3x the 1-client p50."""
+    pipeline = pipeline or _load_chat(model_dir)
+    runs = [run_serve_benchmark(clients=n, seconds=seconds, max_tokens=max_tokens, model_dir=model_dir,
+                                pipeline=pipeline, torch_threads=torch_threads, max_batch_size=max_batch_size)
+            for n in clients]
+    table = [{key: run[key] for key in ("clients", "requests_per_s", "completion_tokens_per_s", "batching_factor",
+                                        "errors")} | {"p50_ms": run["latency_ms"]["p50"],
+                                                      "p99_ms": run["latency_ms"]["p99"]} for run in runs]
+    by_clients = {row["clients"]: row for row in table}
+    targets = {}
+    if 1 in by_clients and 8 in by_clients and by_clients[1]["requests_per_s"] and by_clients[1]["p50_ms"]:
+        one, eight = by_clients[1], by_clients[8]
+        speedup = eight["requests_per_s"] / one["requests_per_s"]
+        latency = (eight["p99_ms"] or float("inf")) / one["p50_ms"]
+        targets = {"requests_per_s_8_over_1": round(speedup, 2), "speedup_target_4x_met": speedup >= 4,
+                   "p99_8_over_p50_1": round(latency, 2), "latency_target_3x_met": latency <= 3}
+    return {"benchmark": "serve-scaling", "table": table, "targets": targets, "runs": runs}
 
 
 def run_fuzz(max_examples: int = 25, seconds: float = 60.0, model_dir: str | Path | None = None,

@@ -141,6 +141,16 @@ class _CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
+def _streamed_answer(scanner: _StopScanner, streamer: _CallbackStreamer, settings: DecodingSettings) -> Answer:
+    """The answer a finished stream sent (``streamer.end()`` already called): its text, why it ended, its tokens."""
+    scanner.feed("", final=True)
+    if scanner.stopped or streamer.ended or streamer.num_tokens < settings.max_new_tokens:
+        reason = "stop"
+    else:
+        reason = "length"
+    return Answer(scanner.text[:scanner.sent].strip(), reason, streamer.num_tokens)
+
+
 class PromptTokenizer:
     """Tokenizes prompts (placeholders expanded to visual slots) from request threads.
 
@@ -223,12 +233,7 @@ class ChatEngine:
         streamer = _CallbackStreamer(self.tokenizer, scanner.feed, self._drop_ids(),
                                      skip_special_tokens=not prompt.grounding)
         self._generate(prompt, settings, cancel, streamer=streamer)
-        scanner.feed("", final=True)
-        if scanner.stopped or streamer.ended or streamer.num_tokens < settings.max_new_tokens:
-            reason = "stop"
-        else:
-            reason = "length"
-        return Answer(scanner.text[:scanner.sent].strip(), reason, streamer.num_tokens)
+        return _streamed_answer(scanner, streamer, settings)
 
     # -------------------------------------------------------------------------------------------- steps
     def _generate(self, prompt: ChatPrompt, settings: DecodingSettings, cancel: threading.Event | None,

@@ -45,8 +45,12 @@ class ServeLimits:
     max_num_beams: int = _limit(8, "cap on the num_beams extension")
     max_inference_steps: int = _limit(100, "cap on num_inference_steps of image generation")
     max_output_side: int = _limit(2048, "largest width or height of a generated image")
-    max_queue: int = _limit(16, "requests waiting for the model beyond the one it is running (429 when full)")
+    max_queue: int = _limit(16, "requests waiting for the model beyond those it is running (429 when full)")
     timeout: float = _limit(300.0, "seconds from arrival to the end of a request, queueing included (504 after)")
+    max_batch_size: int = _limit(
+        16, "chat answers decoded together in one batch (1: one request at a time); beam search and n > 1 run "
+            "alone")
+    max_batch_tokens: int = _limit(8192, "prompt tokens prefilled together when answers join a batch")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -119,17 +119,27 @@ class ModelWorker:
                 continue  # nobody is waiting for it any more
             self.busy = True
             try:
-                result, error = job.fn(job.cancel), None
-            except BaseException as exc:
-                result, error = None, exc
-                if not isinstance(exc, APIError):
-                    logger.exception("model call failed")
+                self._run_job(job)
             finally:
                 self.busy = False
-            try:
-                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-            except RuntimeError:  # the event loop has closed (server shutting down)
-                pass
+
+    def _run_job(self, job: Job) -> None:
+        """Run one job to its end on this thread and settle its future."""
+        try:
+            result, error = job.fn(job.cancel), None
+        except BaseException as exc:
+            result, error = None, exc
+            if not isinstance(exc, APIError):
+                logger.exception("model call failed")
+        settle_job(job, result, error)
+
+
+def settle_job(job: Job, result: Any, error: BaseException | None) -> None:
+    """Hand a job's outcome to its event loop (from the model thread)."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+    except RuntimeError:  # the event loop has closed (server shutting down)
+        pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -18,6 +18,19 @@ def test_serve_benchmark_reports_throughput_latency_errors_and_memory(chat_pipel
 
 
 @pytest.mark.slow
+def test_serve_scaling_reports_each_client_count_its_batching_factor_and_the_targets(chat_pipeline):
+    from emu2.serve.bench import run_serve_scaling
+
+    result = run_serve_scaling(clients=(1, 8), seconds=1, max_tokens=3, pipeline=chat_pipeline)
+    one, eight = result["table"]
+    assert (one["clients"], eight["clients"]) == (1, 8) and one["errors"] == eight["errors"] == 0
+    assert one["batching_factor"] == 1 and eight["batching_factor"] > 1
+    assert eight["completion_tokens_per_s"] > 0 and eight["p50_ms"] <= eight["p99_ms"]
+    assert set(result["targets"]) == {"requests_per_s_8_over_1", "speedup_target_4x_met", "p99_8_over_p50_1",
+                                      "latency_target_3x_met"}
+
+
+@pytest.mark.slow
 def test_fuzzing_the_openapi_schema_finds_no_server_errors(chat_pipeline, gen_pipeline):
     pytest.importorskip("schemathesis", reason="pip install schemathesis")
     from emu2.serve.bench import run_fuzz

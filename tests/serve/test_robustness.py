@@ -1,5 +1,8 @@
 """The server under pressure: a full queue (429), a slow model (504), a failing model (500), and an event loop
-that keeps answering while the model computes."""
+that keeps answering while the model computes.
+
+Tests that stand in for `ChatEngine.answer`/`stream` serve one request at a time (``max_batch_size=1``): batched
+decoding does not go through those methods (tests/serve/test_batching.py covers the same behaviours there)."""
 
 import threading
 import time
@@ -34,7 +37,7 @@ def post(server, body=BODY, timeout=30):
 
 def test_full_queue_gives_429_at_once_and_queued_requests_still_finish(chat_pipeline):
     release, entered = threading.Event(), threading.Event()
-    with running(chat_pipeline, limits=ServeLimits(max_queue=2, timeout=60)) as server:
+    with running(chat_pipeline, limits=ServeLimits(max_queue=2, timeout=60, max_batch_size=1)) as server:
         blocking_answer(server, release, entered)
         with ThreadPoolExecutor(3) as pool:
             running_one = pool.submit(post, server)
@@ -55,7 +58,7 @@ def test_full_queue_gives_429_at_once_and_queued_requests_still_finish(chat_pipe
 
 def test_event_loop_answers_while_the_model_computes(chat_pipeline):
     release, entered = threading.Event(), threading.Event()
-    with running(chat_pipeline) as server:
+    with running(chat_pipeline, limits=ServeLimits(max_batch_size=1)) as server:
         blocking_answer(server, release, entered)
         with ThreadPoolExecutor(1) as pool:
             busy = pool.submit(post, server)
@@ -69,7 +72,7 @@ def test_event_loop_answers_while_the_model_computes(chat_pipeline):
 
 def test_request_past_its_deadline_gets_504_and_generation_is_cancelled(chat_pipeline):
     seen = {}
-    with running(chat_pipeline, limits=ServeLimits(timeout=0.5)) as server:
+    with running(chat_pipeline, limits=ServeLimits(timeout=0.5, max_batch_size=1)) as server:
         engine = server.app.state.server.chat
 
         def slow_answer(prompt, settings, cancel=None):
@@ -84,7 +87,7 @@ def test_request_past_its_deadline_gets_504_and_generation_is_cancelled(chat_pip
 
 
 def test_model_exception_gives_500_and_the_next_request_succeeds(chat_pipeline):
-    with running(chat_pipeline) as server:
+    with running(chat_pipeline, limits=ServeLimits(max_batch_size=1)) as server:
         engine = server.app.state.server.chat
         real = engine.answer
         engine.answer = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: device-side assert"))
@@ -97,7 +100,7 @@ def test_model_exception_gives_500_and_the_next_request_succeeds(chat_pipeline):
 
 
 def test_model_exception_while_streaming_ends_the_stream_with_an_error_event(chat_pipeline):
-    with running(chat_pipeline) as server:
+    with running(chat_pipeline, limits=ServeLimits(max_batch_size=1)) as server:
         engine = server.app.state.server.chat
         real = engine.stream
 
@@ -127,7 +130,7 @@ def test_image_model_exception_gives_500_and_the_server_keeps_serving(gen_pipeli
 
 def test_a_client_leaving_a_stream_cancels_its_generation(chat_pipeline):
     seen = {}
-    with running(chat_pipeline) as server:
+    with running(chat_pipeline, limits=ServeLimits(max_batch_size=1)) as server:
         engine = server.app.state.server.chat
 
         def endless(prompt, settings, on_text, cancel=None):
