@@ -6,10 +6,10 @@ node. A node may import only from nodes in lower layers, which rules out cycles:
 
     0  config, processing   presets and the tokenizer/chat-template/image-input conventions: no emu2 imports
     1  model                nn modules (Emu2ForCausalLM, EVA ViT, diffusion decoders)
-    2  convert, pipeline    official checkpoints in and out; the Emu2Pipeline over model + processing
+    2  pipeline             the Emu2Pipeline over model + processing
     3  data                 sequence layout, shards, converters, the shapes world, box-mask images
     4  gen                  Emu2-Gen pipeline, decoder training steps, generation metrics
-    5  eval                 few-shot evaluation, RICES, benchmarks' dataset adapters
+    5  convert, eval        official checkpoints in and out (LM and Gen); few-shot evaluation, RICES, probes
     6  train                the runner and every recipe stage (LM, encoder, image/video decoder), quickstart
     7  serve, bench         the HTTP server; throughput benchmarks
     8  cli                  ``emu2 ...`` verbs
@@ -29,10 +29,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emu2"
 LAYERS = [
     {"config", "processing"},
     {"model"},
-    {"convert", "pipeline"},
+    {"pipeline"},
     {"data"},
     {"gen"},
-    {"eval"},
+    {"convert", "eval"},
     {"train"},
     {"serve", "bench"},
     {"cli"},
