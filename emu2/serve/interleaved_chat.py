@@ -12,7 +12,8 @@ Request fields (extensions, beside OpenAI's ``modalities``):
 
 - ``modalities``: ``["text"]`` (the default: a text answer, ``content`` a string) or ``["text", "image"]``;
   any other value is refused, as before;
-- ``max_images``: images in one answer (default and cap: ``--max-answer-images``);
+- ``max_images``: images in one answer (cap: ``--max-answer-images``; default: the cap, or fewer when the model's
+  positions cannot hold that many after the prompt and ``max_tokens``);
 - ``image_at``: start an image once the answer holds this many text tokens (``[0]``: the answer opens with an
   image), at most ``max_images`` positions, each at most ``max_tokens``;
 - ``num_inference_steps`` (default 50, cap ``--max-inference-steps``), ``guidance_scale`` (default 3.0) for the
@@ -118,7 +119,11 @@ class InterleavedChat:
     def settings(self, request, prompt: ChatPrompt, decoding: DecodingSettings,
                  limits: ServeLimits) -> ImageAnswerSettings:
         """The request's image settings checked against the limits and the model's positions (400s)."""
-        max_images = limits.max_answer_images if request.max_images is None else request.max_images
+        slots = self.pipeline.model.config.n_query + 2  # [IMG], the visual slots, [/IMG]
+        max_images = request.max_images
+        if max_images is None:  # as many as the cap allows and the model's positions hold
+            room = (self.positions or 1 << 62) - prompt.num_tokens - decoding.max_new_tokens - 1
+            max_images = max(0, min(limits.max_answer_images, room // slots))
         if max_images > limits.max_answer_images:
             raise APIError(400, f"max_images is {max_images}, above this server's cap of {limits.max_answer_images}"
                                 " (server limit --max-answer-images)", "max_images", "max_images_too_large")
@@ -138,7 +143,6 @@ class InterleavedChat:
         if decoding.num_beams != 1:
             raise APIError(400, "answers with images are decoded greedily or by sampling: drop num_beams",
                            "num_beams", "invalid_parameter")
-        slots = self.pipeline.model.config.n_query + 2  # [IMG], the visual slots, [/IMG]
         longest = prompt.num_tokens + decoding.max_new_tokens + 1 + max_images * slots
         if self.positions is not None and longest > self.positions:
             raise APIError(400, f"the prompt ({prompt.num_tokens} tokens) + max_tokens ({decoding.max_new_tokens})"
