@@ -148,6 +148,7 @@ def test_attachments_are_added_and_removed_one_by_one_and_placed_at_their_marker
     page.set_input_files("#chat-images", [str(tmp_path / "blue.png"), str(tmp_path / "green.png")])
     page.locator("#chat-attachments .thumb").nth(2).wait_for()
     assert page.input_value("#chat-input") == "[image 1] is red; [image 2][image 3]"
+    page.screenshot(path=str(tmp_path / "attachments.png"))
     page.click("#chat-attachments .thumb:nth-child(2) .remove")  # image 2 and its marker go
     assert page.locator("#chat-attachments .thumb").count() == 2
     assert page.input_value("#chat-input") == "[image 1] is red; [image 3]"
