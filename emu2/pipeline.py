@@ -175,7 +175,9 @@ class Emu2Pipeline:
                            do_sample: bool = False, stop: Sequence[str] = (), decoder_kwargs: dict | None = None,
                            **kwargs) -> Iterator[tuple[int, str | InterleavedImage]]:
         """`generate_interleaved` as it happens: yields ``(row, part)``, text deltas (str) and finished images
-        (`InterleavedImage`), in order per row. Text never includes a stop string or what follows it."""
+        (`InterleavedImage`), in order per row. Text never includes a stop string or what follows it. The
+        generator's return value (``StopIteration.value``) is `iter_interleaved`'s: one `InterleavedSequence`
+        per row (finish reasons, generated positions)."""
         from transformers import StopStringCriteria
 
         stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
@@ -187,7 +189,12 @@ class Emu2Pipeline:
         segments = [_TextSegment(self.tokenizer, stop) for _ in range(batch["input_ids"].shape[0])]
         events = iter_interleaved(self.model, **batch, max_new_tokens=max_new_tokens, max_images=max_images,
                                   do_sample=do_sample, **kwargs)
-        for event in events:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as done:
+                sequences = done.value
+                break
             segment = segments[event.row]
             if event.token is not None:
                 delta = segment.add(event.token)
@@ -202,6 +209,7 @@ class Emu2Pipeline:
             rest = segment.close()
             if rest:
                 yield row, rest
+        return sequences
 
     def generate_interleaved(self, inputs, decoder=None, max_images: int = 4, max_new_tokens: int = 256,
                              do_sample: bool = False, stop: Sequence[str] = (),

@@ -103,23 +103,27 @@ def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_sca
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None) -> torch.Tensor:
+def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None,
+                     callback_on_step_end=None) -> torch.Tensor:
     """The sampling loop of both decoders: ``pipe.scheduler``'s timesteps (``set_timesteps`` already called),
     classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
 
     ``latents``: already scaled by ``init_noise_sigma``; ``predict(model_input, t)``: the UNet's output for the
-    (doubled, when guiding) scaled model input. Returns the final latents.
+    (doubled, when guiding) scaled model input; ``callback_on_step_end(pipe, step, t, {"latents": latents})``
+    after each step, as diffusers pipelines call it (it may return replacement latents). Returns the final latents.
     """
     do_cfg = guidance_scale > 1.0
     scheduler = pipe.scheduler
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for t in pipe.progress_bar(scheduler.timesteps):
+    for i, t in enumerate(pipe.progress_bar(scheduler.timesteps)):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
         noise_pred = predict(model_input, t)
         if do_cfg:
             noise_cond, noise_uncond = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+        if callback_on_step_end is not None:
+            latents = (callback_on_step_end(pipe, i, t, {"latents": latents}) or {}).get("latents", latents)
     return latents
 
 
@@ -192,6 +196,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         crops_coords_top_left: tuple[int, int] = (0, 0),
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Sample images conditioned on visual embeddings.
 
@@ -208,6 +213,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 section 7).
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float in [0, 1], "pt" (B, 3, H, W)
                 float in [0, 1], or "latent" (the final latents, undecoded).
+            callback_on_step_end: ``callback(pipe, step, t, {"latents": latents})`` after each denoising step
+                (diffusers' convention): progress reports, or cancelling by raising.
 
         Returns:
             `StableDiffusionPipelineOutput(images, nsfw_content_detected)`: the safety checker's flag per image
@@ -247,7 +254,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 model_input, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
             ).sample
 
-        latents = guided_denoising(self, latents, predict, guidance_scale, generator)
+        latents = guided_denoising(self, latents, predict, guidance_scale, generator, callback_on_step_end)
 
         # 6. Decode (and run the safety checker when one is loaded).
         has_nsfw = None

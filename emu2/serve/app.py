@@ -39,8 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import processing as P
 from .batching import ChatCall, make_worker
-from .chat import ChatEngine, ChatPrompt, DecodingSettings, reserved_token_in
+from .chat import Answer, ChatEngine, ChatPrompt, DecodingSettings, reserved_token_in
 from .generation import GroundedObject, ImageGenerator, build_generation_inputs, png_base64
+from .interleaved_chat import ImageAnswerSettings, InterleavedChat, wants_images
 from .limits import ServeLimits, decode_image_bytes, load_image_url
 from .schemas import (
     IGNORED_MESSAGE_FIELDS,
@@ -74,11 +75,15 @@ class Emu2Server:
 
     def __init__(self, chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None = None,
                  allowed_dir: str | Path | None = None, chat_model_name: str = "emu2-chat",
-                 gen_model_name: str = "emu2-gen"):
+                 gen_model_name: str = "emu2-gen", decoder=None):
         if chat_pipeline is None and gen_pipeline is None:
             raise ValueError("the server needs a chat model, an image model, or both")
         self.chat = ChatEngine(chat_pipeline) if chat_pipeline is not None else None
         self.gen = ImageGenerator(gen_pipeline) if gen_pipeline is not None else None
+        # Images in chat answers: the chat model writes, a visual decoder draws (--decoder, else Emu2-Gen's).
+        decoder = decoder if decoder is not None else (self.gen.decoder if self.gen is not None else None)
+        self.interleaved = (InterleavedChat(chat_pipeline, decoder)
+                            if chat_pipeline is not None and decoder is not None else None)
         self.limits = limits or ServeLimits()
         self.allowed_dir = Path(allowed_dir).resolve() if allowed_dir is not None else None
         self.chat_model_name, self.gen_model_name = chat_model_name, gen_model_name
@@ -100,8 +105,9 @@ class Emu2Server:
     # ------------------------------------------------------------------------------- checks on the loop
     # These run on the event loop before any thread-pool or model work: each is cheap (no tokenizing, no image
     # decoding), so a request refused here costs the server next to nothing, however large it is.
-    def screen_chat(self, request: ChatCompletionRequest) -> None:
-        """Refuse a chat request for another model, unsupported fields or part types, or surely too long text."""
+    def screen_chat(self, request: ChatCompletionRequest) -> bool:
+        """Refuse a chat request for another model, unsupported fields or part types, or surely too long text;
+        -> whether it asks for images in the answer."""
         if self.chat is None:
             raise APIError(404, "this server has no chat model: start it with --model DIR", "model",
                            "model_not_found")
@@ -122,6 +128,7 @@ class Emu2Server:
                 elif part.type == "text":
                     chars += len(part.text)
         self._check_text_length(chars, self.chat.prompt_tokenizer, "messages")
+        return wants_images(request, self.interleaved is not None)
 
     def screen_images(self, request: ImageGenerationRequest) -> None:
         """Refuse an image request for another model, with unsupported fields, or with surely too long text."""
@@ -249,15 +256,17 @@ class Emu2Server:
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
             model=self.chat_model_name,
-            choices=[{"index": k, "message": {"role": "assistant", "content": a.text},
+            choices=[{"index": k, "message": {"role": "assistant",
+                                              "content": a.text if isinstance(a, Answer) else a.parts},
                       "finish_reason": a.finish_reason} for k, a in enumerate(answers)],
             usage={"prompt_tokens": prompt.num_tokens, "completion_tokens": completion_tokens,
                    "total_tokens": prompt.num_tokens + completion_tokens},
         ).model_dump()
 
-    def stream_chat(self, request: ChatCompletionRequest, prompt: ChatPrompt,
-                    settings: DecodingSettings) -> StreamingResponse:
-        """Queue a streamed answer (429 now if the line is full) and send it as OpenAI chunk events."""
+    def stream_chat(self, request: ChatCompletionRequest, prompt: ChatPrompt, settings: DecodingSettings,
+                    drawing: ImageAnswerSettings | None = None) -> StreamingResponse:
+        """Queue a streamed answer (429 now if the line is full) and send it as OpenAI chunk events; with
+        ``drawing``, an answer with images (chunk shapes: `emu2.serve.interleaved_chat`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -267,17 +276,30 @@ class Emu2Server:
         def done(answer, error) -> None:
             push("end", answer) if error is None else push("error", error)
 
-        job = self.worker.submit(ChatCall(self.chat, prompt, settings, lambda text: push("text", text), done))
+        def draw(cancel):  # answers with images run alone, between the batched decode steps
+            try:
+                push("end", self.interleaved.answer(prompt, settings, drawing, cancel, push)[0])
+            except Exception as error:
+                push("error", error)
+                raise
+
+        if drawing is None:
+            job = self.worker.submit(ChatCall(self.chat, prompt, settings, lambda text: push("text", text), done))
+        else:
+            job = self.worker.submit(draw)
+            push("status", {"status": "queued", "ahead": self.worker.pending - 1 + int(self.worker.busy)})
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.chat_model_name
         usage_wanted = bool((request.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict, finish_reason=None, choices=True, usage=None) -> str:
+        def chunk(delta: dict, finish_reason=None, choices=True, usage=None, status=None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
                     if choices else []}
             if usage is not None:
                 body["usage"] = usage
+            if status is not None:
+                body["emu2"] = status
             return f"data: {json.dumps(body)}\n\n"
 
         async def sse():
@@ -293,6 +315,10 @@ class Emu2Server:
                         break
                     if kind == "text":
                         yield chunk({"content": value})
+                    elif kind == "image":
+                        yield chunk({"content": [value]})
+                    elif kind == "status":
+                        yield chunk({}, status=value)
                     elif kind == "end":
                         yield chunk({}, value.finish_reason)
                         if usage_wanted:
@@ -410,9 +436,10 @@ def _check_unicode(text: str, param: str) -> None:
 # --------------------------------------------------------------------------------------------------- app
 def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None = None,
                allowed_dir: str | Path | None = None, ui: bool = False, chat_model_name: str = "emu2-chat",
-               gen_model_name: str = "emu2-gen") -> FastAPI:
-    """The FastAPI app serving an `Emu2Pipeline` (chat) and/or an `Emu2GenPipeline` (images)."""
-    server = Emu2Server(chat_pipeline, gen_pipeline, limits, allowed_dir, chat_model_name, gen_model_name)
+               gen_model_name: str = "emu2-gen", decoder=None) -> FastAPI:
+    """The FastAPI app serving an `Emu2Pipeline` (chat) and/or an `Emu2GenPipeline` (images); ``decoder`` (an
+    `Emu2VisualDecoderPipeline`, default the Emu2-Gen one) draws the images of chat answers that ask for them."""
+    server = Emu2Server(chat_pipeline, gen_pipeline, limits, allowed_dir, chat_model_name, gen_model_name, decoder)
     # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN and are blank offline (see `docs`).
     app = FastAPI(title="emu2", version="0.1.0", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   description="Emu2 behind the OpenAI API: chat with images, image generation and editing.")
@@ -423,10 +450,15 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
     @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}, **_ERRORS})
     async def chat_completions(request: ChatCompletionRequest):
         """OpenAI chat completions; ``stream: true`` sends server-sent events ending with ``data: [DONE]``."""
-        server.screen_chat(request)
+        with_images = server.screen_chat(request)
         prompt, settings = await run_in_threadpool(server.prepare_chat, request)
+        drawing = server.interleaved.settings(request, prompt, settings, server.limits) if with_images else None
         if request.stream:
-            return server.stream_chat(request, prompt, settings)
+            return server.stream_chat(request, prompt, settings, drawing)
+        if drawing is not None:
+            answers = await server.run_model(
+                lambda cancel: server.interleaved.answer(prompt, settings, drawing, cancel))
+            return server.chat_response(request, prompt, answers)
         answers = await server.run_model(ChatCall(server.chat, prompt, settings))
         return server.chat_response(request, prompt, answers)
 
@@ -465,7 +497,8 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
     async def healthz():
         """Liveness: answers while the model computes (the model runs on its own thread)."""
         return {"status": "ok", "chat_model": server.chat_model_name if server.chat else None,
-                "image_model": server.gen_model_name if server.gen else None, "model_busy": server.worker.busy,
+                "image_model": server.gen_model_name if server.gen else None,
+                "chat_images": server.interleaved is not None, "model_busy": server.worker.busy,
                 "queued": server.worker.pending, "max_queue": server.limits.max_queue}
 
     if ui:

@@ -304,11 +304,27 @@ def app_from_args(args):
         raise SystemExit("error: give --model DIR (chat), --gen-model DIR (images), or both")
     if args.allowed_dir is not None and not Path(args.allowed_dir).is_dir():
         raise SystemExit(f"error: --allowed-dir {args.allowed_dir} is not a directory")
+    if args.decoder is not None and args.model is None:
+        raise SystemExit("error: --decoder draws the images of chat answers: it needs --model DIR")
     chat = load_chat_pipeline(args) if args.model else None
     gen = load_gen_pipeline(args.gen_model, args) if args.gen_model else None
-    return create_app(chat, gen, limits=ServeLimits.from_args(args), allowed_dir=args.allowed_dir, ui=args.ui,
-                      chat_model_name=args.model_name or (Path(args.model).name if args.model else "emu2"),
-                      gen_model_name=args.gen_model_name or (Path(args.gen_model).name if args.gen_model else "emu2-gen"))
+    decoder = None
+    if args.decoder is not None:
+        from ..model.decoder import Emu2VisualDecoderPipeline
+
+        device, dtype = _device_and_dtype(args)
+        try:
+            decoder = Emu2VisualDecoderPipeline.from_pretrained(args.decoder, dtype=dtype).to(device)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: --decoder {args.decoder}: {error}") from None
+    try:
+        return create_app(chat, gen, limits=ServeLimits.from_args(args), allowed_dir=args.allowed_dir, ui=args.ui,
+                          decoder=decoder,
+                          chat_model_name=args.model_name or (Path(args.model).name if args.model else "emu2"),
+                          gen_model_name=args.gen_model_name
+                          or (Path(args.gen_model).name if args.gen_model else "emu2-gen"))
+    except ValueError as error:  # a decoder that does not fit the chat model
+        raise SystemExit(f"error: {error}") from None
 
 
 def _serve(args) -> int:
@@ -392,6 +408,9 @@ def add_parsers(subparsers) -> None:
                                           "/v1/models and /healthz; API docs at /docs.")
     p.add_argument("--model", metavar="DIR", help="chat model directory (Emu2-Chat, or a base Emu2 model)")
     p.add_argument("--gen-model", metavar="DIR", help="Emu2-Gen directory for the image endpoints")
+    p.add_argument("--decoder", metavar="DIR",
+                   help='visual decoder directory (diffusers layout) drawing the images of chat answers with '
+                        'modalities ["text", "image"] (default: the --gen-model decoder, if any)')
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the directory name)")
     p.add_argument("--gen-model-name", help="image model id reported by /v1/models (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1",

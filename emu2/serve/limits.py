@@ -43,7 +43,10 @@ class ServeLimits:
     default_max_tokens: int = _limit(512, "max_tokens when a request gives none (the official demo's 512)")
     max_n: int = _limit(4, "cap on n (answers or images per request)")
     max_num_beams: int = _limit(8, "cap on the num_beams extension")
-    max_inference_steps: int = _limit(100, "cap on num_inference_steps of image generation")
+    max_inference_steps: int = _limit(100, "cap on num_inference_steps of image generation (and of images in "
+                                           "chat answers)")
+    max_answer_images: int = _limit(4, "cap on the max_images extension: images in one chat answer "
+                                       '(modalities ["text", "image"]); also its default')
     max_output_side: int = _limit(2048, "largest width or height of a generated image")
     max_queue: int = _limit(16, "requests waiting for the model beyond those it is running (429 when full)")
     timeout: float = _limit(300.0, "seconds from arrival to the end of a request, queueing included (504 after)")

@@ -6,7 +6,10 @@ Only what Emu2 can honour is declared. Other OpenAI fields are listed in `UNSUPP
 effect on the answer, accepted); any other field is refused as unrecognized, as OpenAI does, so a misspelt knob
 is not silently dropped. Fields marked *extension* are ours: ``num_beams``/``grounding``/``top_k``/
 ``length_penalty`` for chat (the official Emu2-Chat decoding knobs), ``images``/``objects``/
-``num_inference_steps``/``guidance_scale``/``seed`` for images (Emu2-Gen inputs).
+``num_inference_steps``/``guidance_scale``/``seed`` for images (Emu2-Gen inputs). OpenAI's ``modalities`` is
+declared and taken as ``["text"]`` or ``["text", "image"]`` only (answers with images, with the extensions
+``max_images``/``image_at``/``num_inference_steps``/``guidance_scale``: see `emu2.serve.interleaved_chat`,
+which refuses every other value).
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[str, tuple]] = {
     "frequency_penalty": ("frequency penalty", (0,)),
     "presence_penalty": ("presence penalty", (0,)),
     "audio": ("audio output", ()),
-    "modalities": ("output modalities other than text", (["text"],)),
     "prediction": ("predicted outputs", ()),
     "web_search_options": ("web search", ()),
     "reasoning_effort": ("reasoning effort (Emu2 is not a reasoning model)", ()),
@@ -167,11 +169,22 @@ class ChatCompletionRequest(_Open):
                                          "(the official demo frontend uses 2)")
     top_k: int | None = Field(None, ge=1, description="extension: top-k sampling")
     grounding: bool | None = Field(False, description="extension: answer with <phrase>/<object> box tokens")
+    modalities: list[str] | None = Field(None, description='["text"] (default) or ["text", "image"]: an answer '
+                                         "of ordered text and image_url parts (needs a server visual decoder)")
+    max_images: int | None = Field(None, ge=0, description="extension: images in one answer (capped by the server)")
+    image_at: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="extension: start an image once the answer holds this many text tokens (0: first)")
+    num_inference_steps: int | None = Field(None, ge=1, description="extension: denoising steps per answer image")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="extension: decoder guidance scale")
+
+
+AnswerPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | list[AnswerPart] = Field(description="text, or with modalities [\"text\", \"image\"] the "
+                                                        "ordered text and image_url parts")
 
 
 class ChatChoice(BaseModel):

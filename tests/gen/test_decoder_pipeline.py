@@ -115,6 +115,19 @@ def test_generator_makes_noise_reproducible(pipe):
     assert not torch.allclose(sample(0), sample(1))
 
 
+def test_step_callback_sees_each_step_and_its_latents_are_used(pipe):
+    seen = []
+
+    def on_step(pipeline, step, t, tensors):
+        seen.append((pipeline, step))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    final = pipe(_embeds(1), _embeds(1, 1), num_inference_steps=3, output_type="latent",
+                 callback_on_step_end=on_step).images
+    assert seen == [(pipe, 0), (pipe, 1), (pipe, 2)]
+    assert torch.count_nonzero(final) == 0  # the last step's replacement is what comes out
+
+
 def test_output_types(pipe):
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     args = (_embeds(2), _embeds(1, 1))

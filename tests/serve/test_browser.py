@@ -4,6 +4,7 @@ Needs Debian's `chromium` package (/usr/bin/chromium) and the `playwright` Pytho
 browser download is never used.
 """
 
+import json
 import os
 import queue
 import re
@@ -108,3 +109,116 @@ def test_server_errors_are_shown_on_the_page(page):
     page.click("#image-generate")
     page.wait_for_selector("#image-status.error")
     assert "--max-inference-steps" in page.inner_text("#image-status")
+
+
+def test_an_answer_with_images_shows_text_and_framed_images_in_order(page, tmp_path):
+    page.problems.clear()  # the error test before left its 400 in the console
+    page.wait_for_selector("#chat-image-controls:not([hidden])")
+    page.click("#chat-reset")
+    page.check("#chat-draw")
+    page.check("#chat-draw-first")  # a tiny random model rarely writes [IMG] by itself
+    page.fill("#chat-steps", "2")
+    page.fill("#chat-max-tokens", "6")
+    page.fill("#chat-input", "Tell a story with a picture.")
+    page.click("#chat-send")
+    answer = page.wait_for_selector(".message.assistant.done", timeout=60_000)
+    kinds = answer.eval_on_selector_all(".parts > *", "nodes => nodes.map(n => n.tagName + '.' + n.className)")
+    assert kinds[0] == "FIGURE.generated" and "SPAN.text" in kinds[1:], kinds
+    image = answer.query_selector("figure.generated img")
+    assert image.evaluate("img => img.decode().then(() => img.naturalWidth)") == 16
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    assert "Tell a story with a picture." in answer.query_selector("figure.generated figcaption").inner_text()
+    border = image.evaluate("img => getComputedStyle(img.closest('figure')).borderTopStyle")
+    assert border == "solid"
+    page.uncheck("#chat-draw")
+    page.uncheck("#chat-draw-first")
+    page.screenshot(path=str(tmp_path / "interleaved.png"), full_page=True)
+    assert page.problems == []
+
+
+def test_attachments_are_added_and_removed_one_by_one_and_placed_at_their_markers(page, tmp_path):
+    page.problems.clear()  # the error test before left its 400 in the console
+    for colour in ("red", "blue", "green"):
+        png_image(colour, (40, 30)).save(tmp_path / f"{colour}.png")
+    page.click("#chat-reset")
+    page.fill("#chat-input", "")
+    page.set_input_files("#chat-images", str(tmp_path / "red.png"))
+    page.wait_for_selector("#chat-attachments .thumb")
+    page.type("#chat-input", " is red; ")
+    page.set_input_files("#chat-images", [str(tmp_path / "blue.png"), str(tmp_path / "green.png")])
+    page.locator("#chat-attachments .thumb").nth(2).wait_for()
+    assert page.input_value("#chat-input") == "[image 1] is red; [image 2][image 3]"
+    page.screenshot(path=str(tmp_path / "attachments.png"))
+    page.click("#chat-attachments .thumb:nth-child(2) .remove")  # image 2 and its marker go
+    assert page.locator("#chat-attachments .thumb").count() == 2
+    assert page.input_value("#chat-input") == "[image 1] is red; [image 3]"
+    page.focus("#chat-input")  # Playwright puts the caret first when it focuses a field: move it back
+    page.keyboard.press("Control+End")
+    page.keyboard.type(" is green?")
+
+    sent = []
+
+    def answer(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, content_type="application/json", body=_completion("They are shapes."))
+
+    page.route("**/v1/chat/completions", answer)
+    try:
+        page.fill("#chat-beams", "2")  # beam search: not streamed
+        page.click("#chat-send")
+        page.wait_for_selector(".message.assistant.done")
+    finally:
+        page.unroute("**/v1/chat/completions")
+        page.fill("#chat-beams", "1")
+    content = sent[0]["messages"][-1]["content"]
+    assert [p["type"] for p in content] == ["image_url", "text", "image_url", "text"]
+    assert [p["text"] for p in content if p["type"] == "text"] == [" is red; ", " is green?"]
+    assert sent[0]["num_beams"] == 2
+    bubble = page.locator(".message.user").last
+    assert bubble.evaluate("b => [...b.children].map(n => n.tagName).join()") == "IMG,SPAN,IMG,SPAN"
+    assert page.locator("#chat-attachments .thumb").count() == 0
+    assert page.problems == []
+
+
+def test_a_grounded_answer_is_drawn_as_boxes_on_the_image(page, tmp_path):
+    page.problems.clear()  # the error test before left its 400 in the console
+    png_image("white", (200, 100)).save(tmp_path / "white.png")
+    page.click("#chat-reset")
+    page.fill("#chat-input", "Where is the square?")
+    page.set_input_files("#chat-images", str(tmp_path / "white.png"))
+    page.check("#chat-grounding")
+    grounded = ("<phrase>the square</phrase><object><patch_index_0000><patch_index_0056>"
+                "<patch_index_0112><patch_index_0224></object>")
+    sent = []
+
+    def answer(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, content_type="text/event-stream", body=_stream(["In ", grounded, "."]))
+
+    page.route("**/v1/chat/completions", answer)
+    try:
+        page.click("#chat-send")
+        page.wait_for_selector(".message.assistant.done")
+    finally:
+        page.unroute("**/v1/chat/completions")
+        page.uncheck("#chat-grounding")
+    assert sent[0]["grounding"] is True
+    answer_bubble = page.locator(".message.assistant").last
+    assert answer_bubble.locator(".text").inner_text() == "In the square."
+    box = answer_bubble.locator(".box")
+    assert box.count() == 1 and box.inner_text() == "the square"
+    style = box.evaluate("b => [b.style.left, b.style.top, b.style.width, b.style.height]")
+    assert style == ["0%", "25%", "50%", "75%"]
+    page.screenshot(path=str(tmp_path / "grounded.png"), full_page=True)
+    assert page.problems == []
+
+
+def _completion(text: str) -> str:
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "stop"}]})
+
+
+def _stream(deltas: list[str]) -> str:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]} for d in deltas]
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"

@@ -239,3 +239,22 @@ def test_ask_refuses_a_video_file_it_cannot_decode_and_says_how(tmp_path, chat_m
     clip.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="extract its frames"):
         cli.main(["ask", "--model", str(chat_model_dir), "--video", str(clip), "what happens?"])
+
+
+def test_serve_with_a_decoder_answers_with_images(loaded, chat_model_dir, gen_model_dir):
+    from emu2.serve.app import ServerThread
+
+    args = parser().parse_args(["serve", "--model", str(chat_model_dir), "--decoder", str(gen_model_dir / "decoder"),
+                                "--port", "0", "--max-answer-images", "1", "--max-inference-steps", "2"])
+    with ServerThread(cli.app_from_args(args)) as server:
+        assert httpx.get(server.url + "/healthz").json()["chat_images"] is True
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "draw"}], "max_tokens": 2, "modalities": ["text", "image"],
+            "image_at": [0]})
+        assert [p["type"] for p in reply.json()["choices"][0]["message"]["content"]][0] == "image_url"
+
+
+def test_serve_decoder_needs_a_chat_model(gen_model_dir):
+    with pytest.raises(SystemExit, match="--decoder .* needs --model"):
+        cli.app_from_args(parser().parse_args(["serve", "--gen-model", str(gen_model_dir), "--decoder",
+                                               str(gen_model_dir / "decoder")]))
