@@ -26,7 +26,15 @@ def _special_ids(pieces: int) -> dict:
 
 
 class Emu2VisionConfig(PreTrainedConfig):
-    """EVA-CLIP ViT sizes (official `CLIPVisionCfg` field names)."""
+    """EVA-CLIP ViT sizes (official `CLIPVisionCfg` field names).
+
+    ``postnorm`` (EVA-CLIP's flag; True in Emu2): post-norm blocks without a final norm. False gives the
+    pre-norm layout of EVA-02-CLIP B/L (norm before attention and MLP, one final ``norm``), which a small
+    encoder trained from scratch learns far faster. ``stem``: "patch" (one convolution with kernel = stride =
+    patch_size, as every EVA-CLIP) or "conv" (stride-2 3x3 convolutions down to the same patch grid, the
+    "early convolutions" stem of Xiao et al. 2021), which lets a small ViT see the shape of objects no
+    larger than a patch. The official presets keep "patch" and post-norm.
+    """
 
     model_type = "emu2_vision"
 
@@ -37,6 +45,8 @@ class Emu2VisionConfig(PreTrainedConfig):
     head_width: int = 112
     mlp_ratio: float = 8.571428571428571
     layer_norm_eps: float = 1e-6
+    postnorm: bool = True
+    stem: str = "patch"
 
     @property
     def mlp_hidden_size(self) -> int:

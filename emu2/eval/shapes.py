@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import processing as P
+from .intervals import format_interval, with_interval
 from .metrics import box_iou
 
 _FIELDS = re.compile(r"[^\w\s]+")
@@ -55,8 +56,9 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
                      max_new_tokens: int = 24, batch_size: int = 8) -> dict:
     """Few-shot accuracy per held-out split and shot count on the dataset's evaluation episodes.
 
-    Returns ``{split: {shots: {"exact": float, "fields": float, "nll": float, "n": int}}}`` plus ``"all"`` over
-    splits; ``nll`` is the gold answer's mean per-token negative log-likelihood (`answer_nll`).
+    Returns ``{split: {shots: {"exact": float, "fields": float, "nll": float, "n": int, "exact_ci95": [lo, hi],
+    "fields_ci95": [lo, hi]}}}`` plus ``"all"`` over splits; ``nll`` is the gold answer's mean per-token negative
+    log-likelihood (`answer_nll`); the intervals are 95 % (Wilson for exact match, normal for field accuracy).
     """
     from ..data.shapes import fewshot_prompt
 
@@ -71,7 +73,7 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
             for q in range(len(ep["queries"])):
                 text, images, answer = fewshot_prompt(ep, k, q)
                 prompts.append((ep["split"], k, text, [Image.open(root / im).convert("RGB") for im in images], answer))
-    scores: dict = {}
+    items: dict = {}  # split -> shots -> metric -> per-query scores
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
         chunk = prompts[start:start + batch_size]
         batch = pipe.encode([c[2] for c in chunk], [im for c in chunk for im in c[3]])
@@ -81,15 +83,17 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
         for (split, k, _, _, answer), text, nll in zip(chunk, texts, nlls):
             prediction = _cut_answer(text)
             for key in (split, "all"):
-                cell = scores.setdefault(key, {}).setdefault(k, {"exact": 0.0, "fields": 0.0, "nll": 0.0, "n": 0})
-                cell["exact"] += float(_normal(prediction) == _normal(answer))
-                cell["fields"] += field_accuracy(prediction, answer)
-                cell["nll"] += nll
-                cell["n"] += 1
-    for per_shot in scores.values():
-        for cell in per_shot.values():
-            for metric in ("exact", "fields", "nll"):
-                cell[metric] = round(cell[metric] / cell["n"], 4)
+                cell = items.setdefault(key, {}).setdefault(k, {"exact": [], "fields": [], "nll": []})
+                cell["exact"].append(float(_normal(prediction) == _normal(answer)))
+                cell["fields"].append(field_accuracy(prediction, answer))
+                cell["nll"].append(nll)
+    scores: dict = {}
+    for key, per_shot in items.items():
+        for k, cell in per_shot.items():
+            exact, fields = with_interval(cell["exact"]), with_interval(cell["fields"])
+            scores.setdefault(key, {})[k] = {
+                "exact": exact["value"], "fields": fields["value"], "nll": round(sum(cell["nll"]) / len(cell["nll"]), 4),
+                "n": len(cell["exact"]), "exact_ci95": exact["ci95"], "fields_ci95": fields["ci95"]}
     return scores
 
 
@@ -162,7 +166,10 @@ def _chat(pipe, messages_images: list[tuple[str, list, list]], system: str | Non
 
 def evaluate_instructions(pipe, data_dir: str | Path, items: int = 32, seed: int = 1234,
                           batch_size: int = 8) -> dict:
-    """VQA, captioning, grounding and video QA of a chat model on rendered held-out scenes."""
+    """VQA, captioning, grounding and video QA of a chat model on ``items`` rendered held-out scenes each.
+
+    Returns each task's score (a fraction) plus ``"ci95": {task: [low, high]}`` (95 % intervals: Wilson for
+    the 0/1 scores, normal for the recalls)."""
     from ..data.shapes.render import render_scene
     from ..data.shapes.tasks import VQA_QUESTIONS, attribute_value, video_event, video_frames
     from ..data.shapes.world import COLOURS, SHAPES, World, describe
@@ -198,34 +205,46 @@ def evaluate_instructions(pipe, data_dir: str | Path, items: int = 32, seed: int
             out += _chat(pipe, [(m, ims, frs) for m, ims, frs, _ in chunk], system, max_new_tokens)
         return out
 
-    results = {}
+    per_item = {}
     answers = run(vqa, short, 8)
-    results["vqa_exact"] = sum(_normal(_cut_answer(a)) == _normal(t[3]) for a, t in zip(answers, vqa)) / len(vqa)
+    per_item["vqa_exact"] = [float(_normal(_cut_answer(a)) == _normal(t[3])) for a, t in zip(answers, vqa)]
     answers = run(captions, P.CHAT_SYSTEM_MESSAGE, 32)
-    results["caption_attribute_recall"] = sum(
-        len({w for w in t[3] if w in a.lower()}) / len(t[3]) for a, t in zip(answers, captions)) / len(captions)
+    per_item["caption_attribute_recall"] = [len({w for w in t[3] if w in a.lower()}) / len(t[3])
+                                            for a, t in zip(answers, captions)]
     answers = run(grounding, short, 8)
     boxes = [P.parse_box(a) for a in answers]
-    results["grounding_acc_iou50"] = sum(b is not None and box_iou(b, t[3]) >= 0.5
-                                         for b, t in zip(boxes, grounding)) / len(grounding)
-    results["grounding_parsed"] = sum(b is not None for b in boxes) / len(boxes)
+    per_item["grounding_acc_iou50"] = [float(b is not None and box_iou(b, t[3]) >= 0.5)
+                                       for b, t in zip(boxes, grounding)]
+    per_item["grounding_parsed"] = [float(b is not None) for b in boxes]
     answers = run(video, P.CHAT_SYSTEM_MESSAGE, 24)
-    results["video_event_recall"] = sum(len({w for w in t[3] if w in a.lower()}) / max(1, len(t[3]))
-                                        for a, t in zip(answers, video)) / len(video)
+    per_item["video_event_recall"] = [len({w for w in t[3] if w in a.lower()}) / max(1, len(t[3]))
+                                      for a, t in zip(answers, video)]
+    results = {}
+    for name, scores in per_item.items():
+        cell = with_interval(scores)
+        results[name] = cell["value"]
+        results.setdefault("ci95", {})[name] = cell["ci95"]
     # Chance levels, to read the numbers against: one shape of 8, one colour of 9.
     results["chance"] = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS)}
     results["items"] = items
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
 
 
+def _fewshot_cell(cell: dict) -> str:
+    if "exact_ci95" not in cell:
+        return f"{100 * cell['exact']:.1f} ({100 * cell['fields']:.1f})"
+    return (f"{format_interval({'value': cell['exact'], 'ci95': cell['exact_ci95']})} "
+            f"({format_interval({'value': cell['fields'], 'ci95': cell['fields_ci95']})})")
+
+
 def fewshot_table(scores: dict) -> str:
-    """Markdown: rows = shots, columns = held-out splits (exact match %, field accuracy % in brackets)."""
+    """Markdown: rows = shots, columns = held-out splits: exact match % [95 % interval], then field accuracy %
+    [95 % interval] in brackets."""
     splits = [s for s in scores if s != "all"] + ["all"]
     shots = sorted({k for s in splits for k in scores[s]}, key=int)
     lines = ["| shots | " + " | ".join(splits) + " |", "|---:|" + "---:|" * len(splits)]
     for k in shots:
-        cells = [f"{100 * scores[s][k]['exact']:.1f} ({100 * scores[s][k]['fields']:.1f})" if k in scores[s] else "-"
-                 for s in splits]
+        cells = [_fewshot_cell(scores[s][k]) if k in scores[s] else "-" for s in splits]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if all("nll" in scores[s][k] for s in splits for k in scores[s]):
         lines += ["", "Gold-answer NLL (nats/token, lower is better):", "",
@@ -261,3 +280,16 @@ def plot_accuracy_vs_shots(scores: dict, path: str | Path) -> None:
     fig.suptitle("shapes world: held-out few-shot accuracy vs shots")
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
+
+
+def instructions_table(results: dict) -> str:
+    """Markdown: one row per chat task, score % [95 % interval]."""
+    names = {"vqa_exact": "VQA exact match", "caption_attribute_recall": "caption attribute recall",
+             "grounding_acc_iou50": "grounding accuracy (IoU >= 0.5)", "grounding_parsed": "grounding answers parsed",
+             "video_event_recall": "video event-word recall"}
+    lines = [f"| task ({results.get('items', '?')} items each) | score % [95 % interval] |", "|---|---:|"]
+    for key, name in names.items():
+        if key in results:
+            cell = {"value": results[key], "ci95": results.get("ci95", {}).get(key, [results[key]] * 2)}
+            lines.append(f"| {name} | {format_interval(cell)} |")
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..data.shapes.detect import ATTRIBUTES, detect_scene
 from ..data.shapes.world import Scene
+from .intervals import format_interval, wilson_interval
 
 KEYS = (*ATTRIBUTES, "all")
 
@@ -44,7 +45,8 @@ def attribute_accuracy(images: Sequence[Image.Image], scenes: Sequence[Scene],
     images[i] (any size) is detected with ``grid=scenes[i].grid`` and compared with scenes[i]. ``asked[i]``
     (default: all attributes) limits what item i is scored on, e.g. no position for a caption without one.
     Returns ``{attribute: accuracy over the items that asked it (None if none did), "all": share of items
-    with every asked attribute right, "n": items}``.
+    with every asked attribute right, "n": items, "ci95": {attribute: [low, high]}, "scored": {attribute: items
+    that asked it}}`` (Wilson intervals).
     """
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
@@ -62,6 +64,8 @@ def attribute_accuracy(images: Sequence[Image.Image], scenes: Sequence[Scene],
         scored["all"] += 1
     out = {k: (round(right[k] / scored[k], 4) if scored[k] else None) for k in KEYS}
     out["n"] = len(scenes)
+    out["ci95"] = {k: [round(b, 4) for b in wilson_interval(right[k], scored[k])] for k in KEYS if scored[k]}
+    out["scored"] = dict(scored)
     return out
 
 
@@ -105,11 +109,13 @@ def evaluate_generation(gen_pipe, data_dir: str | Path, items: int = 32, seed: i
 
 
 def generation_table(results: dict) -> str:
-    """Markdown: rows = text-to-image, autoencode, true renders; columns = attribute accuracy %."""
+    """Markdown: rows = text-to-image, autoencode, true renders; columns = attribute accuracy % [95 % interval]."""
     lines = ["| images | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]
     for key, name in (("text_to_image", "text-to-image"), ("autoencode", "autoencoded"),
                       ("truth_renders", "true renders")):
         row = results[key]
-        cells = ["-" if row[k] is None else f"{100 * row[k]:.1f}" for k in KEYS]
+        cells = ["-" if row[k] is None else
+                 format_interval({"value": row[k], "ci95": row["ci95"][k]}) if "ci95" in row else f"{100 * row[k]:.1f}"
+                 for k in KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -136,12 +136,16 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
     and optionally the official ``safety_checker`` + ``feature_extractor`` (flagged images become black).
     ``pixel_scale`` (pixel space only, saved in ``model_index.json``): the UNet works at 1 / ``pixel_scale`` of the
     output size and its result is enlarged bilinearly (the shapes-world decoder: 32 px UNet, 64 px images).
+    ``original_size`` (saved in ``model_index.json``): the SDXL size condition used when a call gives none; None
+    means the official (1024, 1024). A decoder trained on images of another size records its own, so sampling
+    conditions it as it was trained.
     """
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
 
-    def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None, pixel_scale: int = 1):
+    def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None, pixel_scale: int = 1,
+                 original_size: Sequence[int] | None = None):
         super().__init__()
         check_pixel_scale(vae, pixel_scale)
         self.register_modules(
@@ -151,7 +155,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.register_to_config(pixel_scale=int(pixel_scale))
+        self.register_to_config(pixel_scale=int(pixel_scale),
+                                original_size=None if original_size is None else [int(v) for v in original_size])
 
     @classmethod
     def from_configs(
@@ -209,8 +214,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
             latents: (B, C, height / vae_scale_factor, width / vae_scale_factor) initial standard-normal
                 latents, before ``init_noise_sigma`` scaling; drawn from ``generator`` when None.
             original_size, crops_coords_top_left: SDXL size conditions (height, width) and (top, left);
-                ``original_size`` defaults to the official (1024, 1024) whatever the output size (official-format
-                section 7).
+                ``original_size`` defaults to the pipeline's recorded one, else the official (1024, 1024) whatever
+                the output size (official-format section 7).
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float in [0, 1], "pt" (B, 3, H, W)
                 float in [0, 1], or "latent" (the final latents, undecoded).
             callback_on_step_end: ``callback(pipe, step, t, {"latents": latents})`` after each denoising step
@@ -223,7 +228,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         # 0. Default size from the UNet, as diffusers pipelines do.
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        original_size = tuple(original_size or OFFICIAL_ORIGINAL_SIZE)
+        original_size = tuple(original_size or self.config.get("original_size") or OFFICIAL_ORIGINAL_SIZE)
 
         # 1. Check inputs.
         do_cfg = guidance_scale > 1.0

@@ -4,6 +4,9 @@ Matches the official `EVAVisionTransformer` configuration of Emu2 (official-form
 blocks without layer scale, one fused qkv weight with separate q and v biases (k has none), exact-GELU MLP,
 a learned absolute position embedding that includes the CLS token, no final norm, every token returned.
 Parameter names equal the official ones under ``visual.``, so official weights load without renaming.
+
+Two options exist for small encoders trained from scratch (`Emu2VisionConfig`): pre-norm blocks with a final
+``norm`` (``postnorm=False``, EVA-02-CLIP B/L) and a convolutional stem (``stem="conv"``).
 """
 
 from __future__ import annotations
@@ -47,32 +50,57 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Post-norm: x + norm1(attn(x)), then x + norm2(mlp(x)) (EVA-CLIP `postnorm=True`)."""
+    """Post-norm (EVA-CLIP `postnorm=True`, Emu2): x + norm1(attn(x)), then x + norm2(mlp(x)).
+    Pre-norm (``postnorm=False``): x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()
+        self.postnorm = config.postnorm
         self.norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.attn = Attention(config.width, config.width // config.head_width)
         self.norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.mlp = Mlp(config.width, config.mlp_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.norm1(self.attn(x))
-        return x + self.norm2(self.mlp(x))
+        if self.postnorm:
+            x = x + self.norm1(self.attn(x))
+            return x + self.norm2(self.mlp(x))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
+    """``stem="patch"``: one convolution per patch (``proj``, the official layer). ``stem="conv"``: log2(patch)
+    stride-2 3x3 convolutions with GELU between, widths doubling up to ``width`` (``stem.N``), so each token is
+    built from overlapping receptive fields instead of one linear map of its own pixels."""
+
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()
-        self.proj = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        if config.stem == "patch":
+            self.proj = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        elif config.stem == "conv":
+            halvings = config.patch_size.bit_length() - 1
+            if config.patch_size != 1 << halvings or halvings < 1:
+                raise ValueError(f'stem="conv" needs a power-of-two patch_size >= 2, got {config.patch_size}')
+            widths = [3] + [max(8, config.width >> (halvings - i)) for i in range(1, halvings)] + [config.width]
+            layers = []
+            for i in range(halvings):
+                layers.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1))
+                if i < halvings - 1:
+                    layers.append(nn.GELU())
+            self.stem = nn.Sequential(*layers)
+        else:
+            raise ValueError(f'stem must be "patch" or "conv", got {config.stem!r}')
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, Dv), patches row-major."""
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        grid = self.proj(pixels) if hasattr(self, "proj") else self.stem(pixels)
+        return grid.flatten(2).transpose(1, 2)
 
 
 class EVAVisionTransformer(nn.Module):
-    """The ViT trunk. ``forward(pixels (B, 3, S, S)) -> (B, 1 + N, Dv)`` (CLS first, no final norm)."""
+    """The ViT trunk. ``forward(pixels (B, 3, S, S)) -> (B, 1 + N, Dv)`` (CLS first; no final norm when
+    post-norm, as in Emu2)."""
 
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()
@@ -82,6 +110,8 @@ class EVAVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.width))
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.layers)])
+        # Pre-norm blocks leave the residual stream unnormalised: EVA-02-CLIP closes them with one norm.
+        self.norm = None if config.postnorm else nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -92,7 +122,7 @@ class EVAVisionTransformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+        return x if self.norm is None else self.norm(x)
 
     def encode_image(self, pixels: torch.Tensor, n_query: int) -> torch.Tensor:
         """Pooled visual embeddings: ``pixels (B, 3, S, S) -> (B, n_query, Dv)``.
@@ -100,7 +130,12 @@ class EVAVisionTransformer(nn.Module):
         Drops CLS, lays the patches out on their grid and average-pools with kernel = stride =
         grid // sqrt(n_query), as the official `encode_image` (a 32x32 grid -> 8x8 for n_query 64).
         """
-        tokens = self(pixels)[:, 1:]
+        return self.pool(self(pixels), n_query)
+
+    @staticmethod
+    def pool(tokens: torch.Tensor, n_query: int) -> torch.Tensor:
+        """The pooling of `encode_image` on trunk outputs: ``(B, 1 + N, Dv) -> (B, n_query, Dv)``."""
+        tokens = tokens[:, 1:]
         B, N, D = tokens.shape
         grid = math.isqrt(N)
         side = math.isqrt(n_query)

@@ -160,6 +160,24 @@ class CheckpointSection:
 
 
 @dataclass
+class EncoderSection:
+    """``stage: encoder`` only: the weights of its two objectives on image-caption pairs (emu2.train.contrastive).
+
+    ``contrastive``: CLIP-style InfoNCE between the pooled embeddings and the caption. ``caption_words``: predict
+    which vocabulary tokens the caption contains (multi-label, one logistic output per token; CatLIP's
+    classification view of image-text pre-training), which rewards every attribute a caption names, not only
+    those that tell a batch's captions apart. ``attributes`` (shapes world only): supervised attribute labels of
+    ``attribute_pool`` procedurally rendered scenes of the dataset's world (`emu2.data.shapes.supervision`), the
+    stand-in for the pre-training EVA-CLIP brings.
+    """
+
+    contrastive: float = 1.0
+    caption_words: float = 0.0
+    attributes: float = 0.0
+    attribute_pool: int = 6000
+
+
+@dataclass
 class LogSection:
     every: int = 10
     tensorboard: bool = True
@@ -182,6 +200,7 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
     decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.decoder_stage (stage: decoder)
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -429,6 +448,15 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.data.max_skipped_fraction <= 1:
         problems.append(f"data.max_skipped_fraction must be in [0, 1] (1: never stop), got "
                         f"{config.data.max_skipped_fraction}")
+    e = config.encoder
+    weights = (e.contrastive, e.caption_words, e.attributes)
+    if min(weights) < 0 or sum(weights) == 0:
+        problems.append(f"encoder: the objective weights must be >= 0 and not all 0, got contrastive="
+                        f"{e.contrastive}, caption_words={e.caption_words}, attributes={e.attributes}")
+    if e.attribute_pool <= 0:
+        problems.append(f"encoder.attribute_pool must be positive, got {e.attribute_pool}")
+    if config.stage != "encoder" and e != EncoderSection():
+        problems.append(f"encoder: the section is read by stage: encoder only, not stage: {config.stage}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:
         problems.append("checkpoint.every and checkpoint.keep_last must be positive")
     if problems:

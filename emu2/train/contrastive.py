@@ -1,11 +1,14 @@
-"""Stage 0 for a vision encoder that starts random: CLIP-style image-caption contrastive pre-training.
+"""Stage 0 for a vision encoder that starts random: image-caption pre-training (contrastive and caption words).
 
 Emu2 starts from EVA-CLIP, a vision encoder already trained contrastively on image-text pairs (paper 2.1), so its
 stage 1 only has to teach the language model to read features that already name colours, shapes and places. A
 model of a new size (the shapes presets) has no such encoder; captioning alone teaches a random ViT slowly, because
 the caption loss is mostly spent on the language prior. This stage gives it the missing pre-training on the same
 image-caption pairs stage 1 uses: an InfoNCE loss between the encoder's ``n_query`` visual embeddings (flattened,
-so positions count) and a bag-of-words embedding of the caption.
+so positions count) and a bag-of-words embedding of the caption, and, weighted by the recipe's ``encoder``
+section, a caption-word loss: one logistic output per vocabulary token saying whether the caption contains it
+(CatLIP, Mehta et al. 2024). Contrast only rewards what tells a batch's captions apart; the word loss rewards
+every attribute a caption names, whatever else is in the batch.
 
 Only ``visual`` is trained; the output directory is a full Emu2 model directory (the language model untouched),
 which stage 1 then loads through ``model.init_from``.
@@ -30,13 +33,15 @@ from .config import TrainConfig
 
 
 class CaptionContrast(nn.Module):
-    """The two small heads of the contrastive objective (discarded after the stage)."""
+    """The small heads of the encoder objectives (discarded after the stage)."""
 
-    def __init__(self, vocab_size: int, n_query: int, vision_width: int, dim: int = 128):
+    def __init__(self, vocab_size: int, n_query: int, vision_width: int, dim: int = 128,
+                 caption_words: bool = False):
         super().__init__()
         self.words = nn.EmbeddingBag(vocab_size, dim, mode="mean")
         self.image = nn.Linear(n_query * vision_width, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.word_logits = nn.Linear(n_query * vision_width, vocab_size) if caption_words else None
 
     def forward(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """features (B, Q, Dv); ids, mask (B, L) caption tokens -> symmetric InfoNCE loss (scalar)."""
@@ -47,6 +52,18 @@ class CaptionContrast(nn.Module):
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
+    def caption_word_loss(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """features (B, Q, Dv); ids, mask (B, L) -> binary cross-entropy of "the caption contains token v",
+        summed over the vocabulary and averaged over the batch (scalar)."""
+        if self.word_logits is None:
+            raise ValueError("this head was built without caption_words=True")
+        vocab = self.word_logits.out_features
+        # Unmasked positions mark their token; masked ones mark a spare column, dropped after.
+        index = torch.where(mask.bool(), ids, torch.full_like(ids, vocab))
+        present = torch.zeros(ids.shape[0], vocab + 1, device=ids.device).scatter_(1, index, 1.0)[:, :vocab]
+        logits = self.word_logits(features.flatten(1))
+        return F.binary_cross_entropy_with_logits(logits, present, reduction="sum") / ids.shape[0]
+
 
 def caption_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The supervised caption tokens of a stage-1 pairs batch: (ids, mask), both (B, L)."""
@@ -55,12 +72,52 @@ def caption_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return labels.clamp(min=0), mask
 
 
+class AttributeHeads(nn.Module):
+    """Linear read-outs of the shapes world's attribute labels (`emu2.data.shapes.supervision`): per patch from the
+    trunk's tokens (shape, colour), per image from the flattened pooled embeddings (count, size, position,
+    background). Discarded after the stage."""
+
+    def __init__(self, n_query: int, vision_width: int):
+        super().__init__()
+        from emu2.data.shapes.supervision import GLOBAL_LABELS, LABEL_CLASSES
+
+        self.patch = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in ("patch_shape",
+                                                                                             "patch_colour")})
+        self.image = nn.ModuleDict({k: nn.Linear(n_query * vision_width, LABEL_CLASSES[k]) for k in GLOBAL_LABELS})
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor, labels: dict) -> torch.Tensor:
+        """tokens (B, 1 + N, Dv) trunk outputs; pooled (B, Q, Dv); labels from `AttributePool.batch` -> the sum of
+        the per-label cross-entropies (scalar; -100 labels are ignored)."""
+        patches = tokens[:, 1:]
+        loss = sum(F.cross_entropy(head(patches).flatten(0, 1), labels[k].flatten()) for k, head in self.patch.items())
+        flat = pooled.flatten(1)
+        for k, head in self.image.items():
+            if (labels[k] != -100).any():
+                loss = loss + F.cross_entropy(head(flat), labels[k], ignore_index=-100)
+        return loss
+
+
+def _attribute_pool(config: TrainConfig, model) -> object:
+    from emu2.data.shapes.supervision import AttributePool
+    from emu2.data.shapes.world import World
+
+    manifest = Path(config.data.root or "") / "dataset.json"
+    if not manifest.is_file():
+        raise ValueError(f"encoder.attributes needs a shapes-world dataset (data.root with dataset.json): "
+                         f"{manifest} is missing")
+    seed = json.loads(manifest.read_text()).get("seed", 0)
+    vision = model.config.vision_config
+    return AttributePool(World.from_seed(seed), vision.image_size, vision.grid_size,
+                         size=config.encoder.attribute_pool, seed=config.seed)
+
+
 def train_encoder_stage(config: TrainConfig) -> dict:
-    """``stage: encoder``: contrastive pre-training of ``visual`` on the recipe's image-caption pairs.
+    """``stage: encoder``: pre-training of ``visual`` with the recipe's ``encoder`` objectives: contrastive and
+    caption words on the image-caption pairs, and (shapes world) supervised attributes of rendered scenes.
 
     Uses the recipe's model (``model.preset`` or ``model.init_from``), data (a ``pairs`` stream of kind ``pair``
-    in stage-1 layout), ``optim.lr.visual``, warm-up + decay schedule, ``steps`` and ``output_dir``.
-    This short stage keeps no resumable checkpoint: rerun it.
+    in stage-1 layout, read only when a caption objective has weight), ``optim.lr.visual``, warm-up + decay
+    schedule, ``steps`` and ``output_dir``. This short stage keeps no resumable checkpoint: rerun it.
     """
     from emu2.pipeline import Emu2Pipeline
 
@@ -70,33 +127,53 @@ def train_encoder_stage(config: TrainConfig) -> dict:
 
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
-    if set(config.data.streams) != {"pairs"}:
+    weights = config.encoder
+    uses_captions = weights.contrastive > 0 or weights.caption_words > 0
+    if uses_captions and set(config.data.streams) != {"pairs"}:
         raise ValueError(f"stage: encoder reads one stream named 'pairs' (image-caption pairs), got "
                          f"{sorted(config.data.streams)}")
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
-    vision = model.config.vision_config
-    head = CaptionContrast(len(tokenizer), model.config.n_query, vision.width)
+    vision, n_query = model.config.vision_config, model.config.n_query
+    head = CaptionContrast(len(tokenizer), n_query, vision.width, caption_words=weights.caption_words > 0)
+    attribute_heads = AttributeHeads(n_query, vision.width) if weights.attributes else None
     lr = config.optim.lr.get("visual")
     if lr is None:
         raise ValueError("stage: encoder needs optim.lr.visual")
-    params = [p for p in model.visual.parameters()] + list(head.parameters())
+    params = [*model.visual.parameters(), *head.parameters(),
+              *(attribute_heads.parameters() if attribute_heads is not None else ())]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
                                   weight_decay=config.optim.weight_decay)
     scheduler = build_scheduler(optimizer, config)
-    data = iter(build_data(config, model.config, tokenizer))
+    data = iter(build_data(config, model.config, tokenizer)) if uses_captions else None
+    pool = _attribute_pool(config, model) if attribute_heads is not None else None
+    sampler = torch.Generator().manual_seed(config.seed)
+    batch_size = next(iter(config.data.streams.values())).batch_size if config.data.streams else 64
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
                               enabled=config.mixed_precision == "bf16")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    losses, seconds = [], []
+    losses, seconds, parts = [], [], []
+    zero = torch.zeros(())
     bar = tqdm(range(config.steps), desc="encoder", unit="step")
     for step in bar:
         started = time.perf_counter()
-        batch = next(data)
-        ids, mask = caption_tokens(batch)
-        with autocast:
-            loss = head(model.visual.encode_image(batch["images"], model.config.n_query).float(), ids, mask)
+        contrastive = words = attributes = zero
+        if data is not None:
+            batch = next(data)
+            ids, mask = caption_tokens(batch)
+            with autocast:
+                features = model.visual.encode_image(batch["images"], n_query).float()
+            contrastive = head(features, ids, mask) if weights.contrastive else zero
+            words = head.caption_word_loss(features, ids, mask) if weights.caption_words else zero
+        if pool is not None:
+            labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=sampler))
+            with autocast:
+                tokens = model.visual(labelled["images"]).float()
+            attributes = attribute_heads(tokens, model.visual.pool(tokens, n_query), labelled)
+        loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
+        if not math.isfinite(float(loss.detach())):  # before the update: the weights stay as they were
+            raise FloatingPointError(f"encoder stage: loss {float(loss)} at step {step + 1}; nothing was saved")
         loss.backward()
         if config.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
@@ -104,15 +181,15 @@ def train_encoder_stage(config: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        parts.append((float(contrastive.detach()), float(words.detach()), float(attributes.detach())))
         seconds.append(time.perf_counter() - started)
         bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"encoder stage: loss {losses[-1]} at step {step + 1}; nothing was saved")
     bar.close()
     model.eval()
     Emu2Pipeline(model, tokenizer).save_pretrained(out)
-    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": value, "step_seconds": round(took, 4)})
-            for i, (value, took) in enumerate(zip(losses, seconds), 1))
+    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": c, "caption_word_loss": w,
+                        "attribute_loss": a, "step_seconds": round(took, 4)})
+            for i, (value, (c, w, a), took) in enumerate(zip(losses, parts, seconds), 1))
     (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None}

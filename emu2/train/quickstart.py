@@ -6,7 +6,9 @@
    visual decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
 3. evaluate: held-out few-shot accuracy at 0/1/2/4/8 shots (base model), chat VQA / captioning / grounding /
    video QA (chat model), autoencoding and text-to-image samples (Gen model + decoder);
-4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png.
+4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png;
+5. assemble ``emu2-gen/`` (the Gen model's encoder + the visual decoder, the directory `emu2 generate` and
+   `emu2 serve --gen-model` read) and print the commands that use the trained models.
 
 Each stage gets a share of the budget. It runs a few steps, measures its seconds per step, then resumes
 with the number of steps that fills its share, so the learning-rate schedule always completes.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -43,6 +46,8 @@ STAGES_WITHOUT_LM = tuple((name, recipe, "encoder" if init == "lm" else init, sh
 PROBE_STEPS = 5  # the median of 3 put one run's stage-2 step at 0.94 s; its 267 steps averaged 0.78 s
 ENCODER_PROBE_STEPS = 6
 EVAL_RESERVE_S = 150  # evaluation and report at the end (measured 85 s with the shapes tokenizer) plus overrun
+EVAL_ITEMS = 200  # per chat task and generation task; few-shot: EVAL_EPISODES x 4 queries per split and shots
+EVAL_EPISODES = 50
 LM_PER_TRAIN = 10  # LM-corpus documents per sample of each training kind: cheap, and the LM stage reads many
 
 
@@ -131,7 +136,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
     report = {"budget_minutes": budget_minutes, "seed": seed, "preset": preset, "mixed_precision": mixed_precision,
               "lm_stage": lm_stage, "stages": {}}
     if not (out / "data" / "dataset.json").is_file():
-        write_shapes(out / "data", seed=seed, num_train=num_train, num_episodes=20,
+        write_shapes(out / "data", seed=seed, num_train=num_train, num_episodes=EVAL_EPISODES,
                      num_lm=LM_PER_TRAIN * num_train)
     report["data_seconds"] = round(time.perf_counter() - started, 1)
     deadline = started + budget_minutes * 60 - EVAL_RESERVE_S  # when training must be done
@@ -152,21 +157,62 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
             print(f"[quickstart] {name}: {recipe}, about {seconds / 60:.1f} min")
         report["stages"][name] = _train_stage(name, recipe, init_from, seconds, out, overrides)
     report["train_seconds"] = round(time.perf_counter() - started, 1)
+    assemble_gen_directory(out)
     report.update(evaluate_quickstart(out))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "report" / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report_markdown(out, report)
+    print(usage_commands(out))
     return report
 
 
+def assemble_gen_directory(out: Path) -> Path:
+    """``out/emu2-gen``: the Gen stage's model as ``encoder/`` and the decoder stage's UNet as ``decoder/``, the
+    layout of `Emu2GenPipeline.from_pretrained`. The decoder records the size its images were trained at as its
+    SDXL ``original_size`` condition (official checkpoints have none and keep the official 1024)."""
+    from ..gen.pipeline import Emu2GenPipeline
+    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipeline import Emu2Pipeline
+
+    decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "decoder")
+    size = json.loads((out / "data" / "dataset.json").read_text()).get("image_size", 64)
+    decoder.register_to_config(original_size=[size, size])
+    target = out / "emu2-gen"
+    Emu2GenPipeline(Emu2Pipeline.from_pretrained(out / "gen"), decoder).save_pretrained(target)
+    return target
+
+
+def usage_commands(out: Path) -> str:
+    """What to run next with the trained models (printed at the end of the quickstart)."""
+    image = out / "data" / "eval" / "images"
+    example = next(iter(sorted(image.glob("*.png"))), None) if image.is_dir() else None
+    example = example or "IMAGE.png"
+    return "\n".join([
+        "", "[quickstart] done. Try the trained models:",
+        f'  emu2 ask --model {out / "chat"} --image {example} "What shape is it?"',
+        f'  emu2 generate --model {out / "emu2-gen"} "a large red circle in the top left on a white background." '
+        f"-o circle.png",
+        f"  emu2 serve --ui --model {out / 'chat'} --gen-model {out / 'emu2-gen'}    # then open http://127.0.0.1:8000",
+        f"  report: {out / 'report' / 'report.md'}",
+    ])
+
+
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate_quickstart(out: Path, items: int = 24) -> dict:
+def evaluate_quickstart(out: Path, items: int = EVAL_ITEMS) -> dict:
+    from ..data.shapes.world import World
+    from ..eval.probe import linear_probe
     from ..eval.shapes import copy_accuracy, evaluate_fewshot, evaluate_instructions, plot_accuracy_vs_shots
     from ..pipeline import Emu2Pipeline
 
     report_dir = out / "report"
     report_dir.mkdir(exist_ok=True)
     results = {}
+    manifest = json.loads((out / "data" / "dataset.json").read_text())
+    world = World.from_seed(manifest.get("seed", 0))
+    # What the encoder's pooled embeddings carry, before and after stage 1 trains it through the LM.
+    results["linear_probe"] = {
+        name: linear_probe(Emu2Pipeline.from_pretrained(out / name).model, world, manifest.get("image_size", 64))
+        for name in ("encoder", "stage1") if (out / name / "config.json").is_file()}
     base = Emu2Pipeline.from_pretrained(out / "stage2")
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
@@ -178,11 +224,11 @@ def evaluate_quickstart(out: Path, items: int = 24) -> dict:
     results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(out / "chat"), out / "data",
                                                     items=items)
     results["generation"] = generation_gallery(out, report_dir / "gallery.png")
-    from ..eval.cli import load_gen_pipeline
     from ..eval.shapes_generation import evaluate_generation
+    from ..gen.pipeline import Emu2GenPipeline
 
     # Attribute accuracy read back from the pixels by the shapes detector (held-out scenes; 15 Euler steps).
-    results["generation_attributes"] = evaluate_generation(load_gen_pipeline(out / "gen", out / "decoder"),
+    results["generation_attributes"] = evaluate_generation(Emu2GenPipeline.from_pretrained(out / "emu2-gen"),
                                                            out / "data", items=items, num_inference_steps=15)
     plot_loss_curves(out, report_dir / "loss_curves.png")
     return results
@@ -200,12 +246,9 @@ def generation_gallery(out: Path, path: Path, rows: int = 6) -> dict:
     from ..data.shapes.tasks import caption
     from ..data.shapes.world import World
     from ..gen.pipeline import Emu2GenPipeline
-    from ..model.decoder import Emu2VisualDecoderPipeline
-    from ..pipeline import Emu2Pipeline
 
-    decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "decoder")
-    decoder.set_progress_bar_config(disable=True)
-    gen = Emu2GenPipeline(Emu2Pipeline.from_pretrained(out / "gen"), decoder)
+    gen = Emu2GenPipeline.from_pretrained(out / "emu2-gen")
+    gen.decoder.set_progress_bar_config(disable=True)
     manifest = json.loads((out / "data" / "dataset.json").read_text())
     world, rng = World.from_seed(manifest.get("seed", 0)), random.Random(7)
     size = manifest.get("image_size", 64)
@@ -235,7 +278,10 @@ def generation_gallery(out: Path, path: Path, rows: int = 6) -> dict:
         draw.text((text_w + i * tile + 4, 4), name, fill="black")
     for r, (prompt, *images) in enumerate(cells):
         y = 20 + r * tile
-        draw.text((4, y + tile // 2 - 6), prompt[:52], fill="black")
+        # The whole prompt, wrapped to the text column (PIL's default font is about 6 px a character).
+        lines = textwrap.wrap(prompt, width=(text_w - 8) // 6)
+        for i, line in enumerate(lines):
+            draw.text((4, y + tile // 2 - 6 * len(lines) + 12 * i), line, fill="black")
         for i, image in enumerate(images):
             sheet.paste(image.resize((tile - 4, tile - 4)), (text_w + i * tile, y))
     sheet.save(path)
@@ -263,20 +309,37 @@ def plot_loss_curves(out: Path, path: Path) -> None:
     fig.savefig(str(path), dpi=100)
 
 
+def probe_table(probes: dict) -> str:
+    """Markdown: rows = the encoder after each stage, columns = linear-probe accuracy % [95 % interval]."""
+    from ..eval.intervals import format_interval
+    from ..eval.probe import PROBE_ATTRIBUTES
+
+    lines = ["| encoder after | " + " | ".join(PROBE_ATTRIBUTES) + " |", "|---|" + "---:|" * len(PROBE_ATTRIBUTES)]
+    for name, result in probes.items():
+        lines.append(f"| {name} | " + " | ".join(format_interval(result[a]) for a in PROBE_ATTRIBUTES) + " |")
+    return "\n".join(lines)
+
+
 def write_report_markdown(out: Path, report: dict) -> None:
-    from ..eval.shapes import fewshot_table
+    from ..eval.shapes import fewshot_table, instructions_table
     from ..eval.shapes_generation import generation_table
 
     lines = ["# emu2 quickstart report", "",
-             f"Budget {report['budget_minutes']} min; total {report['total_seconds'] / 60:.1f} min.", "",
+             f"Budget {report['budget_minutes']} min; total {report['total_seconds'] / 60:.1f} min. Every figure "
+             "has its 95 % confidence interval in brackets.", "",
+             "## What the encoder sees", "",
+             "Linear probe (ridge classifier) of the pooled visual embeddings, fitted on 3,000 training renders "
+             "and scored on 600 renders of held-out (shape, colour) combinations (`emu2.eval.probe`):", "",
+             probe_table(report.get("linear_probe", {})), "",
              "## Held-out few-shot accuracy (base model after stage 2)", "",
-             "Exact match % (field accuracy %) by number of in-context examples.", "",
+             "Exact match % [95 % interval] (field accuracy % [95 % interval]) by number of in-context examples.",
+             "",
              fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
              "Copying (a nonce-word list, then its repeat; next-token accuracy on the repeat, `copy_accuracy`): "
              + ", ".join(f"{name} {r['copy_accuracy']:.1%} (NLL {r['copy_nll']:.2f} nats/token)"
                          for name, r in report.get("copying_by_stage", {"stage2": report["copying"]}).items())
              + ".", "",
-             "## Chat model (held-out scenes)", "", "```", json.dumps(report["instructions"], indent=2), "```", "",
+             "## Chat model (held-out scenes)", "", instructions_table(report["instructions"]), "",
              "## Generation", "", ("Attribute accuracy of generated images, read back by the pixel detector "
                                    "(`emu2.data.shapes.detect`); the true renders are its ceiling:"), "",
              generation_table(report["generation_attributes"]), "", "```", json.dumps(report["generation"], indent=2),

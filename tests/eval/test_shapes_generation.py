@@ -68,8 +68,8 @@ def test_evaluate_generation_end_to_end_on_a_tiny_random_pipeline(tmp_path):
     results = evaluate_generation(gen, tmp_path, items=2, seed=0, num_inference_steps=1)
     assert set(results) == {"text_to_image", "autoencode", "truth_renders", "items"} and results["items"] == 2
     for key in ("text_to_image", "autoencode", "truth_renders"):
-        assert set(results[key]) == {*KEYS, "n"}
-        assert all(v is None or 0.0 <= v <= 1.0 for k, v in results[key].items() if k != "n")
+        assert set(results[key]) == {*KEYS, "n", "ci95", "scored"}
+        assert all(v is None or 0.0 <= v <= 1.0 for k, v in results[key].items() if k in KEYS)
     assert results["truth_renders"]["all"] == 1.0
     table = generation_table(results)
     assert "| text-to-image |" in table and "| true renders |" in table and "100.0" in table

@@ -40,3 +40,61 @@ def test_encoder_stage_trains_only_the_vision_encoder_and_writes_a_model_directo
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("visual.") for k in changed)
     assert "visual.patch_embed.proj.weight" in changed or any("blocks" in k for k in changed)
+
+
+def test_caption_word_loss_marks_exactly_the_tokens_the_caption_contains():
+    """The caption-word target is multi-hot over the vocabulary: the unmasked caption tokens, nothing else
+    (padding never counts as a word, repeated words count once)."""
+    head = CaptionContrast(vocab_size=10, n_query=2, vision_width=3, dim=4, caption_words=True)
+    with torch.no_grad():
+        head.word_logits.weight.zero_()
+        head.word_logits.bias.copy_(torch.tensor([-20.0 if v not in (3, 5) else 20.0 for v in range(10)]))
+    features = torch.zeros(1, 2, 3)
+    ids, mask = torch.tensor([[3, 5, 5, 7]]), torch.tensor([[1, 1, 1, 0]])  # 7 is padding
+    assert float(head.caption_word_loss(features, ids, mask)) < 1e-6  # logits say {3, 5}: exactly right
+    wrong = torch.tensor([[3, 5, 7, 7]]), torch.tensor([[1, 1, 1, 0]])  # now 7 is a word: one mistake
+    assert float(head.caption_word_loss(features, *wrong)) > 19.0
+
+
+def test_caption_words_objective_trains_through_the_recipes_encoder_section(shapes_dir, tmp_path):
+    config = tiny_config("shapes-encoder", tmp_path / "enc", shapes_dir, batch_size=8,
+                         overrides=["steps=8", "optim.lr.visual=3e-3", "encoder.caption_words=1.0",
+                                    "encoder.contrastive=0.0"])
+    result = train(config)
+    assert result["finished"] and result["loss"] < result["first_loss"]
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["contrastive_loss"] == 0.0 and row["caption_word_loss"] > 0 for row in rows)
+
+
+def test_the_encoder_section_is_refused_outside_the_encoder_stage(shapes_dir, tmp_path):
+    import pytest
+
+    from emu2.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="encoder: the section is read by stage: encoder only"):
+        tiny_config("shapes-stage1", tmp_path / "s1", shapes_dir, batch_size=2, overrides=["encoder.caption_words=1"])
+
+
+def test_attribute_objective_trains_the_encoder_on_rendered_scenes_without_shards(shapes_dir, tmp_path):
+    """`encoder.attributes` alone: labelled scenes of the dataset's world, no caption stream read."""
+    import json
+
+    config = tiny_config("shapes-encoder", tmp_path / "enc", shapes_dir, batch_size=8,
+                         overrides=["steps=10", "optim.lr.visual=3e-3", "encoder.attributes=1.0",
+                                    "encoder.contrastive=0.0", "encoder.attribute_pool=64"])
+    result = train(config)
+    assert result["finished"] and result["loss"] < result["first_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["attribute_loss"] > 0 and row["contrastive_loss"] == 0.0 for row in rows)
+
+
+def test_attribute_objective_needs_a_shapes_world_dataset(tmp_path):
+    import pytest
+
+    (tmp_path / "data").mkdir()
+    config = tiny_config("shapes-encoder", tmp_path / "enc", tmp_path / "data", batch_size=8,
+                         overrides=["steps=2", "encoder.attributes=1.0", "encoder.contrastive=0.0"])
+    with pytest.raises(ValueError, match="needs a shapes-world dataset"):
+        train(config)

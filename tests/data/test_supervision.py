@@ -1,0 +1,51 @@
+"""Attribute labels of rendered shapes-world scenes (`emu2.data.shapes.supervision`), the encoder stage's
+stand-in for EVA-CLIP's pre-training."""
+
+import random
+
+import torch
+
+from emu2.data.shapes.supervision import IGNORE, LABEL_CLASSES, POSITIONS, AttributePool, global_labels, patch_labels
+from emu2.data.shapes.world import SHAPES, Group, Scene, World
+
+
+def scene_with(boxes, shape="star", colour="red", count=None, cell=(0, 0)):
+    group = Group(shape, colour, "large", count or len(boxes), cell, tuple(boxes))
+    return Scene("white", 2, (group,))
+
+
+def test_patches_under_an_object_carry_its_shape_and_colour_and_the_rest_none():
+    scene = scene_with([(0.0, 0.0, 0.5, 0.5)])  # the top-left quarter of a 4x4 grid: patches (0..1, 0..1)
+    shapes, colours = patch_labels(scene, 4)
+    star = 1 + SHAPES.index("star")
+    assert [i for i, s in enumerate(shapes) if s] == [0, 1, 4, 5]
+    assert {shapes[i] for i in (0, 1, 4, 5)} == {star} and all(c > 0 for c in colours if c)
+    assert sum(1 for s in shapes if s == 0) == 12
+
+
+def test_an_object_smaller_than_a_patch_still_labels_the_patch_holding_its_centre():
+    scene = scene_with([(0.30, 0.30, 0.36, 0.36)])  # inside patch (1, 1) of 4x4, no patch centre covered
+    shapes, _ = patch_labels(scene, 4)
+    assert [i for i, s in enumerate(shapes) if s] == [5]
+
+
+def test_global_labels_exist_for_one_group_and_are_ignored_for_several():
+    one = scene_with([(0.0, 0.0, 0.2, 0.2), (0.25, 0.0, 0.45, 0.2)], count=2)
+    labels = global_labels(one)
+    assert labels["count"] == 1 and POSITIONS[labels["position"]] == "top left"
+    world = World.from_seed(0)
+    several = world.multi_scene(random.Random(0), "train", objects=2)
+    labels = global_labels(several)
+    assert labels["count"] == labels["size"] == labels["position"] == IGNORE and labels["background"] >= 0
+
+
+def test_the_pool_renders_training_scenes_with_labels_in_range():
+    world = World.from_seed(0)
+    pool = AttributePool(world, image_size=32, grid=4, size=40, seed=0)
+    batch = pool.batch(torch.arange(8))
+    assert batch["images"].shape == (8, 3, 32, 32) and batch["patch_shape"].shape == (8, 16)
+    for name, classes in LABEL_CLASSES.items():
+        values = batch[name][batch[name] != IGNORE]
+        assert values.numel() and int(values.min()) >= 0 and int(values.max()) < classes
+    again = AttributePool(world, image_size=32, grid=4, size=40, seed=0)
+    assert torch.equal(pool.images, again.images)  # seeded: the same scenes every run

@@ -1,0 +1,72 @@
+"""The vision encoder's layouts: the official post-norm patch ViT, and the two options for small encoders
+trained from scratch (pre-norm blocks with a final norm; a convolutional stem)."""
+
+import pytest
+import torch
+
+from emu2.config import PRESETS, Emu2Config, Emu2VisionConfig
+from emu2.model.vision import EVAVisionTransformer
+
+
+def small(**options) -> Emu2VisionConfig:
+    return Emu2VisionConfig(image_size=32, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0, **options)
+
+
+@pytest.mark.parametrize("name", ["emu2", "emu2-chat", "emu2-gen"])
+def test_official_presets_keep_post_norm_blocks_and_the_patch_convolution(name):
+    vision = Emu2Config.from_preset(name).vision_config
+    assert vision.postnorm is True and vision.stem == "patch"
+
+
+def test_post_norm_encoder_has_no_final_norm_and_official_parameter_names():
+    names = set(EVAVisionTransformer(small()).state_dict())
+    assert "patch_embed.proj.weight" in names
+    assert not any(n.startswith("norm.") or "stem" in n for n in names)
+
+
+def test_pre_norm_block_normalises_before_attention_and_mlp():
+    torch.manual_seed(0)
+    model = EVAVisionTransformer(small(postnorm=False))
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 32)
+    expected = x + block.attn(block.norm1(x))
+    expected = expected + block.mlp(block.norm2(expected))
+    assert torch.allclose(block(x), expected, atol=1e-6)
+    tokens = model(torch.randn(2, 3, 32, 32))
+    # the final norm: every token has zero mean and unit variance across channels before its affine map
+    assert torch.allclose(tokens.mean(-1), torch.zeros(2, 17), atol=1e-5)
+
+
+def test_conv_stem_reaches_the_same_patch_grid_with_stride_two_convolutions():
+    model = EVAVisionTransformer(small(stem="conv"))
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 and convs[-1].out_channels == 32
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 32)
+    assert model.encode_image(torch.randn(2, 3, 32, 32), 4).shape == (2, 4, 32)
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        EVAVisionTransformer(Emu2VisionConfig(image_size=28, patch_size=14, width=16, layers=1, head_width=8,
+                                              stem="conv"))
+    with pytest.raises(ValueError, match='stem must be "patch" or "conv"'):
+        EVAVisionTransformer(small(stem="hybrid"))
+
+
+def test_encoder_options_survive_a_save_and_load(tmp_path):
+    from emu2.pipeline import Emu2Pipeline
+
+    pipe = Emu2Pipeline.from_preset("shapes")
+    vision = pipe.model.config.vision_config
+    pipe.save_pretrained(tmp_path)
+    loaded = Emu2Pipeline.from_pretrained(tmp_path)
+    assert (loaded.model.config.vision_config.postnorm, loaded.model.config.vision_config.stem) == \
+        (vision.postnorm, vision.stem)
+    pixels = torch.randn(1, 3, 64, 64)
+    assert torch.equal(pipe.model.encode_image(pixels), loaded.model.encode_image(pixels))
+
+
+def test_every_preset_builds_its_vision_layout():
+    for name in PRESETS:
+        vision = Emu2Config.from_preset(name).vision_config
+        assert vision.stem in ("patch", "conv") and isinstance(vision.postnorm, bool)
