@@ -69,6 +69,10 @@ CAPTION_PATTERNS = tuple(re.compile(p) for p in (
 ))
 
 
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+([.,])", r"\1", " ".join(text.split())).lower()
+
+
 def parse_caption(text: str) -> dict | None:
     """The attributes a one-group caption states, or None when it follows none of the caption templates.
 
@@ -77,7 +81,7 @@ def parse_caption(text: str) -> dict | None:
     leaves it out. Case and spacing are ignored; the count word must agree with the noun ("a star", "two
     stars"); the whole text must be the caption, its full stop included.
     """
-    text = re.sub(r"\s+([.,])", r"\1", " ".join(text.split())).lower()
+    text = _normalise(text)
     for pattern in CAPTION_PATTERNS:
         match = pattern.fullmatch(text)
         if match is None:
@@ -147,12 +151,13 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
 
     ``decoder``: an `Emu2VisualDecoderPipeline` for the model's visual embeddings, guided (``guidance_scale``)
     by the regressed embeddings of the empty prompt, as Emu2-Gen. Document i's noise comes from
-    ``torch.Generator().manual_seed(seed + i)``, and its prompt from ``random.Random(seed)``: with greedy
-    captions (the default) a run is the same whatever ``batch_size``. ``generate_kwargs`` (do_sample,
+    ``torch.Generator().manual_seed(seed + i)`` and the prompts from ``random.Random(seed)``, so with greedy
+    captions (the default) a run repeats exactly. ``generate_kwargs`` (do_sample,
     temperature, logits_processor, ...) go to the caption step's `generate_interleaved`.
 
     Returns ``{"generated", "ceiling", "floor"}`` (each from `consistency`, over the documents whose caption
-    parses), ``"parseable"`` (share of documents whose caption parses, with its interval), ``"documents"``,
+    parses), ``"parseable"`` (share of documents whose caption parses, with its interval),
+    ``"copied_from_prompt"`` (share of the parsed captions that repeat one of their story's), ``"documents"``,
     ``"seconds_per_document"`` and ``"examples"`` (the first captions and what they parsed to).
     """
     import torch
@@ -199,6 +204,9 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
     scenes = [caption_scene(parsed[i], random.Random(f"{seed}:{i}")) for i in kept]
     texts = [captions[i] for i in kept]
     results = {"documents": documents, "parseable": with_interval([p is not None for p in parsed])}
+    # A caption copied from the story itself is still consistent if drawn right, but says less about writing.
+    copied = [_normalise(captions[i]) in {_normalise(t) for t in prompts[i][0::2]} for i in kept]
+    results["copied_from_prompt"] = with_interval(copied) if kept else None
     if kept:
         results["generated"] = consistency(images, scenes, texts)
         results["ceiling"] = consistency([render_scene(s, size) for s in scenes], scenes, texts)
@@ -223,6 +231,8 @@ def interleaved_table(results: dict) -> str:
         row = results[key]
         cells = ["-" if row[k] is None else format_interval(row[k]) for k in KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['n']} |")
+    copied = results.get("copied_from_prompt")
     lines += ["", f"Captions that parse: {format_interval(results['parseable'])} % of {results['documents']} "
-                  f"documents ({results['seconds_per_document']:.2f} s per document)."]
+                  "documents" + (f"; of those, copied from their story: {format_interval(copied)} %" if copied else "")
+              + f" ({results['seconds_per_document']:.2f} s per document)."]
     return "\n".join(lines)
