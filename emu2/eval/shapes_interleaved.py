@@ -152,8 +152,9 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
     ``decoder``: an `Emu2VisualDecoderPipeline` for the model's visual embeddings, guided (``guidance_scale``)
     by the regressed embeddings of the empty prompt, as Emu2-Gen. Document i's noise comes from
     ``torch.Generator().manual_seed(seed + i)`` and the prompts from ``random.Random(seed)``, so with greedy
-    captions (the default) a run repeats exactly. ``generate_kwargs`` (do_sample,
-    temperature, logits_processor, ...) go to the caption step's `generate_interleaved`.
+    captions (the default) a run repeats exactly. ``generate_kwargs`` (do_sample, temperature,
+    logits_processor, ...) go to the caption step's `generate_interleaved`. Documents whose caption does not
+    parse get no image (nothing could score it), so the time per document grows with the share that parse.
 
     Returns ``{"generated", "ceiling", "floor"}`` (each from `consistency`, over the documents whose caption
     parses), ``"parseable"`` (share of documents whose caption parses, with its interval),
