@@ -5,7 +5,14 @@ import random
 
 import torch
 
-from emu2.data.shapes.supervision import IGNORE, LABEL_CLASSES, POSITIONS, AttributePool, global_labels, patch_labels
+from emu2.data.shapes.supervision import (
+    IGNORE,
+    LABEL_CLASSES,
+    POSITIONS,
+    AttributePool,
+    global_labels,
+    patch_labels,
+)
 from emu2.data.shapes.world import SHAPES, Group, Scene, World
 
 
