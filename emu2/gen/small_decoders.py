@@ -53,17 +53,11 @@ def train_small_autoencoder(
     KL term, then ``scaling_factor`` = 1 / std of the latents, as Stable Diffusion sets it, so the UNet sees
     unit-variance latents.
 
-    Why a VAE rather than pixel space for the shapes world (64 px, flat colours), measured on CPU with one
-    thread, batch 16 (a 4.2M-parameter UNet, block widths 32/64/128):
-    - this default VAE (242k parameters, 16 x 16 x 4 latents) reaches 25.6 dB reconstruction PSNR after 800
-      steps (4.7 CPU-min) and 27.3 dB after 2,000 (11.6 CPU-min); a 2x VAE (32 x 32 x 4) is no better per
-      minute (26.4 dB after 8.3 CPU-min);
-    - a UNet training step then costs 0.25 CPU-s (0.21 UNet + 0.04 VAE encode) against 1.27 CPU-s in pixel
-      space (64 x 64 x 3 with one more down level; 3.56 without), and sampling 25 guided steps 0.6 against
-      1.9 CPU-s per image.
-    The VAE is paid back after about 700 decoder steps, its error is far below what decoding 64 pooled
-    embeddings loses anyway, and the shapes-world decoder keeps the official latent-diffusion code path.
-    Pixel space (``vae=None``) remains the choice for very short runs or when exact pixels matter.
+    Why a VAE: its latents make a UNet step and a sampled image several times cheaper than pixel space at 64 px,
+    which pays for the VAE's own training after some hundreds of decoder steps, its reconstruction error is far
+    below what decoding pooled embeddings loses anyway, and it keeps the official latent-diffusion code path. Pixel
+    space (``vae=None``) remains the choice for very short runs or when exact pixels matter. The measurements:
+    docs/training-notes.md, "Small autoencoder".
     """
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(config or small_autoencoder_config())

@@ -184,7 +184,7 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
 def run_serve_scaling(clients=(1, 8, 32), seconds: float = 10.0, max_tokens: int = 8,
                       model_dir: str | Path | None = None, pipeline=None, torch_threads: int | None = 1,
                       max_batch_size: int | None = None) -> dict:
-    """`run_serve_benchmark` for each client count on one loaded model, in one run, with the issue's targets:
+    """`run_serve_benchmark` for each client count on one loaded model, in one run, checked against the scaling targets:
     8 clients reach >= 4x the requests/s of 1 client, with p99 latency <= 3x the 1-client p50."""
     pipeline = pipeline or _load_chat(model_dir)
     runs = [run_serve_benchmark(clients=n, seconds=seconds, max_tokens=max_tokens, model_dir=model_dir,
