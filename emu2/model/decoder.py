@@ -103,15 +103,16 @@ def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_sca
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None) -> torch.Tensor:
-    """The sampling loop of both decoders: ``pipe.scheduler``'s timesteps (``set_timesteps`` already called),
-    classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
+def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None,
+                     scheduler=None) -> torch.Tensor:
+    """The sampling loop of both decoders: ``scheduler``'s timesteps (default ``pipe.scheduler``; ``set_timesteps``
+    already called), classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
 
     ``latents``: already scaled by ``init_noise_sigma``; ``predict(model_input, t)``: the UNet's output for the
     (doubled, when guiding) scaled model input. Returns the final latents.
     """
     do_cfg = guidance_scale > 1.0
-    scheduler = pipe.scheduler
+    scheduler = scheduler or pipe.scheduler
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in pipe.progress_bar(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
@@ -192,6 +193,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         crops_coords_top_left: tuple[int, int] = (0, 0),
         output_type: str = "pil",
         return_dict: bool = True,
+        scheduler=None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Sample images conditioned on visual embeddings.
 
@@ -208,6 +210,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 section 7).
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) float in [0, 1], "pt" (B, 3, H, W)
                 float in [0, 1], or "latent" (the final latents, undecoded).
+            scheduler: a diffusers scheduler for this call only (default ``self.scheduler``, the official Euler),
+                so one loaded pipeline serves several samplers; its state is reset by ``set_timesteps``.
 
         Returns:
             `StableDiffusionPipelineOutput(images, nsfw_content_detected)`: the safety checker's flag per image
@@ -236,10 +240,11 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         )
 
         # 3. Timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = scheduler or self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)
 
         # 4. Initial latents, scaled by the scheduler's init_noise_sigma.
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype)
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype, scheduler)
 
         # 5. Denoise.
         def predict(model_input, t):
@@ -247,7 +252,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 model_input, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
             ).sample
 
-        latents = guided_denoising(self, latents, predict, guidance_scale, generator)
+        latents = guided_denoising(self, latents, predict, guidance_scale, generator, scheduler)
 
         # 6. Decode (and run the safety checker when one is loaded).
         has_nsfw = None
@@ -322,14 +327,15 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         added = {"text_embeds": embeds.mean(dim=1), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
         return embeds, added
 
-    def prepare_latents(self, batch_size, height, width, generator, latents, device, dtype) -> torch.Tensor:
-        """-> (B, C, h, w) initial latents times init_noise_sigma (which depends on set_timesteps)."""
+    def prepare_latents(self, batch_size, height, width, generator, latents, device, dtype,
+                        scheduler=None) -> torch.Tensor:
+        """-> (B, C, h, w) initial latents times the scheduler's init_noise_sigma (which depends on set_timesteps)."""
         if latents is None:
             factor = self.vae_scale_factor
             shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * (scheduler or self.scheduler).init_noise_sigma
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (pixel space: the latents are the image,
