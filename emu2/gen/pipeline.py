@@ -8,7 +8,7 @@ Modes (official `EmuVisualGeneration`, official-format section 7):
   encoder's pooled embeddings of the images, one row each; uncond = the embeddings of an all-zero image in
   normalised pixel space. Pass ``""`` with the image to generate from it instead.
 The unconditional embeddings are computed once per pipeline and cached, as official; the cache is dropped when the
-encoder's weights change (training steps, ``load_state_dict``, ``to``). On a cold cache the prompt and the empty
+encoder's weights change (training steps, ``load_state_dict``, ``to``). On a cold cache a short prompt and the empty
 prompt are regressed as one left-padded batch of two: the regression is memory-bound, so the pair costs about one.
 
 Sampling (``sampler``): the default is DPM-Solver++ (2M) with "trailing" timesteps at 15 steps, which `emu2 bench
@@ -165,10 +165,18 @@ class Emu2GenPipeline:
         uncond = self._cached_uncond(_EMPTY_PROMPT)
         if uncond is not None:
             return self.encoder.regress_image_embeddings(inputs), uncond
-        # Classifier-free guidance pair in one batch (official: two separate `generate_image` calls).
-        both = self.encoder.regress_image_embeddings([*_as_batch(inputs), [_EMPTY_PROMPT]])
-        uncond = self._uncond[_EMPTY_PROMPT] = both[-1:]
-        return both[:-1], uncond
+        # The classifier-free guidance pair in one batch (official: two `generate_image` calls). Left-padding the
+        # empty prompt to the prompt's length costs a prefill of that many rows, and a prefill row costs about a
+        # tenth of a cached step on a CPU (README "Benchmarks"), so only prompts up to 4 x n_query tokens are paired.
+        pair = self.encoder.encode_interleaved([*_as_batch(inputs), [_EMPTY_PROMPT]])
+        if pair["input_ids"].shape[1] <= 4 * model.config.n_query:
+            both = model.regress_image_embeddings(**pair)
+            cond, uncond = both[:-1], both[-1:]
+        else:
+            cond = self.encoder.regress_image_embeddings(inputs)
+            uncond = self.encoder.regress_image_embeddings([_EMPTY_PROMPT])
+        self._uncond[_EMPTY_PROMPT] = uncond
+        return cond, uncond
 
     # ------------------------------------------------------------------------------------------- sample
     def __call__(

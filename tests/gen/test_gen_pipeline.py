@@ -153,3 +153,11 @@ def test_default_sampler_is_dpm_solver_at_15_steps_and_official_is_50_euler_step
     assert type(gen.decoder.scheduler).__name__ == "EulerDiscreteScheduler"  # the loaded scheduler is untouched
     with pytest.raises(ValueError, match="sampler must be one of"):
         gen(["a red circle"], sampler="ddim")
+
+
+def test_long_prompt_on_a_cold_cache_is_regressed_apart_from_the_empty_prompt():
+    """Padding the empty prompt to a long prompt's length would cost more than its own regression."""
+    gen = Emu2GenPipeline.from_preset("tiny")
+    sizes = regression_batches(gen)
+    gen.conditioning([image("red"), "a", image("blue"), "b", image("green"), "c", image("red"), "d", image("blue")])
+    assert sizes == [1, 1]
