@@ -9,8 +9,9 @@ encoder. The unconditional embeddings for classifier-free guidance are passed in
     pipe = load_official_gen_decoder(state_dict, unet_config, vae_config)
     images = pipe(cond_embeds, uncond_embeds, height=1024, width=1024).images
 
-Swap the sampler the diffusers way (DPM-Solver++ needs only 20-25 steps):
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+Another sampler for one call (``pipe.scheduler`` stays the official Euler; `Emu2GenPipeline` defaults to
+DPM-Solver++ at 15 steps, see `emu2.gen.pipeline.dpm_solver_scheduler`):
+    pipe(cond_embeds, uncond_embeds, num_inference_steps=15, scheduler=dpm_solver_scheduler(pipe.scheduler.config))
 """
 
 from __future__ import annotations
