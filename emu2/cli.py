@@ -105,13 +105,13 @@ def _bench(args) -> int:
     if args.what == "image-regression":
         from .bench.regression import run
 
-        result = run(repeats=args.repeats)
+        result = run(repeats=args.repeats or 2)
     elif args.what == "data":
         result = _bench_data(args)
     elif args.what == "generate":
         from .bench.generate import run as run_generate
 
-        result = run_generate()
+        result = run_generate(repeats=args.repeats or 3)
     elif args.what == "train":
         from .train.bench import run_train_benchmark
 
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
     p.add_argument("what", choices=["image-regression", "generate", "data", "train", "serve"], help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
-    p.add_argument("--repeats", type=int, default=2, help="image-regression: timed repeats (best is kept)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="image-regression: timed repeats, best kept (default 2); generate: median kept (default 3)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
     p.add_argument("--seconds", type=float, default=10.0, help="data/serve: seconds timed per run")
     p.add_argument("--clients", type=_int_list, default=(1, 8, 32),

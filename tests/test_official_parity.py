@@ -189,7 +189,7 @@ def _assert_official_gen_image(gen, cases, expected, run):
     out = gen(_gen_inputs(args.pop("prompt"), expected), height=args["height"], width=args["width"],
               num_inference_steps=args["num_inference_steps"], guidance_scale=args["guidance_scale"],
               original_size=tuple(args["original_size"]), crops_coords_top_left=tuple(args["crop_info"]),
-              latents=official_initial_latents(expected[f"gen.{run}.latents"], args["num_inference_steps"]))
+              sampler="official", latents=official_initial_latents(expected[f"gen.{run}.latents"], args["num_inference_steps"]))
     diff = np.abs(np.asarray(out.image).astype(int) - expected[f"gen.{run}.image_uint8"].numpy().astype(int))
     assert diff.max() <= 1, f"max grey-level difference {diff.max()}"
 

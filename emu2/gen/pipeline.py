@@ -7,12 +7,20 @@ Modes (official `EmuVisualGeneration`, official-format section 7):
 - autoencoding (images and no text at all, as the official ``has_image and not has_text``): cond = the
   encoder's pooled embeddings of the images, one row each; uncond = the embeddings of an all-zero image in
   normalised pixel space. Pass ``""`` with the image to generate from it instead.
-The unconditional embeddings are computed once per pipeline and cached.
+The unconditional embeddings are computed once per pipeline and cached, as official; the cache is dropped when the
+encoder's weights change (training steps, ``load_state_dict``, ``to``). On a cold cache a short prompt and the empty
+prompt are regressed as one left-padded batch of two: the regression is memory-bound, so the pair costs about one.
+
+Sampling (``sampler``): the default is DPM-Solver++ (2M) with "trailing" timesteps at 15 steps, which `emu2 bench
+generate` measures against the official 50 Euler steps (README "Benchmarks"); ``sampler="official"`` runs the
+decoder's own scheduler (the official Euler, loaded with the checkpoint) at the official 50 steps, and reproduces
+the official images.
 
     gen = Emu2GenPipeline.from_pretrained("emu2-gen")
     gen(["impressionist painting of an astronaut in a jungle"]).image
     gen([source_image, "wearing a red hat on the beach."]).image          # editing
     gen([source_image]).image                                              # autoencoding
+    gen(["a red circle"], sampler="official").image                        # the official 50 Euler steps
     gen.to("cuda", torch.bfloat16)
 """
 
@@ -22,13 +30,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from .. import processing as P
 from ..model.decoder import Emu2VisualDecoderPipeline
-from ..pipeline import Emu2Pipeline
+from ..pipeline import Emu2Pipeline, _as_batch
 
 _NULL_IMAGE, _EMPTY_PROMPT = "[NULL_IMAGE]", ""
+SAMPLERS = ("dpm-solver++", "official")
+DEFAULT_STEPS = {"dpm-solver++": 15, "official": 50}
+
+
+def dpm_solver_scheduler(official_config) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M) on the official noise schedule (betas, epsilon prediction), "trailing" timesteps.
+
+    The official "leading" spacing starts K steps at t = 1000 - 1000 / K + 1 (934 for 15 steps), skipping the
+    noisiest part that the official 50 steps start from (981); "trailing" starts at 999 and lands closer to them."""
+    return DPMSolverMultistepScheduler.from_config(official_config, algorithm_type="dpmsolver++",
+                                                   timestep_spacing="trailing")
 
 
 @dataclass
@@ -68,6 +88,7 @@ class Emu2GenPipeline:
                              f"vision width {width}: the decoder was trained for another encoder")
         self.encoder, self.decoder = encoder, decoder
         self._uncond: dict[str, torch.Tensor] = {}
+        self._uncond_weights: tuple = ()
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -112,24 +133,50 @@ class Emu2GenPipeline:
             return list(items)
         return None
 
+    def _weights_version(self) -> tuple:
+        """What the unconditional embeddings depend on: the encoder's parameters (which tensors, on which device,
+        in which dtype, and their in-place version counters, bumped by optimizer steps and ``load_state_dict``)
+        and the tokenizer."""
+        model = self.encoder.model
+        return (id(model), id(self.encoder.tokenizer),
+                *((id(p), p._version, p.device, p.dtype) for p in model.parameters()))
+
+    def _cached_uncond(self, key: str) -> torch.Tensor | None:
+        version = self._weights_version()
+        if version != self._uncond_weights:
+            self._uncond.clear()
+            self._uncond_weights = version
+        return self._uncond.get(key)
+
     @torch.no_grad()
     def conditioning(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (cond ``(B, Q, Dv)``, uncond ``(1, Q, Dv)``): see the module docstring for the two modes; B is the
-        number of images when autoencoding, else 1."""
+        number of images when autoencoding, else the number of prompts (1 for one interleaved list)."""
         model = self.encoder.model
         images = self._autoencode_images(inputs)
         if images is not None:
             size = model.config.vision_config.image_size
             pixels = P.preprocess_images(images, size).to(self.encoder.device, model.dtype)
             cond = model.encode_image(pixels)
-            pixels = pixels[:1]  # every all-zero image has the same embeddings
-            if _NULL_IMAGE not in self._uncond:
-                self._uncond[_NULL_IMAGE] = model.encode_image(torch.zeros_like(pixels))
-            return cond, self._uncond[_NULL_IMAGE]
-        cond = self.encoder.regress_image_embeddings(inputs)
-        if _EMPTY_PROMPT not in self._uncond:
-            self._uncond[_EMPTY_PROMPT] = self.encoder.regress_image_embeddings([_EMPTY_PROMPT])
-        return cond, self._uncond[_EMPTY_PROMPT]
+            uncond = self._cached_uncond(_NULL_IMAGE)
+            if uncond is None:  # every all-zero image has the same embeddings
+                uncond = self._uncond[_NULL_IMAGE] = model.encode_image(torch.zeros_like(pixels[:1]))
+            return cond, uncond
+        uncond = self._cached_uncond(_EMPTY_PROMPT)
+        if uncond is not None:
+            return self.encoder.regress_image_embeddings(inputs), uncond
+        # The classifier-free guidance pair in one batch (official: two `generate_image` calls). Left-padding the
+        # empty prompt to the prompt's length costs a prefill of that many rows, and a prefill row costs about a
+        # tenth of a cached step on a CPU (README "Benchmarks"), so only prompts up to 4 x n_query tokens are paired.
+        pair = self.encoder.encode_interleaved([*_as_batch(inputs), [_EMPTY_PROMPT]])
+        if pair["input_ids"].shape[1] <= 4 * model.config.n_query:
+            both = model.regress_image_embeddings(**pair)
+            cond, uncond = both[:-1], both[-1:]
+        else:
+            cond = self.encoder.regress_image_embeddings(inputs)
+            uncond = self.encoder.regress_image_embeddings([_EMPTY_PROMPT])
+        self._uncond[_EMPTY_PROMPT] = uncond
+        return cond, uncond
 
     # ------------------------------------------------------------------------------------------- sample
     def __call__(
@@ -137,28 +184,35 @@ class Emu2GenPipeline:
         inputs,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 3.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
         crop_info: tuple[int, int] | None = None,
+        sampler: str = "dpm-solver++",
     ) -> Emu2GenOutput:
-        """Generate an image from an interleaved prompt (official defaults: 50 Euler steps, guidance 3.0,
-        ``original_size`` (1024, 1024) whatever the output size, crop (0, 0)).
+        """Generate an image from an interleaved prompt (official defaults: guidance 3.0, ``original_size``
+        (1024, 1024) whatever the output size, crop (0, 0)).
 
+        ``sampler``: "dpm-solver++" (default, 15 steps; see `dpm_solver_scheduler`) or "official" (the decoder's
+        own scheduler, the official Euler, 50 steps); ``num_inference_steps`` overrides the sampler's steps.
         ``crop_info`` is the official name of ``crops_coords_top_left``. Autoencoding several images gives one
         output each; ``image`` is the first, as the official pipeline returns.
         """
         if crop_info is not None and crops_coords_top_left is not None:
             raise ValueError("crop_info is the official name of crops_coords_top_left: pass one of them")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         crop = tuple(crop_info if crop_info is not None else crops_coords_top_left or (0, 0))
+        scheduler = self.decoder.scheduler if sampler == "official" else dpm_solver_scheduler(
+            self.decoder.scheduler.config)
         cond, uncond = self.conditioning(inputs)
         out = self.decoder(
-            cond, uncond, height=height, width=width, num_inference_steps=num_inference_steps,
+            cond, uncond, height=height, width=width, num_inference_steps=num_inference_steps or DEFAULT_STEPS[sampler],
             guidance_scale=guidance_scale, generator=generator, latents=latents, original_size=original_size,
-            crops_coords_top_left=crop, output_type="pil",
+            crops_coords_top_left=crop, output_type="pil", scheduler=scheduler,
         )
         flags = out.nsfw_content_detected
         return Emu2GenOutput(image=out.images[0], images=out.images,

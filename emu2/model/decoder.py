@@ -9,8 +9,9 @@ encoder. The unconditional embeddings for classifier-free guidance are passed in
     pipe = load_official_gen_decoder(state_dict, unet_config, vae_config)
     images = pipe(cond_embeds, uncond_embeds, height=1024, width=1024).images
 
-Swap the sampler the diffusers way (DPM-Solver++ needs only 20-25 steps):
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+Another sampler for one call (``pipe.scheduler`` stays the official Euler; `Emu2GenPipeline` defaults to
+DPM-Solver++ at 15 steps, see `emu2.gen.pipeline.dpm_solver_scheduler`):
+    pipe(cond_embeds, uncond_embeds, num_inference_steps=15, scheduler=dpm_solver_scheduler(pipe.scheduler.config))
 """
 
 from __future__ import annotations
@@ -104,16 +105,16 @@ def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_sca
 
 
 def guided_denoising(pipe, latents: torch.Tensor, predict, guidance_scale: float, generator=None,
-                     callback_on_step_end=None) -> torch.Tensor:
-    """The sampling loop of both decoders: ``pipe.scheduler``'s timesteps (``set_timesteps`` already called),
-    classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
+                     callback_on_step_end=None, scheduler=None) -> torch.Tensor:
+    """The sampling loop of both decoders: ``scheduler``'s timesteps (default ``pipe.scheduler``; ``set_timesteps``
+    already called), classifier-free guidance over the [cond, uncond] batch when ``guidance_scale > 1``.
 
     ``latents``: already scaled by ``init_noise_sigma``; ``predict(model_input, t)``: the UNet's output for the
     (doubled, when guiding) scaled model input; ``callback_on_step_end(pipe, step, t, {"latents": latents})``
     after each step, as diffusers pipelines call it (it may return replacement latents). Returns the final latents.
     """
     do_cfg = guidance_scale > 1.0
-    scheduler = pipe.scheduler
+    scheduler = scheduler or pipe.scheduler
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(pipe.progress_bar(scheduler.timesteps)):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
@@ -202,6 +203,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        scheduler=None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Sample images conditioned on visual embeddings.
 
@@ -220,6 +222,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 float in [0, 1], or "latent" (the final latents, undecoded).
             callback_on_step_end: ``callback(pipe, step, t, {"latents": latents})`` after each denoising step
                 (diffusers' convention): progress reports, or cancelling by raising.
+            scheduler: a diffusers scheduler for this call only (default ``self.scheduler``, the official Euler),
+                so one loaded pipeline serves several samplers; its state is reset by ``set_timesteps``.
 
         Returns:
             `StableDiffusionPipelineOutput(images, nsfw_content_detected)`: the safety checker's flag per image
@@ -248,10 +252,11 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         )
 
         # 3. Timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = scheduler or self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device)
 
         # 4. Initial latents, scaled by the scheduler's init_noise_sigma.
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype)
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device, dtype, scheduler)
 
         # 5. Denoise.
         def predict(model_input, t):
@@ -259,7 +264,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
                 model_input, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
             ).sample
 
-        latents = guided_denoising(self, latents, predict, guidance_scale, generator, callback_on_step_end)
+        latents = guided_denoising(self, latents, predict, guidance_scale, generator, callback_on_step_end,
+                                   scheduler)
 
         # 6. Decode (and run the safety checker when one is loaded).
         has_nsfw = None
@@ -334,14 +340,15 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         added = {"text_embeds": embeds.mean(dim=1), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
         return embeds, added
 
-    def prepare_latents(self, batch_size, height, width, generator, latents, device, dtype) -> torch.Tensor:
-        """-> (B, C, h, w) initial latents times init_noise_sigma (which depends on set_timesteps)."""
+    def prepare_latents(self, batch_size, height, width, generator, latents, device, dtype,
+                        scheduler=None) -> torch.Tensor:
+        """-> (B, C, h, w) initial latents times the scheduler's init_noise_sigma (which depends on set_timesteps)."""
         if latents is None:
             factor = self.vae_scale_factor
             shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * (scheduler or self.scheduler).init_noise_sigma
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (pixel space: the latents are the image,

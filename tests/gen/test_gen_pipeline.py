@@ -92,3 +92,72 @@ def test_to_moves_encoder_and_decoder_like_the_official_pipe_to():
     assert gen.to(torch.bfloat16) is gen
     assert gen.encoder.model.dtype == torch.bfloat16 and gen.decoder.unet.dtype == torch.bfloat16
     assert gen(["a red circle"], height=16, width=16, **STEPS).prompt_embeds.dtype == torch.bfloat16
+
+
+def regression_batches(gen):
+    """Record the batch size of every LM regression the pipeline runs."""
+    model, sizes = gen.encoder.model, []
+    original = model.regress_image_embeddings
+
+    def recording(input_ids, **kwargs):
+        sizes.append(input_ids.shape[0])
+        return original(input_ids, **kwargs)
+
+    model.regress_image_embeddings = recording
+    return sizes
+
+
+def test_cold_cache_regresses_the_guidance_pair_in_one_batch_equal_to_two_regressions():
+    gen = Emu2GenPipeline.from_preset("tiny")
+    separate = (gen.encoder.regress_image_embeddings([image("red"), "a red circle"]),
+                gen.encoder.regress_image_embeddings([""]))
+    sizes = regression_batches(gen)
+    cond, uncond = gen.conditioning([image("red"), "a red circle"])
+    assert sizes == [2]
+    torch.testing.assert_close(cond, separate[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(uncond, separate[1], atol=1e-5, rtol=0)
+
+
+def test_unconditional_embeddings_are_reused_until_the_encoder_weights_change():
+    """Official `negative_prompt` cache, dropped when the weights it was computed with change."""
+    gen = Emu2GenPipeline.from_preset("tiny")
+    sizes = regression_batches(gen)
+    _, first = gen.conditioning(["a red circle"])
+    _, again = gen.conditioning(["a blue square"])
+    assert sizes == [2, 1] and again is first
+    with torch.no_grad():
+        gen.encoder.model.project_down.weight.mul_(2.0)  # as an optimizer step would, in place
+    _, after = gen.conditioning(["a red circle"])
+    assert sizes == [2, 1, 2]
+    torch.testing.assert_close(after, gen.encoder.regress_image_embeddings([""]))
+    assert not torch.allclose(after, first)
+
+
+def unet_calls(gen, **call):
+    calls = []
+    hook = gen.decoder.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        gen(["a red circle"], height=16, width=16, **call)
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_default_sampler_is_dpm_solver_at_15_steps_and_official_is_50_euler_steps(gen):
+    from emu2.gen.pipeline import DEFAULT_STEPS
+
+    assert DEFAULT_STEPS == {"dpm-solver++": 15, "official": 50}
+    assert unet_calls(gen) == 15
+    assert unet_calls(gen, sampler="official") == 50
+    assert unet_calls(gen, sampler="official", num_inference_steps=3) == 3
+    assert type(gen.decoder.scheduler).__name__ == "EulerDiscreteScheduler"  # the loaded scheduler is untouched
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        gen(["a red circle"], sampler="ddim")
+
+
+def test_long_prompt_on_a_cold_cache_is_regressed_apart_from_the_empty_prompt():
+    """Padding the empty prompt to a long prompt's length would cost more than its own regression."""
+    gen = Emu2GenPipeline.from_preset("tiny")
+    sizes = regression_batches(gen)
+    gen.conditioning([image("red"), "a", image("blue"), "b", image("green"), "c", image("red"), "d", image("blue")])
+    assert sizes == [1, 1]
