@@ -124,15 +124,18 @@ PRESETS = {
         text_config=_llama(64, 128, 2, 4, INSTRUCT_VOCAB), n_query=4, v_query=4, instruct=True,
     ),
     # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings) with its own tokenizer
-    # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274.
+    # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274. Its encoder
+    # is trained from scratch, so it takes the layout that learns fastest (pre-norm, convolutional stem).
     "shapes": lambda: dict(
-        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
+        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0,
+                                       postnorm=False, stem="conv"),
         text_config=_llama(256, 688, 6, 4, SHAPES_INSTRUCT_VOCAB, pad=SHAPES_PIECES), n_query=16, v_query=4,
         instruct=True, **_special_ids(SHAPES_PIECES),
     ),
     # A ~100M-parameter config for GPU runs and throughput benchmarks.
     "shapes-large": lambda: dict(
-        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=384, layers=6, head_width=64, mlp_ratio=4.0),
+        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=384, layers=6, head_width=64, mlp_ratio=4.0,
+                                       postnorm=False, stem="conv"),
         text_config=_llama(768, 2048, 10, 12, INSTRUCT_VOCAB), n_query=16, v_query=4, instruct=True,
     ),
 }

@@ -40,7 +40,7 @@ def test_pre_norm_block_normalises_before_attention_and_mlp():
 def test_conv_stem_reaches_the_same_patch_grid_with_stride_two_convolutions():
     model = EVAVisionTransformer(small(stem="conv"))
     convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
-    assert [c.stride for c in convs] == [(2, 2)] * 3 and convs[-1].out_channels == 32
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)] and convs[-1].out_channels == 32
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 32)
     assert model.encode_image(torch.randn(2, 3, 32, 32), 4).shape == (2, 4, 32)
 

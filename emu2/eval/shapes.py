@@ -53,7 +53,7 @@ def _normal(text: str) -> str:
 
 
 def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2, 4, 8),
-                     max_new_tokens: int = 24, batch_size: int = 8) -> dict:
+                     max_new_tokens: int = 24, batch_size: int = 32) -> dict:
     """Few-shot accuracy per held-out split and shot count on the dataset's evaluation episodes.
 
     Returns ``{split: {shots: {"exact": float, "fields": float, "nll": float, "n": int, "exact_ci95": [lo, hi],
@@ -165,7 +165,7 @@ def _chat(pipe, messages_images: list[tuple[str, list, list]], system: str | Non
 
 
 def evaluate_instructions(pipe, data_dir: str | Path, items: int = 32, seed: int = 1234,
-                          batch_size: int = 8) -> dict:
+                          batch_size: int = 32) -> dict:
     """VQA, captioning, grounding and video QA of a chat model on ``items`` rendered held-out scenes each.
 
     Returns each task's score (a fraction) plus ``"ci95": {task: [low, high]}`` (95 % intervals: Wilson for

@@ -71,8 +71,9 @@ class Block(nn.Module):
 
 class PatchEmbed(nn.Module):
     """``stem="patch"``: one convolution per patch (``proj``, the official layer). ``stem="conv"``: log2(patch)
-    stride-2 3x3 convolutions with GELU between, widths doubling up to ``width`` (``stem.N``), so each token is
-    built from overlapping receptive fields instead of one linear map of its own pixels."""
+    stride-2 3x3 convolutions, widths doubling up to ``width``, then one stride-1 3x3 convolution, GELU between
+    (``stem.N``): each token is built from overlapping receptive fields that reach its neighbours, instead of
+    one linear map of its own pixels."""
 
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()
@@ -85,9 +86,8 @@ class PatchEmbed(nn.Module):
             widths = [3] + [max(8, config.width >> (halvings - i)) for i in range(1, halvings)] + [config.width]
             layers = []
             for i in range(halvings):
-                layers.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1))
-                if i < halvings - 1:
-                    layers.append(nn.GELU())
+                layers += [nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1), nn.GELU()]
+            layers.append(nn.Conv2d(config.width, config.width, kernel_size=3, stride=1, padding=1))
             self.stem = nn.Sequential(*layers)
         else:
             raise ValueError(f'stem must be "patch" or "conv", got {config.stem!r}')

@@ -74,26 +74,33 @@ def caption_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 class AttributeHeads(nn.Module):
     """Linear read-outs of the shapes world's attribute labels (`emu2.data.shapes.supervision`): per patch from the
-    trunk's tokens (shape, colour), per image from the flattened pooled embeddings (count, size, position,
-    background). Discarded after the stage."""
+    trunk's tokens (shape, colour); per image the object's shape and colour as the best patch's score of a shared
+    read-out (max over patches), and count, size, position, background from the flattened pooled embeddings.
+    Discarded after the stage."""
 
     def __init__(self, n_query: int, vision_width: int):
         super().__init__()
-        from emu2.data.shapes.supervision import GLOBAL_LABELS, LABEL_CLASSES
+        from emu2.data.shapes.supervision import GLOBAL_LABELS, LABEL_CLASSES, OBJECT_LABELS
 
         self.patch = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in ("patch_shape",
                                                                                              "patch_colour")})
+        self.object = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in OBJECT_LABELS})
         self.image = nn.ModuleDict({k: nn.Linear(n_query * vision_width, LABEL_CLASSES[k]) for k in GLOBAL_LABELS})
 
-    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor, labels: dict) -> torch.Tensor:
-        """tokens (B, 1 + N, Dv) trunk outputs; pooled (B, Q, Dv); labels from `AttributePool.batch` -> the sum of
-        the per-label cross-entropies (scalar; -100 labels are ignored)."""
-        patches = tokens[:, 1:]
-        loss = sum(F.cross_entropy(head(patches).flatten(0, 1), labels[k].flatten()) for k, head in self.patch.items())
-        flat = pooled.flatten(1)
-        for k, head in self.image.items():
-            if (labels[k] != -100).any():
-                loss = loss + F.cross_entropy(head(flat), labels[k], ignore_index=-100)
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor, labels: dict, names) -> torch.Tensor:
+        """tokens (B, 1 + N, Dv) trunk outputs; pooled (B, Q, Dv); labels from `AttributePool.batch`; ``names``: the
+        labels to score -> the sum of their cross-entropies (scalar; -100 labels are ignored)."""
+        patches, flat = tokens[:, 1:], pooled.flatten(1)
+        loss = tokens.new_zeros(())
+        for k in names:
+            if k in self.patch:
+                score, target = self.patch[k](patches).flatten(0, 1), labels[k].flatten()
+            elif k in self.object:
+                score, target = self.object[k](patches).amax(1), labels[k]
+            else:
+                score, target = self.image[k](flat), labels[k]
+            if (target != -100).any():
+                loss = loss + F.cross_entropy(score, target, ignore_index=-100)
         return loss
 
 
@@ -147,6 +154,10 @@ def train_encoder_stage(config: TrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, config)
     data = iter(build_data(config, model.config, tokenizer)) if uses_captions else None
     pool = _attribute_pool(config, model) if attribute_heads is not None else None
+    if pool is not None:
+        from emu2.data.shapes.supervision import LABEL_CLASSES, SHAPE_LABELS, shape_view
+
+        colour_labels = [k for k in LABEL_CLASSES if k not in SHAPE_LABELS]
     sampler = torch.Generator().manual_seed(config.seed)
     batch_size = next(iter(config.data.streams.values())).batch_size if config.data.streams else 64
     autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
@@ -166,11 +177,17 @@ def train_encoder_stage(config: TrainConfig) -> dict:
                 features = model.visual.encode_image(batch["images"], n_query).float()
             contrastive = head(features, ids, mask) if weights.contrastive else zero
             words = head.caption_word_loss(features, ids, mask) if weights.caption_words else zero
-        if pool is not None:
+        if pool is not None:  # half the scenes in colour (every label but shape), half colourless (shape only)
             labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=sampler))
+            half = batch_size // 2
+            colourless = shape_view(labelled["images"][half:], sampler)
             with autocast:
-                tokens = model.visual(labelled["images"]).float()
-            attributes = attribute_heads(tokens, model.visual.pool(tokens, n_query), labelled)
+                tokens = model.visual(torch.cat([labelled["images"][:half], colourless])).float()
+            pooled = model.visual.pool(tokens, n_query)
+            first = {k: v[:half] for k, v in labelled.items()}
+            second = {k: v[half:] for k, v in labelled.items()}
+            attributes = (attribute_heads(tokens[:half], pooled[:half], first, colour_labels)
+                          + attribute_heads(tokens[half:], pooled[half:], second, SHAPE_LABELS))
         loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
         if not math.isfinite(float(loss.detach())):  # before the update: the weights stay as they were
             raise FloatingPointError(f"encoder stage: loss {float(loss)} at step {step + 1}; nothing was saved")

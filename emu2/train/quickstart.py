@@ -23,19 +23,19 @@ import time
 from pathlib import Path
 
 # (stage, recipe, init_from stage, share of the training budget)
-# The encoder stage matters: a random ViT learns colours from stage-1 captioning alone far too slowly (greedy
-# stage-1 captions named the object's colour 7.5% of the time after 300 steps, 100% after 300 contrastive steps
-# first; README, "Training every stage on your own data").
+# The encoder stage matters: a random ViT learns colours from stage-1 captioning alone far too slowly, and shape
+# and count hardly at all; perception is upstream of every other stage, so it gets the largest share after stage 2
+# (docs/quickstart-results.md).
 # The LM stage (the stand-in for LLaMA) teaches copying, the induction in-context learning rests on; without it
 # the model does not bind new label words. Copying comes with a phase change after 1,000-1,500 LM steps, so this
 # stage is not time-sliced (share None): it runs its recipe's 1,500 steps (about 5 minutes on 2 CPU cores with the
 # shapes tokenizer) and the other stages share the rest of the budget (README, "Results").
 STAGES = (
-    ("encoder", "shapes-encoder", None, 0.09),
+    ("encoder", "shapes-encoder", None, 0.16),
     ("lm", "shapes-lm", "encoder", None),
-    ("stage1", "shapes-stage1", "lm", 0.14),
-    ("stage2", "shapes-stage2", "stage1", 0.40),
-    ("decoder", "shapes-decoder", "stage1", 0.13),
+    ("stage1", "shapes-stage1", "lm", 0.12),
+    ("stage2", "shapes-stage2", "stage1", 0.36),
+    ("decoder", "shapes-decoder", "stage1", 0.12),
     ("chat", "shapes-chat", "stage2", 0.12),
     ("gen", "shapes-gen", "stage2", 0.12),
 )
@@ -43,9 +43,9 @@ STAGES = (
 # starts from the encoder.
 STAGES_WITHOUT_LM = tuple((name, recipe, "encoder" if init == "lm" else init, share)
                           for name, recipe, init, share in STAGES if name != "lm")
-PROBE_STEPS = 5  # the median of 3 put one run's stage-2 step at 0.94 s; its 267 steps averaged 0.78 s
+PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the slow first step
 ENCODER_PROBE_STEPS = 6
-EVAL_RESERVE_S = 150  # evaluation and report at the end (measured 85 s with the shapes tokenizer) plus overrun
+EVAL_RESERVE_S = 360  # evaluation and report at the end (200 items per task), plus room for a stage's overrun
 EVAL_ITEMS = 200  # per chat task and generation task; few-shot: EVAL_EPISODES x 4 queries per split and shots
 EVAL_EPISODES = 50
 LM_PER_TRAIN = 10  # LM-corpus documents per sample of each training kind: cheap, and the LM stage reads many
@@ -102,11 +102,18 @@ def stage_seconds(share: float, shares_left: list[float], seconds_left: float) -
     return max(0.0, seconds_left) * share / sum(shares_left)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_precision(precision: str = "auto") -> str:
     """accelerate's ``mixed_precision`` for the stages: "bf16" or "no" (fp32).
 
     "auto" picks bf16 where the hardware runs it natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
-    kernels (AVX512-BF16 / AMX), where bf16 autocast makes the quickstart's matmuls about 2x faster; else fp32.
+    kernels (AVX512-BF16 / AMX), where bf16 autocast makes the quickstart's steps faster
+    (docs/training-notes.md); else fp32.
     """
     if precision in ("fp32", "no"):
         return "no"
@@ -146,7 +153,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         if all(stage[0] != name for stage in todo):
             print(f"[quickstart] {name}: already trained, reusing {out / name}")
             continue
-        overrides = [f"seed={seed}", f"mixed_precision={mixed_precision}", *extra] + ([f"model.preset={preset}"] if init_from is None else [])
+        # The encoder's convolutions run about 2x slower under bf16 autocast on a CPU than in fp32 (measured on
+        # the dev machine's AVX512-BF16 CPU), unlike the transformer stages' matmuls.
+        precision = "no" if name == "encoder" and not _has_cuda() else mixed_precision
+        overrides = [f"seed={seed}", f"mixed_precision={precision}", *extra] + (
+            [f"model.preset={preset}"] if init_from is None else [])
         todo = [stage for stage in todo if stage[0] != name]
         if share is None:
             seconds = None
@@ -216,6 +227,14 @@ def evaluate_quickstart(out: Path, items: int = EVAL_ITEMS) -> dict:
     base = Emu2Pipeline.from_pretrained(out / "stage2")
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
+    from ..eval.shapes_interleaved import evaluate_interleaved_consistency
+    from ..model.decoder import Emu2VisualDecoderPipeline
+
+    decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "emu2-gen" / "decoder")
+    decoder.set_progress_bar_config(disable=True)
+    # The base model continues a story of captioned scenes and draws the scene it wrote (one model, text + image).
+    results["interleaved_consistency"] = evaluate_interleaved_consistency(base, decoder, out / "data",
+                                                                          documents=items, num_inference_steps=15)
     results["copying"] = copy_accuracy(base)  # the induction that binding new label words needs
     # ... and where it comes from: the LM stage teaches it; stage 1 (captions only) may wear it down
     results["copying_by_stage"] = {name: copy_accuracy(Emu2Pipeline.from_pretrained(out / name))
@@ -323,6 +342,7 @@ def probe_table(probes: dict) -> str:
 def write_report_markdown(out: Path, report: dict) -> None:
     from ..eval.shapes import fewshot_table, instructions_table
     from ..eval.shapes_generation import generation_table
+    from ..eval.shapes_interleaved import interleaved_table
 
     lines = ["# emu2 quickstart report", "",
              f"Budget {report['budget_minutes']} min; total {report['total_seconds'] / 60:.1f} min. Every figure "
@@ -339,6 +359,12 @@ def write_report_markdown(out: Path, report: dict) -> None:
              + ", ".join(f"{name} {r['copy_accuracy']:.1%} (NLL {r['copy_nll']:.2f} nats/token)"
                          for name, r in report.get("copying_by_stage", {"stage2": report["copying"]}).items())
              + ".", "",
+             "## Interleaved generation (base model after stage 2)", "",
+             "The model continues a story of captioned held-out scenes: it writes the next caption, then the image "
+             "after it (forced at the caption's end) is decoded and read back by the pixel detector; the score is "
+             "agreement with the model's own caption. True renders of the caption are the ceiling, images scored "
+             "against another document's caption the floor.", "",
+             interleaved_table(report["interleaved_consistency"]) if "interleaved_consistency" in report else "-", "",
              "## Chat model (held-out scenes)", "", instructions_table(report["instructions"]), "",
              "## Generation", "", ("Attribute accuracy of generated images, read back by the pixel detector "
                                    "(`emu2.data.shapes.detect`); the true renders are its ceiling:"), "",

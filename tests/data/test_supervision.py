@@ -56,3 +56,17 @@ def test_the_pool_renders_training_scenes_with_labels_in_range():
         assert values.numel() and int(values.min()) >= 0 and int(values.max()) < classes
     again = AttributePool(world, image_size=32, grid=4, size=40, seed=0)
     assert torch.equal(pool.images, again.images)  # seeded: the same scenes every run
+
+
+def test_the_colourless_view_is_grey_and_its_brightness_varies_per_image():
+    from emu2.data.shapes.supervision import shape_view
+    from emu2.processing import CLIP_MEAN, CLIP_STD
+
+    pool = AttributePool(World.from_seed(0), image_size=32, grid=4, size=16, seed=0)
+    view = shape_view(pool.images, torch.Generator().manual_seed(0))
+    rgb = view * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    assert torch.allclose(rgb[:, 0], rgb[:, 1], atol=1e-5) and torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
+    assert float(rgb.min()) >= -1e-5 and float(rgb.max()) <= 1 + 1e-5
+    # the same background colour comes out at different grey levels in different images
+    backgrounds = rgb[:, 0, 0, 0]
+    assert backgrounds.std() > 0.05

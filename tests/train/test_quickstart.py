@@ -63,3 +63,23 @@ def test_the_lm_stage_runs_its_recipes_steps_whatever_the_time_left(shapes_dir, 
     result = _train_stage("lm", "shapes-lm", None, None, tmp_path, [*TINY, "steps=3", "data.streams.text.batch_size=2"])
     assert result["step"] == 3 and result["budget_s"] is None
     assert (tmp_path / "lm" / "config.json").is_file()  # a model directory stage 1 can start from
+
+
+def test_the_quickstart_leaves_a_gen_directory_every_verb_reads_and_says_how_to_use_it(tmp_path):
+    """`emu2-gen/` = the Gen stage's model + the decoder stage's UNet, in `Emu2GenPipeline`'s layout; the decoder
+    records the world's image size as its SDXL size condition (official checkpoints keep 1024)."""
+    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.train.quickstart import assemble_gen_directory, usage_commands
+
+    tiny = Emu2GenPipeline.from_preset("tiny")
+    tiny.encoder.save_pretrained(tmp_path / "gen")
+    tiny.decoder.save_pretrained(tmp_path / "decoder")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"seed": 0, "image_size": 48}))
+    target = assemble_gen_directory(tmp_path)
+    loaded = Emu2GenPipeline.from_pretrained(target)
+    assert loaded.decoder.config.original_size == [48, 48]
+    assert tiny.decoder.config.get("original_size") is None  # what an official decoder has: (1024, 1024)
+    text = usage_commands(tmp_path)
+    assert f"--model {tmp_path / 'chat'}" in text and f"--gen-model {tmp_path / 'emu2-gen'}" in text
+    assert f"emu2 generate --model {target}" in text

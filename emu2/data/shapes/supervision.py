@@ -7,12 +7,19 @@ directly (`emu2.train.contrastive`, ``encoder.attributes``):
 
 - per patch (the ViT's grid before pooling): the shape and colour of the object covering the patch, or "none";
   dense labels give every image ``grid**2`` targets instead of one and reward detectors that work anywhere;
-- per image, from the pooled embeddings the language model reads: the background, and for one-group scenes the
-  count, size and position.
+- per image, for one-group scenes: the shape and colour, read as the best patch's score (a max over patches, so a
+  detector that works anywhere is rewarded, whatever the object's place), and from the pooled embeddings the
+  language model reads the count, size and position; the background for every scene.
+
+Shape is read from a colourless view. The held-out (shape, colour) combinations make colour a cue for shape in
+training (red is never a star there), and an encoder that learns shape and colour together takes that cue: its
+shape read-out then fails on exactly the held-out combinations. So the shape labels are scored on `shape_view`
+images: grey levels with a random contrast, sign and offset per image, from which neither the colour nor its
+brightness can be told; every other label is scored on the colour images.
 
 Shapes: `AttributePool.batch(indices)` -> images (B, 3, S, S) normalised as `processing.preprocess_image`;
-"patch_shape", "patch_colour" (B, grid * grid) long; "count", "size", "position", "background" (B,) long, -100
-where a scene has no single value (several groups).
+"patch_shape", "patch_colour" (B, grid * grid) long; "shape", "colour", "count", "size", "position",
+"background" (B,) long, -100 where a scene has no single value (several groups).
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ from .world import BACKGROUNDS, CELL_NAMES, COLOURS, MAX_COUNT, SHAPES, SIZES, S
 IGNORE = -100
 POSITIONS = tuple(sorted(set(CELL_NAMES[2].values()) | set(CELL_NAMES[3].values())))
 # Classes of each label (patch labels have "none" as class 0).
-LABEL_CLASSES = {"patch_shape": 1 + len(SHAPES), "patch_colour": 1 + len(COLOURS), "count": MAX_COUNT,
-                 "size": len(SIZES), "position": len(POSITIONS), "background": len(BACKGROUNDS)}
-GLOBAL_LABELS = ("count", "size", "position", "background")
+LABEL_CLASSES = {"patch_shape": 1 + len(SHAPES), "patch_colour": 1 + len(COLOURS), "shape": len(SHAPES),
+                 "colour": len(COLOURS), "count": MAX_COUNT, "size": len(SIZES), "position": len(POSITIONS),
+                 "background": len(BACKGROUNDS)}
+OBJECT_LABELS = ("shape", "colour")  # read from the best patch
+SHAPE_LABELS = ("shape", "patch_shape")  # scored on the colourless view
+GLOBAL_LABELS = ("count", "size", "position", "background")  # read from the pooled embeddings
 
 
 def patch_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:
@@ -51,8 +61,26 @@ def global_labels(scene: Scene) -> dict[str, int]:
     labels = {"background": list(BACKGROUNDS).index(scene.background)}
     if len(scene.groups) == 1:
         g = scene.groups[0]
-        labels.update(count=g.count - 1, size=SIZES.index(g.size), position=POSITIONS.index(scene.position(g)))
-    return {name: labels.get(name, IGNORE) for name in GLOBAL_LABELS}
+        labels.update(count=g.count - 1, size=SIZES.index(g.size), position=POSITIONS.index(scene.position(g)),
+                      shape=SHAPES.index(g.shape), colour=list(COLOURS).index(g.colour))
+    return {name: labels.get(name, IGNORE) for name in (*OBJECT_LABELS, *GLOBAL_LABELS)}
+
+
+def shape_view(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Colourless copies of normalised images ``(B, 3, S, S)``: luminance, then ``a * y + b`` with a random
+    ``|a|`` in [0.5, 1.5], a random sign and ``b`` in [-0.3, 0.3] per image, clipped to [0, 1] and normalised
+    again as `processing.preprocess_image` does."""
+    from ...processing import CLIP_MEAN, CLIP_STD
+
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    rgb = images * std + mean
+    grey = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    B = len(images)
+    scale = torch.empty(B, 1, 1, 1).uniform_(0.5, 1.5, generator=generator)
+    sign = torch.randint(0, 2, (B, 1, 1, 1), generator=generator) * 2 - 1
+    offset = torch.empty(B, 1, 1, 1).uniform_(-0.3, 0.3, generator=generator)
+    grey = sign * scale * (grey - 0.5) + 0.5 + offset
+    return (grey.clamp(0, 1).expand(-1, 3, -1, -1) - mean) / std
 
 
 class AttributePool:
@@ -74,7 +102,7 @@ class AttributePool:
         self.labels = {"patch_shape": torch.tensor([p[0] for p in patches]),
                        "patch_colour": torch.tensor([p[1] for p in patches])}
         per_scene = [global_labels(s) for s in scenes]
-        self.labels.update({name: torch.tensor([g[name] for g in per_scene]) for name in GLOBAL_LABELS})
+        self.labels.update({name: torch.tensor([g[name] for g in per_scene]) for name in per_scene[0]})
 
     def __len__(self) -> int:
         return len(self.images)
