@@ -27,8 +27,7 @@ def _as_batch(inputs) -> list:
     return [inputs]
 
 
-# Official `EmuModel.generate` / `EmuChatGeneration.forward` defaults (official-format section 6.2).
-OFFICIAL_GENERATE_DEFAULTS = {"num_beams": 5, "length_penalty": -1.0, "max_new_tokens": 10}
+OFFICIAL_GENERATE_DEFAULTS = P.OFFICIAL_DECODING
 
 
 def _official_kwargs(kwargs: dict) -> dict:

@@ -49,6 +49,9 @@ INSTRUCT_TOKENS: tuple[str, str] = (USER, ASSISTANT)
 CHAT_SYSTEM_MESSAGE = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
 SHORT_ANSWER_SYSTEM_MESSAGE = "You are a helpful assistant, dedicated to provide concise and efficient answers."
 
+# Official `EmuModel.generate` / `EmuChatGeneration.forward` decoding defaults (official-format section 6.2), shared
+# by the pipeline and the command line (which must not import torch to answer --help).
+OFFICIAL_DECODING = {"num_beams": 5, "length_penalty": -1.0, "max_new_tokens": 10}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -28,7 +28,8 @@ Ctrl-C stops an answer being written (the conversation is kept) or clears the li
 # Official Emu2-Chat decoding (`EmuChatGeneration.__call__` defaults: num_beams=5, length_penalty=-1, no
 # sampling). `emu2 chat` and `emu2 ask` use it unless a flag says otherwise; the answer length is the official
 # demo's 512 tokens, since the class's own default of 10 is for benchmark answers.
-OFFICIAL_CHAT_DECODING = {"num_beams": 5, "length_penalty": -1.0}
+# The CLI keeps the official demo's longer answers (max_new_tokens 512) and takes the official beam settings.
+OFFICIAL_CHAT_DECODING = {k: P.OFFICIAL_DECODING[k] for k in ("num_beams", "length_penalty")}
 
 
 # -------------------------------------------------------------------------------------------------- loading
