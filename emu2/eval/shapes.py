@@ -28,12 +28,16 @@ from .metrics import box_iou
 _FIELDS = re.compile(r"[^\w\s]+")
 
 
+# What ends an answer: the next image, the end of sequence, a new line, or the examples' separator (the world's
+# answers contain no "." of their own, so the answer is what comes before the first one).
+ANSWER_STOPS = (P.BOI, "</s>", "\n", ".")
+
+
 def _cut_answer(text: str) -> str:
-    """The generated continuation up to the end of the answer: the next image, `</s>` or the separator."""
-    for stop in (P.BOI, "</s>", "\n"):
+    """The generated continuation up to the end of the answer (the first of `ANSWER_STOPS`)."""
+    for stop in ANSWER_STOPS:
         text = text.split(stop)[0]
-    text = text.strip()
-    return text[:-1].strip() if text.endswith(".") else text
+    return text.strip()
 
 
 def _fields(answer: str) -> list[str]:
@@ -77,7 +81,9 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
         chunk = prompts[start:start + batch_size]
         batch = pipe.encode([c[2] for c in chunk], [im for c in chunk for im in c[3]])
-        ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        # Decoding stops once every row has ended its answer: what follows is cut anyway (`_cut_answer`).
+        ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       stop_strings=list(ANSWER_STOPS), tokenizer=pipe.tokenizer)
         texts = pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)
         nlls = answer_nll(pipe, [c[2] for c in chunk], [c[4] for c in chunk], batch["images"])
         for (split, k, _, _, answer), text, nll in zip(chunk, texts, nlls):

@@ -45,9 +45,13 @@ STAGES_WITHOUT_LM = tuple((name, recipe, "encoder" if init == "lm" else init, sh
                           for name, recipe, init, share in STAGES if name != "lm")
 PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the slow first step
 ENCODER_PROBE_STEPS = 6
-EVAL_RESERVE_S = 360  # evaluation and report at the end (200 items per task), plus room for a stage's overrun
+EVAL_RESERVE_S = 450  # evaluation and report at the end (200 items per task), plus room for a stage's overrun
 EVAL_ITEMS = 200  # per chat task and generation task; few-shot: EVAL_EPISODES x 4 queries per split and shots
 EVAL_EPISODES = 50
+# Denoising steps of every generated image in the evaluation: DPM-Solver++ (the Gen default sampler) at 10 steps
+# lands within about 0.6 grey levels of the official 50 Euler steps (docs/benchmarks.md), plenty for the pixel
+# detector, and the evaluation draws 600 images.
+EVAL_DENOISING_STEPS = 10
 LM_PER_TRAIN = 10  # LM-corpus documents per sample of each training kind: cheap, and the LM stage reads many
 
 
@@ -221,9 +225,13 @@ def evaluate_quickstart(out: Path, items: int = EVAL_ITEMS) -> dict:
     manifest = json.loads((out / "data" / "dataset.json").read_text())
     world = World.from_seed(manifest.get("seed", 0))
     # What the encoder's pooled embeddings carry, before and after stage 1 trains it through the LM.
-    results["linear_probe"] = {
-        name: linear_probe(Emu2Pipeline.from_pretrained(out / name).model, world, manifest.get("image_size", 64))
-        for name in ("encoder", "stage1") if (out / name / "config.json").is_file()}
+    results["linear_probe"] = {}
+    for name in ("encoder", "stage1"):
+        if (out / name / "config.json").is_file():
+            model = Emu2Pipeline.from_pretrained(out / name).model
+            results["linear_probe"][name] = {
+                split_name: linear_probe(model, world, manifest.get("image_size", 64), test_split=split)
+                for split_name, split in (("unseen_renders", "train"), ("heldout_combos", "heldout"))}
     base = Emu2Pipeline.from_pretrained(out / "stage2")
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
@@ -234,7 +242,8 @@ def evaluate_quickstart(out: Path, items: int = EVAL_ITEMS) -> dict:
     decoder.set_progress_bar_config(disable=True)
     # The base model continues a story of captioned scenes and draws the scene it wrote (one model, text + image).
     results["interleaved_consistency"] = evaluate_interleaved_consistency(base, decoder, out / "data",
-                                                                          documents=items, num_inference_steps=15)
+                                                                          documents=items,
+                                                                          num_inference_steps=EVAL_DENOISING_STEPS)
     results["copying"] = copy_accuracy(base)  # the induction that binding new label words needs
     # ... and where it comes from: the LM stage teaches it; stage 1 (captions only) may wear it down
     results["copying_by_stage"] = {name: copy_accuracy(Emu2Pipeline.from_pretrained(out / name))
@@ -246,9 +255,11 @@ def evaluate_quickstart(out: Path, items: int = EVAL_ITEMS) -> dict:
     from ..eval.shapes_generation import evaluate_generation
     from ..gen.pipeline import Emu2GenPipeline
 
-    # Attribute accuracy read back from the pixels by the shapes detector (held-out scenes; 15 Euler steps).
-    results["generation_attributes"] = evaluate_generation(Emu2GenPipeline.from_pretrained(out / "emu2-gen"),
-                                                           out / "data", items=items, num_inference_steps=15)
+    # Attribute accuracy read back from the pixels by the shapes detector (held-out scenes).
+    gen = Emu2GenPipeline.from_pretrained(out / "emu2-gen")
+    gen.decoder.set_progress_bar_config(disable=True)
+    results["generation_attributes"] = evaluate_generation(gen, out / "data", items=items,
+                                                           num_inference_steps=EVAL_DENOISING_STEPS)
     plot_loss_curves(out, report_dir / "loss_curves.png")
     return results
 
@@ -284,8 +295,8 @@ def generation_gallery(out: Path, path: Path, rows: int = 6) -> dict:
         scene = world.group_scene(rng, "heldout")
         truth, prompt = render_scene(scene, size), caption(scene, rng)
         generator = torch.Generator().manual_seed(row)
-        made = gen([prompt], num_inference_steps=15, generator=generator).image
-        recon = gen([truth], num_inference_steps=15, generator=generator).image
+        made = gen([prompt], num_inference_steps=EVAL_DENOISING_STEPS, generator=generator).image
+        recon = gen([truth], num_inference_steps=EVAL_DENOISING_STEPS, generator=generator).image
         for key, image in (("text_to_image", made), ("autoencode", recon)):
             sims[key].append(float(torch.nn.functional.cosine_similarity(embed(image), embed(truth), dim=0)))
         cells.append((prompt, truth, made, recon))
@@ -333,9 +344,12 @@ def probe_table(probes: dict) -> str:
     from ..eval.intervals import format_interval
     from ..eval.probe import PROBE_ATTRIBUTES
 
-    lines = ["| encoder after | " + " | ".join(PROBE_ATTRIBUTES) + " |", "|---|" + "---:|" * len(PROBE_ATTRIBUTES)]
-    for name, result in probes.items():
-        lines.append(f"| {name} | " + " | ".join(format_interval(result[a]) for a in PROBE_ATTRIBUTES) + " |")
+    lines = ["| encoder after | test renders | " + " | ".join(PROBE_ATTRIBUTES) + " |",
+             "|---|---|" + "---:|" * len(PROBE_ATTRIBUTES)]
+    for name, splits in probes.items():
+        for split, result in splits.items():
+            cells = " | ".join(format_interval(result[a]) for a in PROBE_ATTRIBUTES)
+            lines.append(f"| {name} | {split.replace('_', ' ')} | {cells} |")
     return "\n".join(lines)
 
 
@@ -349,7 +363,8 @@ def write_report_markdown(out: Path, report: dict) -> None:
              "has its 95 % confidence interval in brackets.", "",
              "## What the encoder sees", "",
              "Linear probe (ridge classifier) of the pooled visual embeddings, fitted on 3,000 training renders "
-             "and scored on 600 renders of held-out (shape, colour) combinations (`emu2.eval.probe`):", "",
+             "and scored on 600 new renders of the training combinations (unseen renders) and 600 of the held-out "
+             "(shape, colour) combinations (`emu2.eval.probe`):", "",
              probe_table(report.get("linear_probe", {})), "",
              "## Held-out few-shot accuracy (base model after stage 2)", "",
              "Exact match % [95 % interval] (field accuracy % [95 % interval]) by number of in-context examples.",
