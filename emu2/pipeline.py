@@ -18,7 +18,7 @@ from .model import Emu2ForCausalLM
 from .model.interleaved import InterleavedImage, iter_interleaved
 
 
-def _as_batch(inputs) -> list:
+def as_batch(inputs) -> list:
     """One interleaved input (str / image / list of items) or a batch of them -> a list of inputs."""
     if isinstance(inputs, (str,)) or not isinstance(inputs, (list, tuple)):
         return [inputs]
@@ -121,7 +121,7 @@ class Emu2Pipeline:
 
     def encode_interleaved(self, inputs) -> dict:
         """Official-style inputs (one, or a batch of lists of str / PIL / video frame lists) -> model inputs."""
-        flat = [P.flatten_interleaved(item) for item in _as_batch(inputs)]
+        flat = [P.flatten_interleaved(item) for item in as_batch(inputs)]
         return self.encode([f.text for f in flat], [im for f in flat for im in f.images],
                            [fr for f in flat for fr in f.frames])
 
@@ -225,7 +225,7 @@ class Emu2Pipeline:
         `emu2.model.interleaved.iter_interleaved`; ``decoder_kwargs`` (num_inference_steps, guidance_scale,
         generator, ...) to the decoder pipeline.
         """
-        parts: list[list] = [[] for _ in _as_batch(inputs)]
+        parts: list[list] = [[] for _ in as_batch(inputs)]
         for row, part in self.stream_interleaved(inputs, decoder, max_images, max_new_tokens, do_sample, stop,
                                                  decoder_kwargs, **kwargs):
             if stream is not None:

@@ -35,7 +35,7 @@ from PIL import Image
 
 from .. import processing as P
 from ..model.decoder import Emu2VisualDecoderPipeline
-from ..pipeline import Emu2Pipeline, _as_batch
+from ..pipeline import Emu2Pipeline, as_batch
 
 _NULL_IMAGE, _EMPTY_PROMPT = "[NULL_IMAGE]", ""
 SAMPLERS = ("dpm-solver++", "official")
@@ -168,7 +168,7 @@ class Emu2GenPipeline:
         # The classifier-free guidance pair in one batch (official: two `generate_image` calls). Left-padding the
         # empty prompt to the prompt's length costs a prefill of that many rows, and a prefill row costs about a
         # tenth of a cached step on a CPU (README "Benchmarks"), so only prompts up to 4 x n_query tokens are paired.
-        pair = self.encoder.encode_interleaved([*_as_batch(inputs), [_EMPTY_PROMPT]])
+        pair = self.encoder.encode_interleaved([*as_batch(inputs), [_EMPTY_PROMPT]])
         if pair["input_ids"].shape[1] <= 4 * model.config.n_query:
             both = model.regress_image_embeddings(**pair)
             cond, uncond = both[:-1], both[-1:]
