@@ -83,3 +83,19 @@ def test_the_quickstart_leaves_a_gen_directory_every_verb_reads_and_says_how_to_
     text = usage_commands(tmp_path)
     assert f"--model {tmp_path / 'chat'}" in text and f"--gen-model {tmp_path / 'emu2-gen'}" in text
     assert f"emu2 generate --model {target}" in text
+
+
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_measured_faster(monkeypatch):
+    import torch
+
+    import emu2.train.quickstart as quickstart
+
+    assert quickstart.resolve_precision("fp32") == "no" and quickstart.resolve_precision("bf16") == "bf16"
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    if torch.cuda.is_available() or not supported:
+        pytest.skip("the timing decides only on a CPU with bf16 kernels")
+    monkeypatch.setattr(quickstart, "cpu_bf16_speedup", lambda: 0.6)
+    assert quickstart.resolve_precision("auto") == "no"
+    monkeypatch.setattr(quickstart, "cpu_bf16_speedup", lambda: 1.5)
+    assert quickstart.resolve_precision("auto") == "bf16"
+
