@@ -352,11 +352,7 @@ class Emu2Server:
         if n > lim.max_n:
             raise APIError(400, f"n is {n}, above this server's cap of {lim.max_n} (server limit --max-n)", "n",
                            "n_too_large")
-        steps = request.num_inference_steps or min(50, lim.max_inference_steps)  # official default: 50
-        if steps > lim.max_inference_steps:
-            raise APIError(400, f"num_inference_steps is {steps}, above this server's cap of "
-                                f"{lim.max_inference_steps} (server limit --max-inference-steps)",
-                           "num_inference_steps", "too_many_steps")
+        steps = lim.inference_steps(request.num_inference_steps)
         try:
             width, height = self.gen.parse_size(request.size, lim.max_output_side)
         except P.PromptError as error:

@@ -135,11 +135,7 @@ class InterleavedChat:
             raise APIError(400, f"image_at {image_at[-1]} is past the answer's max_tokens "
                                 f"({decoding.max_new_tokens}): no image would be drawn there", "image_at",
                            "invalid_image_at")
-        steps = request.num_inference_steps or min(50, limits.max_inference_steps)  # official default: 50
-        if steps > limits.max_inference_steps:
-            raise APIError(400, f"num_inference_steps is {steps}, above this server's cap of "
-                                f"{limits.max_inference_steps} (server limit --max-inference-steps)",
-                           "num_inference_steps", "too_many_steps")
+        steps = limits.inference_steps(request.num_inference_steps)
         if decoding.num_beams != 1:
             raise APIError(400, "answers with images are decoded greedily or by sampling: drop num_beams",
                            "num_beams", "invalid_parameter")

@@ -71,6 +71,16 @@ class ServeLimits:
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
+    def inference_steps(self, requested: int | None) -> int:
+        """Denoising steps of an image request: ``requested``, or the official 50 capped by the server; a 400
+        naming ``--max-inference-steps`` past the cap."""
+        steps = requested or min(50, self.max_inference_steps)
+        if steps > self.max_inference_steps:
+            raise APIError(400, f"num_inference_steps is {steps}, above this server's cap of "
+                                f"{self.max_inference_steps} (server limit --max-inference-steps)",
+                           "num_inference_steps", "too_many_steps")
+        return steps
+
 
 # ---------------------------------------------------------------------------------------------------- images
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.IGNORECASE)

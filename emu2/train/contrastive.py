@@ -189,15 +189,16 @@ def train_encoder_stage(config: TrainConfig) -> dict:
             attributes = (attribute_heads(tokens[:half], pooled[:half], first, colour_labels)
                           + attribute_heads(tokens[half:], pooled[half:], second, SHAPE_LABELS))
         loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
-        if not math.isfinite(float(loss.detach())):  # before the update: the weights stay as they were
-            raise FloatingPointError(f"encoder stage: loss {float(loss)} at step {step + 1}; nothing was saved")
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the update: the weights stay as they were
+            raise FloatingPointError(f"encoder stage: loss {value} at step {step + 1}; nothing was saved")
         loss.backward()
         if config.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(value)
         parts.append((float(contrastive.detach()), float(words.detach()), float(attributes.detach())))
         seconds.append(time.perf_counter() - started)
         bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
