@@ -77,6 +77,9 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
             for q in range(len(ep["queries"])):
                 text, images, answer = fewshot_prompt(ep, k, q)
                 prompts.append((ep["split"], k, text, [Image.open(root / im).convert("RGB") for im in images], answer))
+    # Batches of one shot count: rows are left-padded to the longest in the batch, so mixing 0-shot with 8-shot
+    # prompts would cost every row the 8-shot prefill.
+    prompts.sort(key=lambda c: c[1])
     items: dict = {}  # split -> shots -> metric -> per-query scores
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
         chunk = prompts[start:start + batch_size]

@@ -70,13 +70,14 @@ def attribute_accuracy(images: Sequence[Image.Image], scenes: Sequence[Scene],
 
 
 def evaluate_generation(gen_pipe, data_dir: str | Path, items: int = 32, seed: int = 1234,
-                        num_inference_steps: int = 25, guidance_scale: float = 3.0) -> dict:
+                        num_inference_steps: int = 25, guidance_scale: float = 3.0, batch_size: int = 25) -> dict:
     """Attribute accuracy of an `Emu2GenPipeline` on ``items`` fresh held-out group scenes of the dataset's
     world (``data_dir/dataset.json``: "seed", "image_size").
 
     Text-to-image prompts are `tasks.caption(scene, rng)`; autoencoding feeds the true render alone. Item i
-    samples with ``torch.Generator().manual_seed(seed + i)``. Returns ``{"text_to_image": {...},
-    "autoencode": {...}, "truth_renders": {...}, "items": items}``, each inner dict from `attribute_accuracy`.
+    samples with ``torch.Generator().manual_seed(seed + i)`` (its own initial noise, whatever ``batch_size``
+    items are drawn together). Returns ``{"text_to_image": {...}, "autoencode": {...}, "truth_renders": {...},
+    "items": items}``, each inner dict from `attribute_accuracy`.
     """
     import torch
 
@@ -89,16 +90,21 @@ def evaluate_generation(gen_pipe, data_dir: str | Path, items: int = 32, seed: i
     size = manifest.get("image_size", 64)
     rng = random.Random(seed)
     scenes, truths, prompts, made, recon = [], [], [], [], []
-    for i in range(items):
+    for _ in range(items):
         scene = world.group_scene(rng, "heldout")
-        truth, prompt = render_scene(scene, size), caption(scene, rng)
-        made.append(gen_pipe([prompt], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                             generator=torch.Generator().manual_seed(seed + i)).image)
-        recon.append(gen_pipe([truth], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              generator=torch.Generator().manual_seed(seed + i)).image)
         scenes.append(scene)
-        truths.append(truth)
-        prompts.append(prompt)
+        truths.append(render_scene(scene, size))
+        prompts.append(caption(scene, rng))
+    for start in range(0, items, batch_size):
+        stop = min(items, start + batch_size)
+
+        def draw(inputs):
+            generators = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+            return gen_pipe(inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            generator=generators).images
+
+        made += draw([[prompt] for prompt in prompts[start:stop]])  # a batch of one-text prompts
+        recon += draw(truths[start:stop])  # a batch of images: each autoencoded alone
     asked = [asked_in_caption(s, p) for s, p in zip(scenes, prompts)]
     return {
         "text_to_image": attribute_accuracy(made, scenes, asked),

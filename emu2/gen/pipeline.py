@@ -128,8 +128,9 @@ class Emu2GenPipeline:
     # ------------------------------------------------------------------------------------- conditioning
     @staticmethod
     def _autoencode_images(inputs) -> list[Image.Image] | None:
+        # Images alone (no text, no nested prompt lists): a batch of prompts is a list of lists.
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        if items and not any(isinstance(item, str) for item in items):
+        if items and all(isinstance(item, Image.Image) for item in items):
             return list(items)
         return None
 

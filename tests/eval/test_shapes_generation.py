@@ -73,3 +73,31 @@ def test_evaluate_generation_end_to_end_on_a_tiny_random_pipeline(tmp_path):
     assert results["truth_renders"]["all"] == 1.0
     table = generation_table(results)
     assert "| text-to-image |" in table and "| true renders |" in table and "100.0" in table
+
+
+
+def test_batched_evaluation_draws_the_images_item_by_item_evaluation_draws(tmp_path):
+    import numpy as np
+
+    from emu2.gen.pipeline import Emu2GenPipeline
+
+    gen = Emu2GenPipeline.from_preset("tiny")
+    gen.decoder.set_progress_bar_config(disable=True)
+    (tmp_path / "dataset.json").write_text(json.dumps({"seed": 0, "image_size": 64}))
+
+    def recorded(batch_size):
+        drawn = {"text": [], "image": []}
+
+        def call(inputs, **kwargs):
+            out = gen(inputs, **kwargs)
+            drawn["text" if isinstance(inputs[0], list) else "image"].extend(out.images)
+            return out
+
+        evaluate_generation(call, tmp_path, items=3, seed=0, num_inference_steps=1, batch_size=batch_size)
+        return drawn
+
+    alone, together = recorded(1), recorded(3)
+    for kind in ("text", "image"):
+        assert len(alone[kind]) == len(together[kind]) == 3
+        for a, b in zip(alone[kind], together[kind]):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

@@ -161,3 +161,15 @@ def test_long_prompt_on_a_cold_cache_is_regressed_apart_from_the_empty_prompt():
     sizes = regression_batches(gen)
     gen.conditioning([image("red"), "a", image("blue"), "b", image("green"), "c", image("red"), "d", image("blue")])
     assert sizes == [1, 1]
+
+
+def test_a_batch_of_prompts_gives_one_image_each_as_drawn_alone(gen):
+    """``[[prompt], [prompt]]`` is a batch of text prompts (not images to autoencode); with one generator per
+    prompt each image is the one that prompt gives alone."""
+    prompts = ["a red circle", "two blue squares"]
+    batch = gen([[p] for p in prompts], height=16, width=16, **STEPS,
+                generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert len(batch) == 2
+    for i, prompt in enumerate(prompts):
+        alone = gen([prompt], height=16, width=16, **STEPS, generator=torch.Generator().manual_seed(i)).image
+        assert np.abs(np.asarray(alone, dtype=int) - np.asarray(batch[i], dtype=int)).max() <= 1
