@@ -125,9 +125,11 @@ PRESETS = {
     ),
     # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings) with its own tokenizer
     # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274. Its encoder
-    # is trained from scratch, so it takes the layout that learns fastest (pre-norm, convolutional stem).
+    # is trained from scratch, so it takes the layout that learns fastest on a CPU budget: the convolutional stem
+    # and no transformer blocks (4 pre-norm blocks made a step 3.4x slower and read every attribute worse at equal
+    # steps; docs/training-notes.md).
     "shapes": lambda: dict(
-        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0,
+        vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=0, head_width=32, mlp_ratio=4.0,
                                        postnorm=False, stem="conv"),
         text_config=_llama(256, 688, 6, 4, SHAPES_INSTRUCT_VOCAB, pad=SHAPES_PIECES), n_query=16, v_query=4,
         instruct=True, **_special_ids(SHAPES_PIECES),

@@ -74,16 +74,16 @@ def caption_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 class AttributeHeads(nn.Module):
     """Linear read-outs of the shapes world's attribute labels (`emu2.data.shapes.supervision`): per patch from the
-    trunk's tokens (shape, colour); per image the object's shape and colour as the best patch's score of a shared
-    read-out (max over patches), and count, size, position, background from the flattened pooled embeddings.
-    Discarded after the stage."""
+    trunk's tokens (shape, colour); per pooled embedding the same, from each embedding the LM will read; per image
+    the object's shape and colour as the best patch's score of a shared read-out (max over patches), and count,
+    size, position, background from the flattened pooled embeddings. Discarded after the stage."""
 
     def __init__(self, n_query: int, vision_width: int):
         super().__init__()
-        from emu2.data.shapes.supervision import GLOBAL_LABELS, LABEL_CLASSES, OBJECT_LABELS
+        from emu2.data.shapes.supervision import CELL_LABELS, GLOBAL_LABELS, LABEL_CLASSES, OBJECT_LABELS, PATCH_LABELS
 
-        self.patch = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in ("patch_shape",
-                                                                                             "patch_colour")})
+        self.patch = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in PATCH_LABELS})
+        self.cell = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in CELL_LABELS})
         self.object = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in OBJECT_LABELS})
         self.image = nn.ModuleDict({k: nn.Linear(n_query * vision_width, LABEL_CLASSES[k]) for k in GLOBAL_LABELS})
 
@@ -95,6 +95,8 @@ class AttributeHeads(nn.Module):
         for k in names:
             if k in self.patch:
                 score, target = self.patch[k](patches).flatten(0, 1), labels[k].flatten()
+            elif k in self.cell:
+                score, target = self.cell[k](pooled).flatten(0, 1), labels[k].flatten()
             elif k in self.object:
                 score, target = self.object[k](patches).amax(1), labels[k]
             else:
@@ -115,7 +117,7 @@ def _attribute_pool(config: TrainConfig, model) -> object:
     seed = json.loads(manifest.read_text()).get("seed", 0)
     vision = model.config.vision_config
     return AttributePool(World.from_seed(seed), vision.image_size, vision.grid_size,
-                         size=config.encoder.attribute_pool, seed=config.seed)
+                         size=config.encoder.attribute_pool, seed=config.seed, pooled=math.isqrt(model.config.n_query))
 
 
 def train_encoder_stage(config: TrainConfig) -> dict:

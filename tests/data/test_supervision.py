@@ -58,6 +58,21 @@ def test_the_pool_renders_training_scenes_with_labels_in_range():
     assert torch.equal(pool.images, again.images)  # seeded: the same scenes every run
 
 
+def test_pooled_cell_labels_name_what_lies_under_each_pooled_embedding():
+    """Four small objects in the top-left quarter of a 2x2 layout: each sits in its own cell of the 4x4 pooled
+    grid (what the LM reads), while the 8x8 patch grid spreads each over one patch or more."""
+    scene = scene_with([(0.02, 0.02, 0.2, 0.2), (0.27, 0.02, 0.45, 0.2), (0.02, 0.27, 0.2, 0.45),
+                        (0.27, 0.27, 0.45, 0.45)], count=4)
+    cells, _ = patch_labels(scene, 4)
+    shape = 1 + SHAPES.index(scene.groups[0].shape)
+    assert [cells[i] for i in (0, 1, 4, 5)] == [shape] * 4 and sum(c != 0 for c in cells) == 4
+    world = World.from_seed(0)
+    pool = AttributePool(world, image_size=64, grid=8, size=12, seed=0, pooled=4)
+    assert pool.labels["cell_shape"].shape == (12, 16) and pool.labels["patch_shape"].shape == (12, 64)
+    # every object under some patch is under some pooled cell too
+    assert torch.equal(pool.labels["patch_shape"].amax(1) > 0, pool.labels["cell_shape"].amax(1) > 0)
+
+
 def test_the_colourless_view_is_grey_and_its_brightness_varies_per_image():
     from emu2.data.shapes.supervision import shape_view
     from emu2.processing import CLIP_MEAN, CLIP_STD

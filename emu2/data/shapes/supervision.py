@@ -7,6 +7,9 @@ directly (`emu2.train.contrastive`, ``encoder.attributes``):
 
 - per patch (the ViT's grid before pooling): the shape and colour of the object covering the patch, or "none";
   dense labels give every image ``grid**2`` targets instead of one and reward detectors that work anywhere;
+- per pooled embedding (the n x n grid the language model reads): the same labels on that coarser grid, so that
+  each embedding the LM sees carries, linearly, what lies in its part of the image (an object of 9 px fills one
+  of four patches under an embedding, and the mean pooling would otherwise dilute it);
 - per image, for one-group scenes: the shape and colour, read as the best patch's score (a max over patches, so a
   detector that works anywhere is rewarded, whatever the object's place), and from the pooled embeddings the
   language model reads the count, size and position; the background for every scene.
@@ -18,8 +21,9 @@ images: grey levels with a random contrast, sign and offset per image, from whic
 brightness can be told; every other label is scored on the colour images.
 
 Shapes: `AttributePool.batch(indices)` -> images (B, 3, S, S) normalised as `processing.preprocess_image`;
-"patch_shape", "patch_colour" (B, grid * grid) long; "shape", "colour", "count", "size", "position",
-"background" (B,) long, -100 where a scene has no single value (several groups).
+"patch_shape", "patch_colour" (B, grid * grid) long; "cell_shape", "cell_colour" (B, side * side) long for the
+pooled grid; "shape", "colour", "count", "size", "position", "background" (B,) long, -100 where a scene has no
+single value (several groups).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ from .world import BACKGROUNDS, CELL_NAMES, COLOURS, MAX_COUNT, SHAPES, SIZES, S
 IGNORE = -100
 POSITIONS = tuple(sorted(set(CELL_NAMES[2].values()) | set(CELL_NAMES[3].values())))
 # Classes of each label (patch labels have "none" as class 0).
-LABEL_CLASSES = {"patch_shape": 1 + len(SHAPES), "patch_colour": 1 + len(COLOURS), "shape": len(SHAPES),
+LABEL_CLASSES = {"patch_shape": 1 + len(SHAPES), "patch_colour": 1 + len(COLOURS), "cell_shape": 1 + len(SHAPES),
+                 "cell_colour": 1 + len(COLOURS), "shape": len(SHAPES),
                  "colour": len(COLOURS), "count": MAX_COUNT, "size": len(SIZES), "position": len(POSITIONS),
                  "background": len(BACKGROUNDS)}
 OBJECT_LABELS = ("shape", "colour")  # read from the best patch
-SHAPE_LABELS = ("shape", "patch_shape")  # scored on the colourless view
+PATCH_LABELS = ("patch_shape", "patch_colour")  # per patch of the trunk's grid
+CELL_LABELS = ("cell_shape", "cell_colour")  # per pooled embedding
+SHAPE_LABELS = ("shape", "patch_shape", "cell_shape")  # scored on the colourless view
 GLOBAL_LABELS = ("count", "size", "position", "background")  # read from the pooled embeddings
 
 
@@ -91,16 +98,20 @@ class AttributePool:
     is limited by optimisation steps, not data).
     """
 
-    def __init__(self, world: World, image_size: int, grid: int, size: int = 6000, seed: int = 0):
+    def __init__(self, world: World, image_size: int, grid: int, size: int = 6000, seed: int = 0,
+                 pooled: int | None = None):
         from ...processing import preprocess_images
 
         rng = random.Random(f"{seed}:attribute-pool")
         scenes = [world.group_scene(rng, "train") if rng.random() < 0.7 else
                   world.multi_scene(rng, "train", objects=rng.randint(2, 3)) for _ in range(size)]
         self.images = preprocess_images([render_scene(s, image_size) for s in scenes], image_size)
-        patches = [patch_labels(s, grid) for s in scenes]
-        self.labels = {"patch_shape": torch.tensor([p[0] for p in patches]),
-                       "patch_colour": torch.tensor([p[1] for p in patches])}
+        self.labels = {}
+        # ``pooled``: the side of the pooled grid (sqrt(n_query)); without it the cell labels are the patch labels
+        for names, side in ((PATCH_LABELS, grid), (CELL_LABELS, pooled or grid)):
+            cells = [patch_labels(s, side) for s in scenes]
+            self.labels.update({names[0]: torch.tensor([c[0] for c in cells]),
+                                names[1]: torch.tensor([c[1] for c in cells])})
         per_scene = [global_labels(s) for s in scenes]
         self.labels.update({name: torch.tensor([g[name] for g in per_scene]) for name in per_scene[0]})
 
