@@ -21,10 +21,11 @@ def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
     for index, (name, _recipe, init_from, _share) in enumerate(stages):
         assert init_from is None or init_from in names[:index], name
     chain = {name: init_from for name, _recipe, init_from, _share in stages}
-    if "lm" in chain:  # stage 1 starts from both stand-ins: the LM stage starts from the trained encoder
-        assert chain["lm"] == "encoder" and chain["stage1"] == "lm"
-    else:  # stage 1 starts from the contrastively pre-trained encoder
-        assert chain["stage1"] == "encoder"
+    assert chain["stage1"] == "encoder"  # stage 1 starts from the pre-trained encoder ...
+    if "lm" in chain:  # ... which trained the vision side of the LM stage's output: both stand-ins
+        assert names[0] == "lm" and chain["lm"] is None and chain["encoder"] == "lm"
+    else:
+        assert chain["encoder"] is None
     assert abs(sum(share for *_, share in stages if share is not None) - 1.0) < 1e-9
     # the LM stage is not time-sliced: copying comes only after its recipe's steps (a phase change)
     assert [name for name, *_, share in stages if share is None] == (["lm"] if "lm" in chain else [])
