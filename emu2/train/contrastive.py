@@ -80,7 +80,13 @@ class AttributeHeads(nn.Module):
 
     def __init__(self, n_query: int, vision_width: int):
         super().__init__()
-        from emu2.data.shapes.supervision import CELL_LABELS, GLOBAL_LABELS, LABEL_CLASSES, OBJECT_LABELS, PATCH_LABELS
+        from emu2.data.shapes.supervision import (
+            CELL_LABELS,
+            GLOBAL_LABELS,
+            LABEL_CLASSES,
+            OBJECT_LABELS,
+            PATCH_LABELS,
+        )
 
         self.patch = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in PATCH_LABELS})
         self.cell = nn.ModuleDict({k: nn.Linear(vision_width, LABEL_CLASSES[k]) for k in CELL_LABELS})

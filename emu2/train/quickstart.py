@@ -100,6 +100,20 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
     return result
 
 
+MIN_STAGE_SECONDS = 20  # below this a time-sliced stage runs little more than its timing probe
+
+
+def short_budget_warning(seconds_left: float, stages_left: int, budget_minutes: float) -> str | None:
+    """What to tell the user when the fixed-step LM stage left the time-sliced stages too little of the budget
+    (they then run their timing probes only, and the run ends after its budget)."""
+    if seconds_left >= MIN_STAGE_SECONDS * stages_left:
+        return None
+    return (f"[quickstart] warning: {max(0.0, seconds_left):.0f} s of the {budget_minutes:g}-minute budget are left "
+            f"for the {stages_left} stages after the LM stage (its 1,500 steps run whatever the budget): they will "
+            f"train a few steps each and the run will end after its budget. Use a larger --budget, or "
+            f"--no-lm-stage.")
+
+
 def stage_seconds(share: float, shares_left: list[float], seconds_left: float) -> float:
     """A stage's time: its share of the training time still left, among the stages still to train (itself
     included). Recomputed before every stage, so one stage's overrun is absorbed by the later ones instead of
@@ -197,6 +211,10 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
                                     deadline - time.perf_counter())
             print(f"[quickstart] {name}: {recipe}, about {seconds / 60:.1f} min")
         report["stages"][name] = _train_stage(name, recipe, init_from, seconds, out, overrides)
+        if share is None and todo:
+            warning = short_budget_warning(deadline - time.perf_counter(), len(todo), budget_minutes)
+            if warning:
+                print(warning)
     report["train_seconds"] = round(time.perf_counter() - started, 1)
     assemble_gen_directory(out)
     report.update(evaluate_quickstart(out))

@@ -100,3 +100,12 @@ def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_measured_faster(mon
     monkeypatch.setattr(quickstart, "cpu_bf16_speedup", lambda: 1.5)
     assert quickstart.resolve_precision("auto") == "bf16"
 
+
+
+def test_a_budget_the_lm_stage_leaves_too_little_of_is_said_not_silently_stretched():
+    from emu2.train.quickstart import MIN_STAGE_SECONDS, short_budget_warning
+
+    assert short_budget_warning(6 * MIN_STAGE_SECONDS, 6, 20) is None
+    warning = short_budget_warning(-30.0, 6, 10)
+    assert warning is not None and "0 s of the 10-minute budget" in warning and "--budget" in warning
+    assert "--no-lm-stage" in warning
