@@ -109,7 +109,7 @@ def test_the_image_panel_shows_each_step_and_cancel_stops_the_servers_drawing(pa
     steps = 500  # at 20 ms a step (below) the image would take 10 s or more
     with running(gen=gen_pipeline, ui=True, limits=ServeLimits(max_inference_steps=steps)) as server, \
             unet_calls(gen_pipeline.decoder.unet, delay=0.02) as calls:
-        tab = page.context.new_page()
+        tab = page.context.browser.new_page()
         try:
             tab.goto(server.url)
             tab.wait_for_selector("#server-status:has-text('images:')")
