@@ -193,6 +193,7 @@ class Emu2GenPipeline:
         crops_coords_top_left: tuple[int, int] | None = None,
         crop_info: tuple[int, int] | None = None,
         sampler: str = "dpm-solver++",
+        callback_on_step_end=None,
     ) -> Emu2GenOutput:
         """Generate an image from an interleaved prompt (official defaults: guidance 3.0, ``original_size``
         (1024, 1024) whatever the output size, crop (0, 0)).
@@ -200,7 +201,8 @@ class Emu2GenPipeline:
         ``sampler``: "dpm-solver++" (default, 15 steps; see `dpm_solver_scheduler`) or "official" (the decoder's
         own scheduler, the official Euler, 50 steps); ``num_inference_steps`` overrides the sampler's steps.
         ``crop_info`` is the official name of ``crops_coords_top_left``. Autoencoding several images gives one
-        output each; ``image`` is the first, as the official pipeline returns.
+        output each; ``image`` is the first, as the official pipeline returns. ``callback_on_step_end`` goes to the
+        decoder (`Emu2VisualDecoderPipeline`: progress after each denoising step, or cancelling by raising).
         """
         if crop_info is not None and crops_coords_top_left is not None:
             raise ValueError("crop_info is the official name of crops_coords_top_left: pass one of them")
@@ -214,6 +216,7 @@ class Emu2GenPipeline:
             cond, uncond, height=height, width=width, num_inference_steps=num_inference_steps or DEFAULT_STEPS[sampler],
             guidance_scale=guidance_scale, generator=generator, latents=latents, original_size=original_size,
             crops_coords_top_left=crop, output_type="pil", scheduler=scheduler,
+            callback_on_step_end=callback_on_step_end,
         )
         flags = out.nsfw_content_detected
         return Emu2GenOutput(image=out.images[0], images=out.images,

@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)        # what `emu2 serve` does
 
 Routes: ``POST /v1/chat/completions`` (streaming as server-sent events), ``POST /v1/images/generations``,
-``POST /v1/images/edits`` (multipart as OpenAI, or JSON with data URLs), ``GET /v1/models``, ``GET /healthz``,
+``POST /v1/images/edits`` (multipart as OpenAI, or JSON with data URLs; both stream their progress as server-sent
+events with ``stream: true``, see `Emu2Server.stream_images`), ``GET /v1/models``, ``GET /healthz``,
 ``GET /openapi.json`` (FastAPI's schema; ``/docs`` and ``/redoc`` are off, since their pages load scripts from a
 CDN), and the web page at ``/`` with ``ui=True``.
 
@@ -24,6 +25,7 @@ import reprlib
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -43,6 +45,7 @@ from .chat import Answer, ChatEngine, ChatPrompt, DecodingSettings, reserved_tok
 from .generation import GroundedObject, ImageGenerator, build_generation_inputs, png_base64
 from .interleaved_chat import ImageAnswerSettings, InterleavedChat, wants_images
 from .limits import ServeLimits, decode_image_bytes, load_image_url
+from .queue import Job
 from .schemas import (
     IGNORED_MESSAGE_FIELDS,
     SUPPORTED_PART_TYPES,
@@ -267,11 +270,7 @@ class Emu2Server:
                     drawing: ImageAnswerSettings | None = None) -> StreamingResponse:
         """Queue a streamed answer (429 now if the line is full) and send it as OpenAI chunk events; with
         ``drawing``, an answer with images (chunk shapes: `emu2.serve.interleaved_chat`)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def push(kind: str, value) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+        events, push = _event_queue()
 
         def done(answer, error) -> None:
             push("end", answer) if error is None else push("error", error)
@@ -286,8 +285,8 @@ class Emu2Server:
         if drawing is None:
             job = self.worker.submit(ChatCall(self.chat, prompt, settings, lambda text: push("text", text), done))
         else:
+            self._push_queued(push)
             job = self.worker.submit(draw)
-            push("status", {"status": "queued", "ahead": self.worker.pending - 1 + int(self.worker.busy)})
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = self.chat_model_name
         usage_wanted = bool((request.stream_options or {}).get("include_usage"))
@@ -300,36 +299,55 @@ class Emu2Server:
                 body["usage"] = usage
             if status is not None:
                 body["emu2"] = status
-            return f"data: {json.dumps(body)}\n\n"
+            return _sse(body)
 
+        def send(kind: str, value) -> Iterator[str]:
+            if kind == "text":
+                yield chunk({"content": value})
+            elif kind == "image":
+                yield chunk({"content": [value]})
+            elif kind == "status":
+                yield chunk({}, status=value)
+            elif kind == "end":
+                yield chunk({}, value.finish_reason)
+                if usage_wanted:
+                    yield chunk({}, choices=False, usage={
+                        "prompt_tokens": prompt.num_tokens, "completion_tokens": value.num_tokens,
+                        "total_tokens": prompt.num_tokens + value.num_tokens})
+
+        return self._stream(job, events, send, first=chunk({"role": "assistant", "content": ""}))
+
+    def _push_queued(self, push: Callable[[str, Any], None]) -> None:
+        """The first status of a job about to be queued: how many requests the model serves before it. Pushed
+        before the job is submitted, so that it comes before the model thread's own statuses."""
+        push("status", {"status": "queued", "ahead": self.worker.pending + int(self.worker.busy)})
+
+    def _stream(self, job: Job, events: asyncio.Queue, send: Callable[[str, Any], Iterator[str]],
+                first: str = "") -> StreamingResponse:
+        """Server-sent events for one queued ``job``: ``first``, then what ``send`` writes for each ``(kind,
+        value)`` the model thread queues on ``events`` until ``"end"``, then ``data: [DONE]``. An ``"error"``
+        (the model raised) or the deadline passing is sent as OpenAI's error object instead. ``job.cancel`` is
+        set when the response ends either way, so a client that leaves (closes the stream, aborts its fetch)
+        stops the model at its next token or denoising step and frees the worker for the next request."""
         async def sse():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if first:
+                    yield first
                 while True:
                     try:
                         kind, value = await asyncio.wait_for(events.get(), job.remaining())
                     except TimeoutError:
-                        error = APIError(504, f"the answer did not finish within {self.limits.timeout:g} s "
-                                              "(server limit --timeout)", None, "timeout")
-                        yield f"data: {json.dumps(error.body())}\n\n"
+                        yield _sse(APIError(504, f"the request did not finish within {self.limits.timeout:g} s "
+                                                 "(server limit --timeout)", None, "timeout").body())
                         break
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "image":
-                        yield chunk({"content": [value]})
-                    elif kind == "status":
-                        yield chunk({}, status=value)
-                    elif kind == "end":
-                        yield chunk({}, value.finish_reason)
-                        if usage_wanted:
-                            yield chunk({}, choices=False, usage={
-                                "prompt_tokens": prompt.num_tokens, "completion_tokens": value.num_tokens,
-                                "total_tokens": prompt.num_tokens + value.num_tokens})
+                    if kind == "error":
+                        yield _sse(APIError(500, f"the model failed on this request ({type(value).__name__}: "
+                                                 f"{value}); the server is still running", None,
+                                            "model_error").body())
                         break
-                    else:
-                        error = APIError(500, f"the model failed on this request ({type(value).__name__}: "
-                                              f"{value}); the server is still running", None, "model_error")
-                        yield f"data: {json.dumps(error.body())}\n\n"
+                    for text in send(kind, value):
+                        yield text
+                    if kind == "end":
                         break
                 yield "data: [DONE]\n\n"
             finally:
@@ -342,9 +360,6 @@ class Emu2Server:
     def prepare_images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()) -> dict:
         """Validate an image request and write the official Emu2-Gen input list (decodes images: off the loop)."""
         lim = self.limits
-        if request.stream:
-            raise APIError(400, "streaming image generation is not supported; drop stream", "stream",
-                           "invalid_stream")
         if getattr(request, "mask", None):
             raise APIError(400, "masks are not supported: Emu2-Gen edits follow the prompt over the whole image; "
                                 "drop mask", "mask", "unsupported_mask")
@@ -388,18 +403,73 @@ class Emu2Server:
                 "guidance_scale": 3.0 if request.guidance_scale is None else request.guidance_scale,
                 "seed": request.seed}
 
-    async def images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()) -> dict:
+    async def images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()):
         self.screen_images(request)
         job = await run_in_threadpool(self.prepare_images, request, uploads)
+        key = "url" if request.response_format == "url" else "b64_json"
+        size = f"{job['width']}x{job['height']}"
+
+        def image_data(b64: str) -> dict:
+            return {key: f"data:image/png;base64,{b64}" if key == "url" else b64}
+
+        if request.stream:
+            return self.stream_images(job, image_data, size, edit=isinstance(request, ImageEditRequest))
 
         def run(cancel):
             return [png_base64(im) for im in self.gen.generate(**job, cancel=cancel)]
 
         encoded = await self.run_model(run)
-        key = "url" if request.response_format == "url" else "b64_json"
-        data = [{key: f"data:image/png;base64,{b64}" if key == "url" else b64} for b64 in encoded]
-        return ImagesResponse(created=int(time.time()), data=data,
-                              size=f"{job['width']}x{job['height']}").model_dump(exclude_none=True)
+        return ImagesResponse(created=int(time.time()), data=[image_data(b64) for b64 in encoded],
+                              size=size).model_dump(exclude_none=True)
+
+    def stream_images(self, job: dict, image_data: Callable[[str], dict], size: str,
+                      edit: bool = False) -> StreamingResponse:
+        """Queue an image request (429 now if the line is full) and stream it as server-sent events: OpenAI's
+        ``image_generation.completed`` (``image_edit.completed`` for edits) per image, and before them events of
+        type ``emu2.status`` whose ``emu2`` object is the chat stream's status (queued, running, then drawing
+        step s of n of image i)."""
+        events, push = _event_queue()
+
+        def run(cancel):
+            def on_event(kind: str, value) -> None:  # PNGs are encoded here, on the model thread, not the loop
+                push(kind, png_base64(value) if kind == "image" else value)
+
+            try:
+                self.gen.generate(**job, cancel=cancel, on_event=on_event)
+            except Exception as error:
+                push("error", error)
+                raise
+            push("end", None)
+
+        self._push_queued(push)
+        model_job = self.worker.submit(run)
+        completed = "image_edit.completed" if edit else "image_generation.completed"
+
+        def send(kind: str, value) -> Iterator[str]:
+            if kind == "status":
+                yield _sse({"type": "emu2.status", "emu2": value}, event="emu2.status")
+            elif kind == "image":
+                yield _sse({"type": completed, **image_data(value), "created_at": int(time.time()), "size": size,
+                            "output_format": "png", "background": "opaque", "quality": "auto"}, event=completed)
+
+        return self._stream(model_job, events, send)
+
+
+def _event_queue() -> tuple[asyncio.Queue, Callable[[str, Any], None]]:
+    """(events, push): ``push(kind, value)`` from the model thread puts ``(kind, value)`` on ``events`` on the
+    event loop's side, in order."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def push(kind: str, value) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+    return events, push
+
+
+def _sse(body: dict, event: str | None = None) -> str:
+    """One server-sent event holding ``body`` as JSON (with its ``event:`` name, as OpenAI's image streams)."""
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(body)}\n\n"
 
 
 _SHORT_REPR = reprlib.Repr()
@@ -515,7 +585,8 @@ async def _lifespan(app: FastAPI):
 _EDIT_FIELDS = {"prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1},
                 "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["b64_json", "url"]},
                 "model": {"type": "string"}, "num_inference_steps": {"type": "integer", "minimum": 1},
-                "guidance_scale": {"type": "number"}, "seed": {"type": "integer"}}
+                "guidance_scale": {"type": "number"}, "seed": {"type": "integer"},
+                "stream": {"type": "boolean"}}
 _EDIT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"], "properties": {
         "image": {"type": "string", "format": "binary"}, **_EDIT_FIELDS}}},

@@ -355,6 +355,7 @@ class BatchingWorker(ModelWorker):
                 if not (isinstance(call, ChatCall) and call.batchable and call.engine is decoder.engine):
                     self.busy = True
                     self._run_job(job)
+                    self.busy = bool(decoder.active)  # idle again unless a batch waits (the next get may block)
                     continue
                 if not decoder.can_join(len(joining), tokens, call.prompt.num_tokens):
                     self._held = job

@@ -16,7 +16,7 @@ import base64
 import io
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,26 @@ def build_generation_inputs(prompt: str, images: Sequence[Image.Image] = (),
     return [item for item in items if not (isinstance(item, str) and item == "")] or [""]
 
 
+class DrawingCancelled(Exception):
+    """Raised from the decoder's step callback once the request's cancel event is set: denoising stops there."""
+
+
+def drawing_progress(cancel: threading.Event, emit: Callable[[str, object], None], steps: int,
+                     image: Callable[[], int]):
+    """The decoder's ``callback_on_step_end`` for a served request (images of chat answers and of the image
+    endpoints alike): after each denoising step it raises `DrawingCancelled` once ``cancel`` is set (the client
+    left, or the deadline passed), so a picture nobody waits for stops costing compute at the next step; else it
+    reports ``emit("status", {"status": "drawing", "image": image(), "step": s, "steps": steps})`` (1-based)."""
+
+    def on_step(pipe, step, t, tensors):
+        if cancel.is_set():
+            raise DrawingCancelled
+        emit("status", {"status": "drawing", "image": image(), "step": step + 1, "steps": steps})
+        return tensors
+
+    return on_step
+
+
 class ImageGenerator:
     """Sizes, prompt lengths and sampling for one `Emu2GenPipeline`."""
 
@@ -119,16 +139,31 @@ class ImageGenerator:
 
     def generate(self, inputs: list, n: int = 1, width: int | None = None, height: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, seed: int | None = None,
-                 cancel: threading.Event | None = None) -> list[Image.Image]:
-        """``n`` images for ``inputs``; image k's noise comes from ``seed + k`` (random when seed is None)."""
-        images = []
+                 cancel: threading.Event | None = None,
+                 on_event: Callable[[str, object], None] | None = None) -> list[Image.Image]:
+        """``n`` images for ``inputs``; image k's noise comes from ``seed + k`` (random when seed is None).
+
+        ``on_event(kind, value)`` gets ``("status", {"status": "running"})`` first, then per image the drawing
+        steps (`drawing_progress`) and ``("image", image)`` when it is done. Once ``cancel`` is set the images
+        finished so far are returned (the current one stops at its next denoising step).
+        """
+        emit = on_event or (lambda kind, value: None)
+        cancel = cancel or threading.Event()
+        images: list[Image.Image] = []
+        on_step = drawing_progress(cancel, emit, num_inference_steps, lambda: len(images) + 1)
+        emit("status", {"status": "running"})
         for k in range(n):
-            if cancel is not None and cancel.is_set():
+            if cancel.is_set():
                 break
             generator = torch.Generator().manual_seed((seed + k) % 2**63) if seed is not None else None
-            out = self.pipeline(inputs, height=height, width=width, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, generator=generator)
+            try:
+                out = self.pipeline(inputs, height=height, width=width, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, generator=generator,
+                                    callback_on_step_end=on_step)
+            except DrawingCancelled:
+                break
             images.append(out.image)
+            emit("image", out.image)
         return images
 
 

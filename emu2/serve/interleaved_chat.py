@@ -36,7 +36,7 @@ import torch
 
 from .. import processing as P
 from .chat import ChatPrompt, DecodingSettings
-from .generation import png_base64
+from .generation import DrawingCancelled, drawing_progress, png_base64
 from .limits import ServeLimits
 from .queue import CancelOnEvent
 from .schemas import APIError
@@ -91,10 +91,6 @@ class InterleavedAnswer:
     parts: list[dict]
     finish_reason: str
     num_tokens: int
-
-
-class _Cancelled(Exception):
-    """Raised from the decoder's step callback once the request's cancel event is set."""
 
 
 class InterleavedChat:
@@ -160,14 +156,7 @@ class InterleavedChat:
         emit = on_event or (lambda kind, value: None)
         cancel = cancel or threading.Event()
         drawn = [0]
-
-        def on_step(pipe, step, t, tensors):
-            if cancel.is_set():
-                raise _Cancelled
-            emit("status", {"status": "drawing", "image": drawn[0] + 1, "step": step + 1,
-                            "steps": drawing.num_inference_steps})
-            return tensors
-
+        on_step = drawing_progress(cancel, emit, drawing.num_inference_steps, lambda: drawn[0] + 1)
         seed = decoding.seed
         generator = torch.Generator(self.pipeline.device).manual_seed(seed) if seed is not None else None
         noise = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -203,7 +192,7 @@ class InterleavedChat:
                                                                       + png_base64(part.image)}}
                     emit("image", image)
                     parts[row].append(image)
-        except _Cancelled:
+        except DrawingCancelled:
             pass  # the client left or the deadline passed: nobody reads what was made so far
         answers = []
         for row, content in enumerate(parts):

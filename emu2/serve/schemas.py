@@ -232,7 +232,8 @@ class ImageGenerationRequest(_Open):
     guidance_scale: float | None = Field(None, ge=0, le=50, description="extension: classifier-free guidance")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="extension: seed of the initial noise (image k uses seed + k)")
-    stream: bool | None = False
+    stream: bool | None = Field(False, description="server-sent events: each denoising step as an emu2.status "
+                                                   "event, each image as image_generation.completed")
 
 
 class ImageEditRequest(ImageGenerationRequest):

@@ -3,6 +3,8 @@ loopback ports, and the official `openai` client pointed at them."""
 
 import base64
 import io
+import json
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -91,3 +93,33 @@ def png_bytes(colour="red", size=(32, 32)) -> bytes:
 
 def data_url(colour="red", size=(32, 32)) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(colour, size)).decode()
+
+
+@contextmanager
+def unet_calls(unet, delay: float = 0.0):
+    """-> the list of the UNet's forward calls while inside (one per denoising step: the guidance pair is one
+    batch), each made to last at least ``delay`` seconds (a slow model, so a cancel can land mid-image)."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(time.monotonic())
+        time.sleep(delay)
+
+    handle = unet.register_forward_pre_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def sse_events(lines) -> list[tuple[str | None, dict | str]]:
+    """Server-sent event lines -> [(event name or None, parsed data)]; ``[DONE]`` is kept as the string."""
+    events, name = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            events.append((name, data if data == "[DONE]" else json.loads(data)))
+            name = None
+    return events

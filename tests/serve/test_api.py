@@ -6,7 +6,7 @@ import io
 import httpx
 from PIL import Image
 
-from .conftest import data_url, png_bytes
+from .conftest import data_url, png_bytes, sse_events
 
 
 def image_message(text="What is in the image?", colour="red"):
@@ -99,6 +99,36 @@ def test_same_seed_same_image(client):
 def test_url_response_format_is_a_data_url(client):
     result = client.images.generate(prompt="a cat", response_format="url", extra_body={"num_inference_steps": 1})
     assert result.data[0].url.startswith("data:image/png;base64,")
+
+
+def test_a_streamed_image_reports_the_queue_each_denoising_step_then_the_image(server):
+    body = {"prompt": "a red circle", "n": 2, "num_inference_steps": 3, "seed": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=30) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(reply.iter_lines())
+    assert events[-1] == (None, "[DONE]")
+    statuses = [data["emu2"] for name, data in events if name == "emu2.status"]
+    assert statuses[0]["status"] == "queued" and statuses[1] == {"status": "running"}
+    assert [(s["image"], s["step"], s["steps"]) for s in statuses[2:]] == [(i, k, 3) for i in (1, 2) for k in (1, 2, 3)]
+    images = [data for name, data in events if name == "image_generation.completed"]
+    assert [(d["type"], d["size"], d["output_format"]) for d in images] == [("image_generation.completed", "16x16",
+                                                                               "png")] * 2
+    whole = httpx.post(server.url + "/v1/images/generations", json={**body, "stream": False}, timeout=30).json()
+    assert [d["b64_json"] for d in images] == [d["b64_json"] for d in whole["data"]]  # seeded: the same images
+
+
+def test_the_openai_client_reads_a_streamed_image(client):
+    events = list(client.images.generate(prompt="a cat", stream=True, extra_body={"num_inference_steps": 1}))
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert len(completed) == 1
+    assert Image.open(io.BytesIO(base64.b64decode(completed[0].b64_json))).format == "PNG"
+
+
+def test_a_streamed_edit_ends_with_image_edit_completed(server):
+    body = {"image": data_url("red"), "prompt": "wearing a red hat", "num_inference_steps": 1, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/images/edits", json=body, timeout=30) as reply:
+        names = [name for name, _ in sse_events(reply.iter_lines())]
+    assert names[-2:] == ["image_edit.completed", None] and "emu2.status" in names
 
 
 def test_image_edit_as_openai_multipart(client):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import png_image
+from .conftest import png_image, running, unet_calls
 
 CHROMIUM = Path(os.environ.get("EMU2_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -101,6 +101,40 @@ def test_type_a_prompt_and_see_the_generated_image(page, tmp_path):
     assert "16x16" in page.inner_text("#image-status")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert page.problems == []
+
+
+def test_the_image_panel_shows_each_step_and_cancel_stops_the_servers_drawing(page, gen_pipeline):
+    from emu2.serve.limits import ServeLimits
+
+    steps = 500  # at 20 ms a step (below) the image would take 10 s or more
+    with running(gen=gen_pipeline, ui=True, limits=ServeLimits(max_inference_steps=steps)) as server, \
+            unet_calls(gen_pipeline.decoder.unet, delay=0.02) as calls:
+        tab = page.context.browser.new_page()
+        try:
+            tab.goto(server.url)
+            tab.wait_for_selector("#server-status:has-text('images:')")
+            tab.fill("#image-prompt", "a slow picture")
+            tab.fill("#image-steps", str(steps))
+            tab.click("#image-generate")
+            tab.wait_for_function("() => document.querySelector('#image-status progress')?.value >= 3",
+                                  timeout=30_000)
+            text, step, most = tab.evaluate("() => { const s = document.querySelector('#image-status'); "
+                                            "const b = s.querySelector('progress'); "
+                                            "return [s.textContent, b.value, b.max]; }")
+            assert f"step {step} / {steps}" in text and most == steps and step < steps
+            tab.click("#image-cancel")
+            tab.wait_for_selector("#image-status:has-text('cancelled')")
+            worker, deadline = server.app.state.server.worker, time.monotonic() + 5
+            while worker.busy and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not worker.busy and len(calls) < steps // 4  # the server stopped drawing
+            # and serves the next image
+            tab.fill("#image-steps", "2")
+            tab.click("#image-generate")
+            tab.wait_for_selector("#image-status:has-text('16x16')", timeout=30_000)
+            assert tab.locator("#image-results img").count() == 1
+        finally:
+            tab.close()
 
 
 def test_server_errors_are_shown_on_the_page(page):

@@ -14,7 +14,7 @@ import pytest
 from emu2.serve.chat import Answer
 from emu2.serve.limits import ServeLimits
 
-from .conftest import running
+from .conftest import running, unet_calls
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -152,6 +152,29 @@ def test_a_client_leaving_a_stream_cancels_its_generation(chat_pipeline):
         while not seen["cancel"].is_set() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert seen["cancel"].is_set()
+
+
+@pytest.mark.parametrize("with_chat", [False, True], ids=["serial-worker", "batching-worker"])
+def test_a_client_leaving_an_image_stream_stops_denoising_and_the_next_request_is_served(
+        chat_pipeline, gen_pipeline, with_chat):
+    steps = 200  # at 10 ms a step (below) the image would take 2 s or more
+    chat = chat_pipeline if with_chat else None  # a chat model makes the worker the batching one
+    with running(chat, gen_pipeline, limits=ServeLimits(max_inference_steps=steps)) as server, \
+            unet_calls(gen_pipeline.decoder.unet, delay=0.01) as calls:
+        body = {"prompt": "a cat", "num_inference_steps": steps, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/images/generations", json=body, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if '"step": 2,' in line:
+                    break  # leave during the second step
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/healthz").json()["model_busy"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not httpx.get(server.url + "/healthz").json()["model_busy"]
+        assert 2 <= len(calls) < steps // 4  # it stopped within a few steps of the client leaving
+        stopped_at = len(calls)
+        reply = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a dog", "num_inference_steps": 1},
+                           timeout=30)
+        assert reply.status_code == 200 and len(calls) == stopped_at + 1
 
 
 @pytest.mark.parametrize("clients", [6])

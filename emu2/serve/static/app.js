@@ -169,21 +169,24 @@ function appendImage(answer, url) {
   scrollDown();
 }
 
-function showStatus(answer, status) {
-  answer.status.replaceChildren();
+// A status from the server (the "emu2" object of stream events: queued, running, drawing) -> ``node``.
+function showProgress(node, status, running) {
+  node.replaceChildren();
   if (status.status === "queued") {
-    answer.status.textContent = status.ahead > 0 ? `queued: ${status.ahead} request(s) ahead` : "starting…";
+    node.textContent = status.ahead > 0 ? `queued: ${status.ahead} request(s) ahead` : "starting…";
   } else if (status.status === "running") {
-    answer.status.textContent = "writing…";
+    node.textContent = running;
   } else if (status.status === "drawing") {
     const bar = el("progress");
     bar.max = status.steps;
     bar.value = status.step;
-    answer.status.append(`drawing image ${status.image}: step ${status.step}/${status.steps} `, bar);
+    node.append(`drawing image ${status.image}: step ${status.step} / ${status.steps} `, bar);
   } else if (status.waiting) {
-    answer.status.textContent = status.waiting;
+    node.textContent = status.waiting;
   }
 }
+
+function showStatus(answer, status) { showProgress(answer.status, status, "writing…"); }
 
 // ---------------------------------------------------------------------------------------------- grounding
 const GROUNDED = /<phrase>(.*?)<\/phrase>\s*<object>((?:\s*(?:<patch_index_\d{4}>|<\/delimiter_of_multi_objects\/>))+)\s*<\/object>/gs;
@@ -385,30 +388,23 @@ function showGrounding(answer) {
   if (boxes.length && url) answer.parts.append(groundedImage(url, boxes));
 }
 
+// Streamed (stream: true), so the panel shows the queue and each denoising step, and Cancel closes the stream:
+// the server stops drawing at its next step.
 async function generateImage(event) {
   event.preventDefault();
   const prompt = $("image-prompt").value;
-  const body = { prompt, images: editAttachments.items.map((item) => item.url), response_format: "b64_json" };
+  const body = { prompt, images: editAttachments.items.map((item) => item.url), response_format: "b64_json",
+    stream: true };
   if ($("image-steps").value) body.num_inference_steps = Number($("image-steps").value);
   if ($("image-guidance").value) body.guidance_scale = Number($("image-guidance").value);
   if ($("image-seed").value !== "") body.seed = Number($("image-seed").value);
   $("image-generate").disabled = true;
   $("image-cancel").hidden = false;
-  $("image-status").className = "";
+  const status = $("image-status");
+  status.className = "";
+  status.textContent = "waiting for the model…";
   const started = performance.now();
   const seconds = () => ((performance.now() - started) / 1000).toFixed(1);
-  let waiting = true;
-  const tick = async () => {
-    try {
-      const h = await (await fetch("healthz")).json();
-      if (waiting) {
-        $("image-status").textContent = h.queued > 0 ? `queued behind ${h.queued} request(s)… ${seconds()} s`
-          : `generating (${body.num_inference_steps || 50} steps)… ${seconds()} s`;
-      }
-    } catch (e) { /* the request itself reports errors */ }
-  };
-  $("image-status").textContent = "generating…";
-  const timer = setInterval(tick, 1000);
   imageAbort = new AbortController();
   try {
     const response = await fetch("v1/images/generations", {
@@ -416,19 +412,20 @@ async function generateImage(event) {
       signal: imageAbort.signal,
     });
     if (!response.ok) throw new Error(await errorText(response));
-    const result = await response.json();
-    for (const item of result.data) {
-      $("image-results").prepend(framedImage(`data:image/png;base64,${item.b64_json}`, prompt || "(no prompt)"));
-    }
-    waiting = false;
-    $("image-status").textContent = `${result.size} in ${seconds()} s`;
+    let size = null;
+    await readStream(response, (item) => {
+      if (item.emu2) showProgress(status, item.emu2, "reading the prompt…");
+      if (item.b64_json) {
+        size = item.size;
+        $("image-results").prepend(framedImage(`data:image/png;base64,${item.b64_json}`, prompt || "(no prompt)"));
+      }
+    });
+    if (!size) throw new Error("the server sent no image");
+    status.textContent = `${size} in ${seconds()} s`;
   } catch (error) {
-    waiting = false;
-    $("image-status").className = "error";
-    $("image-status").textContent = error.name === "AbortError" ? "cancelled" : `error: ${error.message}`;
+    status.className = "error";
+    status.textContent = error.name === "AbortError" ? "cancelled" : `error: ${error.message}`;
   } finally {
-    waiting = false;
-    clearInterval(timer);
     $("image-generate").disabled = false;
     $("image-cancel").hidden = true;
     imageAbort = null;
