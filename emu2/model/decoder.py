@@ -95,7 +95,9 @@ def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_sca
         upcast = vae_dtype == torch.float16 and vae.config.get("force_upcast", False)
         if upcast:
             vae.to(torch.float32)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        # The VAE may sit on another device than the UNet (a pipeline spread over GPUs, as the official demo's
+        # hook on `vae.decode` allows).
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
         if vae.config.get("shift_factor") is not None:
             latents = latents + vae.config.shift_factor
         images = vae.decode(latents).sample
@@ -187,6 +189,14 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
     def pixel_scale(self) -> int:
         return int(self.config.get("pixel_scale", 1))
 
+    @property
+    def denoising_device(self) -> torch.device:
+        """Where latents and conditions are made: the UNet's device (official: latents drawn on `unet.device`).
+        diffusers' ``_execution_device`` is the first non-CPU component in name order (the safety checker before
+        the UNet), which is another device when the parts are spread over several; it is right only under its
+        offloading hooks, which leave the UNet's weights elsewhere between calls."""
+        return self._execution_device if hasattr(self.unet, "_hf_hook") else self.unet.device
+
     @torch.no_grad()
     def __call__(
         self,
@@ -238,7 +248,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         self.check_inputs(prompt_embeds, negative_prompt_embeds, height, width, do_cfg, latents, output_type)
         batch_size = prompt_embeds.shape[0]
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = self.denoising_device, self.unet.dtype
 
         # 2. Conditioning: the CFG batch is [cond, uncond], in that order, as the official pipeline stacks it.
         encoder_hidden_states, added_cond_kwargs = self.prepare_conditioning(

@@ -44,7 +44,7 @@ from .batching import ChatCall, make_worker
 from .chat import Answer, ChatEngine, ChatPrompt, DecodingSettings, reserved_token_in
 from .generation import GroundedObject, ImageGenerator, build_generation_inputs, png_base64
 from .interleaved_chat import ImageAnswerSettings, InterleavedChat, wants_images
-from .limits import ServeLimits, decode_image_bytes, load_image_url
+from .limits import ServeLimits, decode_image_bytes, load_image_url, load_video_frame_urls, load_video_url
 from .queue import Job
 from .schemas import (
     IGNORED_MESSAGE_FIELDS,
@@ -202,6 +202,11 @@ class Emu2Server:
         if images_wanted > lim.max_images:
             raise APIError(400, f"the messages hold {images_wanted} images, more than {lim.max_images} "
                                 "(server limit --max-images)", "messages", "too_many_images")
+        videos_wanted = sum(isinstance(m.content, list) and sum(p.type in ("video_url", "video") for p in m.content)
+                            for m in request.messages)
+        if videos_wanted > lim.max_videos:
+            raise APIError(400, f"the messages hold {videos_wanted} videos, more than {lim.max_videos} "
+                                "(server limit --max-videos)", "messages", "too_many_videos")
         system_parts, turns, roles = [], [], []
         for i, message in enumerate(request.messages):
             items = self._content_items(message.content, f"messages[{i}].content")
@@ -241,9 +246,14 @@ class Emu2Server:
             if part.type == "text":
                 self._check_text(part.text, f"{param}[{j}].text")
                 items.append(part.text)
-            else:
+            elif part.type == "image_url":
                 items.append(load_image_url(part.image_url.url, self.limits, self.allowed_dir,
                                             f"{param}[{j}].image_url.url"))
+            elif part.type == "video_url":  # a list of frames is a video to `processing.flatten_interleaved`
+                items.append(load_video_url(part.video_url.url, self.limits, self.allowed_dir,
+                                            f"{param}[{j}].video_url.url"))
+            else:
+                items.append(load_video_frame_urls(part.video, self.limits, self.allowed_dir, f"{param}[{j}].video"))
         return items
 
     @staticmethod

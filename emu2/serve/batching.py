@@ -212,9 +212,12 @@ class BatchDecoder:
                              "answers are running")
         device = self.engine.pipeline.device
         prompts = [r.call.prompt for r in requests]
-        batch = self.engine.pipeline.encode([p.text for p in prompts], [im for p in prompts for im in p.images])
+        batch = self.engine.pipeline.encode([p.text for p in prompts], [im for p in prompts for im in p.images],
+                                            [fr for p in prompts for fr in p.frames])
         features = self.model.encode_image(batch["images"]) if batch["images"] is not None else None
-        embeds = self.model.embed(batch["input_ids"], features)
+        frame_features = (self.model.encode_image(batch["frames"], self.model.config.v_query)
+                          if batch["frames"] is not None else None)
+        embeds = self.model.embed(batch["input_ids"], features, frame_features)
         mask = batch["attention_mask"]
         # As transformers generate: positions count real tokens; padding gets a harmless 1.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)

@@ -28,6 +28,7 @@ after each denoising step of image i (1-based).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,12 +204,24 @@ class InterleavedChat:
         return answers
 
 
+_VISUAL = re.compile(re.escape(P.IMAGE_PLACEHOLDER) + "|" + re.escape(P.VIDEO_TOKEN) + "(?:"
+                     + re.escape(P.VIDEO_PLACEHOLDER) + ")+")
+
+
 def _prompt_items(prompt: ChatPrompt) -> list:
-    """The chat prompt as the official interleaved list (its text split at each image's placeholder)."""
-    pieces = prompt.text.split(P.IMAGE_PLACEHOLDER)
-    items: list = [pieces[0]]
-    for image, text in zip(prompt.images, pieces[1:]):
-        items += [image, text]
+    """The chat prompt as the official interleaved list: its text split at each image's placeholder and at each
+    video ("[VIDEO]" and its frame placeholders, which become the list of its frames)."""
+    images, frames = iter(prompt.images), iter(prompt.frames)
+    items: list = []
+    start = 0
+    for match in _VISUAL.finditer(prompt.text):
+        items.append(prompt.text[start:match.start()])
+        if match.group() == P.IMAGE_PLACEHOLDER:
+            items.append(next(images))
+        else:
+            items.append([next(frames) for _ in range(match.group().count(P.VIDEO_PLACEHOLDER))])
+        start = match.end()
+    items.append(prompt.text[start:])
     return [item for item in items if not (isinstance(item, str) and item == "")]
 
 

@@ -1,4 +1,5 @@
-"""What one request may ask of the server, and the only way request images are read (data: and file:// URLs).
+"""What one request may ask of the server, and the only way request images and videos are read (data: and file://
+URLs).
 
 Every limit is a field of `ServeLimits` with its help text; `emu2 serve` turns each into a ``--flag``. An image is
 checked before it costs memory: the base64 length before decoding, the file size before reading, and the
@@ -19,9 +20,11 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image
 
 from .schemas import APIError
+from .video import DEFAULT_NUM_FRAMES, sample_frames, sample_indices
 
 # Decoders we let request bytes reach; PIL's rarer plugins are more attack surface than they are worth here.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+VIDEO_FORMATS = ("GIF", "WEBP", "PNG")  # the animated formats PIL reads (APNG is PNG)
 
 
 def _limit(default, help: str):
@@ -36,6 +39,11 @@ class ServeLimits:
     max_image_pixels: int = _limit(4096 * 4096, "width x height of one input image, read from its header")
     max_image_bytes: int = _limit(16 * 2**20, "bytes of one input image file (after base64 decoding)")
     max_request_bytes: int = _limit(64 * 2**20, "bytes of one request body (413 above)")
+    max_videos: int = _limit(4, "videos in one request (chat video_url / video parts)")
+    max_video_frames: int = _limit(256, "frames one input video may hold (an animated image's frames, or a "
+                                        "video part's frame list), checked before decoding")
+    video_frames: int = _limit(DEFAULT_NUM_FRAMES, "frames the model sees of each video, sampled uniformly as "
+                                                   "the official demo does (its default 8)")
     max_prompt_tokens: int = _limit(
         2048, "tokens of the prompt the model sees: text plus each image's visual slots (256 per image for "
               "Emu2-Chat, 64 for Emu2/Emu2-Gen)")
@@ -91,18 +99,72 @@ def load_image_url(url: str, limits: ServeLimits, allowed_dir: Path | None, para
 
     Nothing is fetched from the network: http(s) URLs are refused with a message saying what to send instead.
     """
+    return decode_image_bytes(_url_bytes(url, limits, allowed_dir, param, "image"), limits, param)
+
+
+def load_video_url(url: str, limits: ServeLimits, allowed_dir: Path | None, param: str) -> list[Image.Image]:
+    """An animated GIF/WebP/PNG as a ``data:`` or allowed ``file://`` URL -> ``limits.video_frames`` RGB frames
+    sampled uniformly (`emu2.serve.video.sample_frames`, the official demo's rule), or a 4xx `APIError`."""
+    data = _url_bytes(url, limits, allowed_dir, param, "video")
+    if len(data) > limits.max_image_bytes:
+        raise APIError(400, f"video is larger than {limits.max_image_bytes} bytes "
+                            f"(server limit {ServeLimits.flag('max_image_bytes')})", param, "video_too_large")
+    try:
+        video = Image.open(io.BytesIO(data), formats=VIDEO_FORMATS)
+        width, height = video.size
+        if width * height > limits.max_image_pixels:
+            raise APIError(400, f"video frames are {width}x{height} = {width * height} pixels, more than "
+                                f"{limits.max_image_pixels} (server limit {ServeLimits.flag('max_image_pixels')})",
+                           param, "video_too_large")
+        total = getattr(video, "n_frames", 1)
+        if total > limits.max_video_frames:
+            raise APIError(400, f"the video has {total} frames, more than {limits.max_video_frames} (server limit "
+                                f"{ServeLimits.flag('max_video_frames')}); send fewer frames", param,
+                           "too_many_frames")
+        # Sampling decodes every frame of an animated image, so its frames together are held to what the most
+        # images one request may hold would cost.
+        budget = limits.max_image_pixels * limits.max_images
+        if width * height * total > budget:
+            raise APIError(400, f"the video's {total} frames of {width}x{height} hold more than {budget} pixels "
+                                f"in all (server limits {ServeLimits.flag('max_image_pixels')} x "
+                                f"{ServeLimits.flag('max_images')}); send fewer or smaller frames", param,
+                           "video_too_large")
+        frames = sample_frames(video, limits.video_frames)
+    except APIError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types on bad input, DecompressionBombError too
+        raise APIError(400, f"could not decode the video ({type(error).__name__}): send an animated GIF, WebP or "
+                            "PNG (this server decodes no mp4 or other video files), or the frames as "
+                            '{"type": "video", "video": [image URLs]}', param, "invalid_video") from None
+    if not frames:
+        raise APIError(400, "the video holds no frames", param, "empty_video")
+    return frames
+
+
+def load_video_frame_urls(urls: list[str], limits: ServeLimits, allowed_dir: Path | None,
+                          param: str) -> list[Image.Image]:
+    """A video given as its frames' image URLs, in order -> ``limits.video_frames`` of them sampled uniformly as
+    the official demo samples a video (only those are decoded), or a 4xx `APIError`."""
+    if not urls:
+        raise APIError(400, "a video needs at least one frame: the video list is empty", param, "empty_video")
+    if len(urls) > limits.max_video_frames:
+        raise APIError(400, f"the video has {len(urls)} frames, more than {limits.max_video_frames} (server limit "
+                            f"{ServeLimits.flag('max_video_frames')}); send fewer frames", param, "too_many_frames")
+    return [load_image_url(urls[k], limits, allowed_dir, f"{param}[{k}]")
+            for k in sample_indices(len(urls), limits.video_frames)]
+
+
+def _url_bytes(url: str, limits: ServeLimits, allowed_dir: Path | None, param: str, what: str) -> bytes:
     if not isinstance(url, str):
-        raise APIError(400, "image URL must be a string", param, "invalid_image_url")
+        raise APIError(400, f"{what} URL must be a string", param, "invalid_image_url")
     scheme = url[:16].split(":", 1)[0].lower()
     if scheme == "data":
-        data = _decode_data_url(url, limits, param)
-    elif scheme == "file":
-        data = _read_file_url(url, limits, allowed_dir, param)
-    else:
-        raise APIError(400, "image URLs must be data: URLs (data:image/png;base64,...) or file:// URLs under the "
-                            "server's --allowed-dir; this server fetches nothing from the network",
-                       param, "unsupported_image_url")
-    return decode_image_bytes(data, limits, param)
+        return _decode_data_url(url, limits, param)
+    if scheme == "file":
+        return _read_file_url(url, limits, allowed_dir, param)
+    raise APIError(400, f"{what} URLs must be data: URLs (data:image/png;base64,...) or file:// URLs under the "
+                        "server's --allowed-dir; this server fetches nothing from the network",
+                   param, "unsupported_image_url")
 
 
 def _decode_data_url(url: str, limits: ServeLimits, param: str) -> bytes:

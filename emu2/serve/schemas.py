@@ -127,6 +127,26 @@ class ImagePart(_Open):
     image_url: ImageURL
 
 
+class VideoURL(_Open):
+    url: str = Field(description="an animated GIF, WebP or PNG as a data: URL (base64), or a file:// URL under the "
+                                 "server's --allowed-dir; its frames are sampled as the official demo samples them")
+
+
+class VideoPart(_Open):
+    """A video as vLLM's OpenAI-compatible server takes one: ``{"type": "video_url", "video_url": {"url": ...}}``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class VideoFramesPart(_Open):
+    """A video as its frames in order, ``{"type": "video", "video": [url, ...]}`` (the frame-list form of
+    Qwen-VL's OpenAI-compatible API); each URL is an image as in `ImageURL`."""
+
+    type: Literal["video"]
+    video: list[str] = Field(description="frame images in order, as data: or allowed file:// URLs")
+
+
 class OtherPart(_Open):
     """Any other content part (``input_audio``, ``file``, ...): parsed only so the server can name its type when it
     refuses it (400)."""
@@ -134,7 +154,7 @@ class OtherPart(_Open):
     type: Any = None
 
 
-SUPPORTED_PART_TYPES = ("text", "image_url")
+SUPPORTED_PART_TYPES = ("text", "image_url", "video_url", "video")
 
 
 def _part_tag(part) -> str:
@@ -144,6 +164,7 @@ def _part_tag(part) -> str:
 
 
 ContentPart = Annotated[Annotated[TextPart, Tag("text-part")] | Annotated[ImagePart, Tag("image_url-part")]
+                        | Annotated[VideoPart, Tag("video_url-part")] | Annotated[VideoFramesPart, Tag("video-part")]
                         | Annotated[OtherPart, Tag("other-part")], Discriminator(_part_tag)]
 
 

@@ -1,4 +1,5 @@
-"""Videos for `emu2 chat` and `emu2 ask`: a folder of frames or an animated image -> a few frames sampled uniformly.
+"""Videos for `emu2 chat`, `emu2 ask` and `emu2 serve`: a folder of frames or an animated image -> a few frames
+sampled uniformly.
 
 The official demo (``Emu2/demo/frontend``) cuts a video into ``num_frames`` equal segments (8 by default) and keeps
 the middle frame of each; the model sees them as one video (``[VIDEO]`` then one frame block per frame). Frames
@@ -45,9 +46,14 @@ def load_video_frames(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) ->
                          f"extract its frames to a folder first, e.g. `ffmpeg -i {path} frames/%05d.png`, and "
                          "give the folder")
     with Image.open(path) as image:
-        total = getattr(image, "n_frames", 1)
-        keep = set(sample_indices(total, num_frames))
-        return [frame.convert("RGB") for i, frame in enumerate(ImageSequence.Iterator(image)) if i in keep]
+        return sample_frames(image, num_frames)
+
+
+def sample_frames(image: Image.Image, num_frames: int = DEFAULT_NUM_FRAMES) -> list[Image.Image]:
+    """``num_frames`` RGB frames sampled uniformly (`sample_indices`) from an opened animated image (a still
+    image is a one-frame video). The server reads request videos through this too, so both sample alike."""
+    keep = set(sample_indices(getattr(image, "n_frames", 1), num_frames))
+    return [frame.convert("RGB") for i, frame in enumerate(ImageSequence.Iterator(image)) if i in keep]
 
 
 def _rgb(path: Path) -> Image.Image:

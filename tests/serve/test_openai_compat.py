@@ -102,7 +102,7 @@ def test_an_audio_content_part_is_refused_naming_its_type(client):
     error = refusal(lambda: client.chat.completions.create(
         model="emu2-chat", max_tokens=1, messages=[{"role": "user", "content": content}]))
     assert error.body["message"] == ("messages[0].content[1]: content part type 'input_audio' is not supported "
-                                     "(supported: text, image_url)")
+                                     "(supported: text, image_url, video_url, video)")
     assert (error.param, error.code) == ("messages[0].content[1].type", "unsupported_content_part")
 
 

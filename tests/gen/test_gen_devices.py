@@ -1,0 +1,55 @@
+"""Emu2-Gen with its parts on different devices (official demo: the UNet, VAE and safety checker may each sit on
+another GPU than the multimodal encoder's layers; the official pipeline draws the latents on ``unet.device``).
+
+A CPU test stands in "meta" for a second device and runs under `_OneDevicePerOp`, which refuses an op mixing
+devices as CUDA does. It catches tensors left on the wrong device between the conditioning, the UNet and the VAE;
+it does not run real multi-GPU kernels.
+"""
+
+import pytest
+from PIL import Image
+
+from emu2.gen.pipeline import Emu2GenPipeline
+
+from ..test_model import _OneDevicePerOp
+
+
+@pytest.fixture
+def gen():
+    pipe = Emu2GenPipeline.from_preset("tiny")
+    pipe.decoder.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_safety_checker():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    return StableDiffusionSafetyChecker(CLIPConfig(
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 224, "patch_size": 32}, projection_dim=8))
+
+
+def test_denoising_runs_on_the_unet_device_when_another_part_sits_elsewhere(gen):
+    """Official `EmuVisualGeneration.forward` draws the latents on `self.unet.device`. diffusers' execution
+    device would be the safety checker's here (it sorts first), so the latents and the conditioning must follow
+    the UNet instead."""
+    from transformers import CLIPImageProcessor
+
+    decoder = gen.decoder.__class__(unet=gen.decoder.unet, scheduler=gen.decoder.scheduler, vae=gen.decoder.vae,
+                                    safety_checker=_tiny_safety_checker().to("meta"),
+                                    feature_extractor=CLIPImageProcessor())
+    decoder.set_progress_bar_config(disable=True)
+    cond, uncond = gen.conditioning(["a red circle"])
+    with _OneDevicePerOp():
+        latents = decoder(cond, uncond, num_inference_steps=2, output_type="latent").images
+    assert latents.device == decoder.unet.device
+
+
+def test_latents_are_decoded_on_the_vae_device_when_it_sits_apart_from_the_unet(gen):
+    """The official demo hooks `vae.decode` to move its input to the VAE's device; the final latents go there."""
+    cond, uncond = gen.conditioning([Image.new("RGB", (32, 32), "red")])  # autoencoding: encoder features
+    gen.decoder.vae.to("meta")
+    with _OneDevicePerOp():
+        images = gen.decoder(cond, uncond, num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert images.device.type == "meta" and images.shape == (1, 3, 16, 16)
