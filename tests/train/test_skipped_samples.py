@@ -12,7 +12,7 @@ from emu2.train.loop import train
 from emu2.train.metrics import read_metrics
 from emu2.train.model import build_model
 
-from ..conftest import write_damaged_pair_shards
+from ..conftest import cut_before_sample, write_converted_pair_shard, write_damaged_pair_shards
 from .conftest import tiny_config
 
 
@@ -110,3 +110,17 @@ def test_a_report_over_data_without_counters_reports_nothing():
     report = SkippedSampleReport(None, max_fraction=0.0)
     assert report.update() == {} and report.postfix() == "" and report.summary() == {}
 
+
+def test_a_shard_cut_at_a_member_boundary_is_reported_as_a_truncated_shard(tmp_path):
+    shard = write_converted_pair_shard(tmp_path / "data", count=6)
+    cut_before_sample(shard, 3)
+    stream = f"{{pairs: {{batch_size: 2, sources: [{{kind: pair, urls: '{shard}'}}]}}}}"
+    config = tiny_config("shapes-stage1", tmp_path / "run", batch_size=2,
+                         overrides=[f"data.streams={stream}", "steps=3", "data.max_skipped_fraction=1.0"])
+    summary = train(config)
+    assert read_metrics(tmp_path / "run")[-1]["skipped/truncated_shard"] >= 1
+    assert summary["skipped"]["truncated_shard"] >= 1
+    # Each read of the shard gives 3 samples and 1 skip: 25% lost, past 10%.
+    with pytest.raises(TooManySkippedSamples, match=r"skipped \d+ \(truncated_shard \d+\)"):
+        train(tiny_config("shapes-stage1", tmp_path / "stopped", batch_size=2,
+                          overrides=[f"data.streams={stream}", "steps=6", "data.max_skipped_fraction=0.1"]))
