@@ -44,3 +44,36 @@ def write_damaged_pair_shards(root: Path, image_size: int = 20) -> Path:
     data = (root / "cut.tar").read_bytes()
     (root / "cut.tar").write_bytes(data[: len(data) // 2 + 700])
     return root
+
+
+def write_converted_pair_shard(root: Path, count: int = 6, image_size: int = 20) -> Path:
+    """One shard of ``count`` caption pairs written by the project's converter (`emu2.data.convert.convert_pairs`
+    over a jsonl table of local images); returns its path."""
+    import json
+
+    from PIL import Image
+
+    from emu2.data.convert import convert_pairs
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        Image.new("RGB", (image_size, image_size), (40 * i % 256, 90, 160)).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"shape {i}"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (shard,) = convert_pairs(root / "pairs.jsonl", root / "shards")["shards"]
+    return Path(shard)
+
+
+def cut_before_sample(shard: Path, index: int) -> int:
+    """Cut ``shard`` just before the tar header of sample ``index``'s first member, as a copy interrupted between
+    two files leaves it: a whole number of 512-byte blocks, without the end-of-archive blocks. Returns the size."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        first_header: dict[str, int] = {}
+        for member in tar.getmembers():
+            first_header.setdefault(member.name.split(".", 1)[0], member.offset)
+    cut = sorted(first_header.values())[index]
+    shard.write_bytes(shard.read_bytes()[:cut])
+    return cut

@@ -4,7 +4,8 @@ Every import in ``emu2/`` (module level and inside functions) is read with `ast`
 ``data``, ``train``, ...) and each top-level module (``config``, ``processing``, ``pipeline``, ``cli``) is one
 node. A node may import only from nodes in lower layers, which rules out cycles:
 
-    0  config, processing   presets and the tokenizer/chat-template/image-input conventions: no emu2 imports
+    0  config, processing,  presets, the tokenizer/chat-template/image-input conventions and the one learning-rate
+       lr_schedule          schedule of every training stage: no emu2 imports
     1  model                nn modules (Emu2ForCausalLM, EVA ViT, diffusion decoders)
     2  pipeline             the Emu2Pipeline over model + processing
     3  data                 sequence layout, shards, converters, the shapes world, box-mask images
@@ -27,7 +28,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "emu2"
 
 LAYERS = [
-    {"config", "processing"},
+    {"config", "processing", "lr_schedule"},
     {"model"},
     {"pipeline"},
     {"data"},

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -40,6 +41,7 @@ from emu2.data.sequence import Sample, SequenceConfig, SequenceError, collate
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _NUMBERED = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -51,22 +53,64 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
+_BLOCK = 512  # a tar archive is a sequence of 512-byte blocks and ends with two all-zero ones
+_END_OF_ARCHIVE = bytes(2 * _BLOCK)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80")  # gzip, bzip2, xz, lzma: tarfile reads these
+
+
+class _EndOfArchiveCheck:
+    """A read-only stream that remembers its first bytes, its size and its last two blocks as they go by, so the end
+    of a shard can be checked without reading the shard a second time."""
+
+    def __init__(self, stream):
+        self.stream, self.size, self.head, self.tail = stream, 0, b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if not self.size:
+            self.head = data[:8]
+        self.size += len(data)
+        keep = len(_END_OF_ARCHIVE)
+        self.tail = (self.tail + data[-keep:])[-keep:]
+        return data
+
+    def truncated(self) -> bool:
+        """Read what is left (after tarfile stops at the first zero block, only the end padding), then: does the
+        shard miss its end-of-archive blocks? Compressed shards are not checked (their end is compressed)."""
+        while self.read(1 << 16):
+            pass
+        if self.head.startswith(_COMPRESSED):
+            return False
+        return self.size % _BLOCK != 0 or self.tail != _END_OF_ARCHIVE
+
+
 def read_shard(url: str, stats: Counter) -> Iterator[dict]:
     """Samples (dicts of member bytes with ``__key__``/``__url__``) of one tar; read errors counted, not raised.
 
-    A truncated or unreadable tar yields the samples before the damage and counts one ``read_errors``.
+    A tar that is truncated inside a member, or unreadable, yields the samples before the damage and counts one
+    ``read_errors``. A tar cut exactly at a member boundary reads like a complete one (tarfile takes the end of the
+    bytes for the end of the archive), so its missing end-of-archive blocks are checked once it has been read: such
+    a shard counts one ``skipped.truncated_shard`` (the samples after the cut are lost, how many is unknown).
     """
     import webdataset as wds
 
+    failed = []
+
     def stop(exn: Exception) -> bool:
+        failed.append(exn)
         stats["read_errors"] += 1
         return False
 
     try:
         with wds.gopen(url, "rb") as stream:
-            files = wds.tariterators.tar_file_iterator(stream, handler=stop)
+            checked = _EndOfArchiveCheck(stream)
+            files = wds.tariterators.tar_file_iterator(checked, handler=stop)
             files = ({**f, "__url__": url} for f in files)
             yield from wds.tariterators.group_by_keys(files, handler=stop)
+            if not failed and checked.truncated():
+                stats["skipped.truncated_shard"] += 1
+                log.warning("%s: the shard ends without the tar end-of-archive blocks (%d bytes, cut at a member "
+                            "boundary?): the samples after the cut are lost", url, checked.size)
     except Exception:  # noqa: BLE001 -- a truncated/corrupt tar or a missing file: count it, go to the next shard
         stats["read_errors"] += 1
 

@@ -12,7 +12,8 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_
 5. predict with SDXL's added conditions (pooled embeddings, original size, crop, target size) and take the MSE
    to the scheduler's target: the noise (epsilon, the official decoder) or v (``prediction_type``
    "v_prediction", used by the small shapes-world decoders);
-6. AdamW step with gradient clipping 1.0 under warm-up + linear decay (Table 6).
+6. AdamW step with gradient clipping 1.0 under warm-up + linear decay (Table 6; `emu2.lr_schedule`, the schedule
+   of every stage).
 
 Steps 1-5 are `decoder_loss`, step 6 `accumulated_update`: a step may accumulate the gradients of several
 equal-sized micro-batches (the recipe's ``gradient_accumulation_steps``; the paper's global batch of 2,048 does
@@ -22,7 +23,7 @@ mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu
 Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
 corner are the SDXL size conditions (A.3.1). `train_decoder` is a plain loop over images held in memory.
 
-This module depends on torch and diffusers only (no data layer). The rest of
+This module depends on torch, diffusers and the shared `emu2.lr_schedule` (no data layer). The rest of
 decoder training: `emu2.gen.small_decoders` (small UNet/VAE configs and the tiny VAE of the shapes world),
 `emu2.gen.sdxl` (SDXL-base parts from a local folder), `emu2.gen.decoder_shards` (streamed crops of webdataset
 shards) and `emu2.train.decoder_stage` (the `emu2 train` recipe stages, with resumable checkpoints).
@@ -40,6 +41,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+
+from ..lr_schedule import warmup_decay_schedule
 
 
 @dataclass
@@ -181,21 +184,15 @@ def freeze_for_decoder_training(parts) -> None:
 def configure_decoder_optimizer(
     unet: torch.nn.Module, config: DecoderTrainingConfig | None = None
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the UNet with linear warm-up to the peak rate, then linear decay to zero (Table 6)."""
+    """AdamW over the UNet with linear warm-up to the peak rate, then linear decay to zero (Table 6): the schedule
+    of every training stage (`emu2.lr_schedule`), so this loop and a decoder recipe with the same numbers agree."""
     config = config or DecoderTrainingConfig()
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad],
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
-    warmup, total = config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / (total - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, warmup_decay_schedule(optimizer, config.total_steps, config.warmup_steps, "linear")
 
 
 # ---------------------------------------------------------------------------------------------- step

@@ -11,13 +11,15 @@ optimizer step. `build_data` makes one from the recipe:
 
 Synthetic streams (``data.synthetic``) give random, deterministic batches for benchmarks and distributed tests.
 
-Samples the data layer cannot use are skipped and counted (`emu2.data.shards.ShardDataset.stats`);
-`SkippedSamples` is how every trainer reports those counts and stops past ``data.max_skipped_fraction``.
+Samples the data layer cannot use are skipped and counted (`emu2.data.shards.ShardDataset.stats`, summed over
+streams in `StreamBatches.stats`); `SkippedSampleReport` is how every trainer reports those counts (as
+`SkippedSamples`) and stops past ``data.max_skipped_fraction``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections import Counter
@@ -31,6 +33,7 @@ from emu2.data.sequence import IGNORE_INDEX, Sample, collate
 from .config import StreamSection, SyntheticSection, TrainConfig
 
 Batch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class TooManySkippedSamples(RuntimeError):
@@ -41,8 +44,9 @@ class TooManySkippedSamples(RuntimeError):
 class SkippedSamples:
     """The data layer's counters (``samples``, ``skipped.<reason>``, ``read_errors``) as a trainer reports them.
 
-    A read error (a truncated or unreadable shard) counts as one skipped sample: how many samples the damaged
-    part held is unknown, so the share is a lower bound of what was lost.
+    A read error (a truncated or unreadable shard) counts as one skipped sample, as does a shard cut at a member
+    boundary (``truncated_shard``): how many samples the damaged part held is unknown, so the share is a lower
+    bound of what was lost.
     """
 
     used: int  # samples that reached a batch
@@ -87,8 +91,66 @@ class SkippedSamples:
         if self.fraction > max_fraction:
             raise TooManySkippedSamples(
                 f"{self.text()} of the {read} samples read: {self.fraction:.1%}, more than "
-                f"data.max_skipped_fraction={max_fraction:g}. Check the shards (read_errors: truncated or unreadable tar files; bad_*: samples that do not "
-                "decode), or raise data.max_skipped_fraction to accept the loss")
+                f"data.max_skipped_fraction={max_fraction:g}. Check the shards (read_errors: truncated or unreadable "
+                "tar files; truncated_shard: a tar cut at a member boundary, without its end-of-archive blocks; bad_*: "
+                "samples that do not decode), or raise data.max_skipped_fraction to accept the loss")
+
+
+class SkippedSampleReport:
+    """The skipped-sample accounting of one run, for any trainer: what the data layer could not use, in the progress
+    bar, metrics.jsonl and the summary, and the stop past ``data.max_skipped_fraction``.
+
+        report = SkippedSampleReport(build_data(config, ...), config.data.max_skipped_fraction)
+        values.update(report.update())   # each (logged) step: read the counters, stop past the threshold
+        bar.set_postfix_str(f"loss {loss:.3f}" + report.postfix())
+        summary.update(report.summary())  # at the end: ``skipped`` by reason, ``skipped_fraction``
+
+    ``data``: what holds the data layer's counters (``samples``, ``skipped.<reason>``, ``read_errors``):
+    `build_data`'s streams or a shard loader (their ``stats``), or the counters themselves. Data without counters
+    (synthetic streams, None) reports nothing. ``gather(stats) -> stats``: how each rank's counters are summed over
+    ranks; a collective, so every rank must call `update` at the same steps.
+    """
+
+    def __init__(self, data, max_fraction: float, gather: Callable[[dict], Mapping[str, int]] | None = None):
+        self.data, self.max_fraction, self.gather = data, max_fraction, gather
+        self.last: SkippedSamples | None = None
+
+    def _stats(self) -> Mapping[str, int] | None:
+        return self.data if isinstance(self.data, Mapping) else getattr(self.data, "stats", None)
+
+    def update(self, check: bool = True) -> dict[str, float]:
+        """Read the counters now and return their metrics.jsonl fields (`SkippedSamples.metrics`; none for data
+        without counters). ``check``: raise `TooManySkippedSamples` past the threshold (`check`)."""
+        stats = self._stats()
+        if stats is None:
+            return {}
+        stats = dict(stats)
+        self.last = SkippedSamples.from_stats(self.gather(stats) if self.gather is not None else stats)
+        if check:
+            self.check()
+        return self.last.metrics()
+
+    def check(self) -> None:
+        """Raise `TooManySkippedSamples` when the counters last read are past ``max_fraction``."""
+        if self.last is not None:
+            self.last.check(self.max_fraction)
+
+    def metrics(self) -> dict[str, float]:
+        """The metrics.jsonl fields of the counters last read (none before the first `update`)."""
+        return self.last.metrics() if self.last is not None else {}
+
+    def postfix(self) -> str:
+        """`` | skipped 3 (bad_image 2, read_errors 1)`` for the progress bar, or "" while nothing was skipped."""
+        return f" | {self.last.text()}" if self.last is not None and self.last.total else ""
+
+    def summary(self) -> dict:
+        """Read the counters a last time (no threshold check), log them and return the summary fields ``skipped``
+        (count by reason) and ``skipped_fraction``; none for data without counters."""
+        self.update(check=False)
+        if self.last is None:
+            return {}
+        log.info("%s of %d samples read", self.last.text(), self.last.used + self.last.total)
+        return {"skipped": self.last.by_reason, "skipped_fraction": self.last.fraction}
 
 
 def summed_stats(loaders) -> Counter:

@@ -18,7 +18,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from ..gen.train_decoder import (
     prepare_decoder_batch,
 )
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .data import SkippedSamples, StreamBatches, _sources, micro_batch_size
+from .data import SkippedSampleReport, StreamBatches, _sources, micro_batch_size
 from .loop import TrainingDiverged, _has_device
 from .metrics import MetricsWriter, progress_bar
 from .optim import build_decoder_optimizer, build_scheduler
@@ -203,14 +203,14 @@ def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
 
 
 def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
-               step_fn: Callable, summary: dict, data_stats: Callable[[], Mapping[str, int]]) -> dict:
+               step_fn: Callable, summary: dict, data_stats) -> dict:
     """The loop both decoder stages share: AdamW + warm-up/decay over the UNet (`emu2.train.optim`, as the
     language-model stages: optim.betas/eps/weight_decay, schedule.warmup_*/decay), `step_fn(optimizer, schedule)`
     per optimizer step (all its micro-batches; it returns their mean loss), metrics.jsonl, atomic verified
     checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule, step, RNG states and ``sampling``, saved
-    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``. ``data_stats()``: the
-    data layer's sample and skip counters so far, reported and bounded as in the language-model loop
-    (`emu2.train.data.SkippedSamples`, ``data.max_skipped_fraction``)."""
+    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``. ``data_stats``: the data
+    layer's sample and skip counters (the streamed data, or the counters of the images read into memory), reported
+    and bounded as in the language-model loop (`emu2.train.data.SkippedSampleReport`)."""
     import time
 
     freeze_for_decoder_training(pipe)
@@ -229,6 +229,7 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
     metrics = MetricsWriter(out, tensorboard=config.log.tensorboard, resume_step=start if resume else None)
     bar = progress_bar(config.steps, start, config.log.progress, config.stage)
     step, loss, started = start, None, time.perf_counter()
+    skipped = SkippedSampleReport(data_stats, config.data.max_skipped_fraction)
     try:
         while step < config.steps and (stop_after is None or step < stop_after):
             began = time.perf_counter()
@@ -238,13 +239,13 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"step {step + 1}: decoder loss {loss}; stopped before updating the weights")
             step += 1
-            skipped = SkippedSamples.from_stats(data_stats())
-            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began, **skipped.metrics()}
-            bar.set_postfix_str(f"loss {loss:.4f}" + (f" | {skipped.text()}" if skipped.total else ""), refresh=False)
+            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began,
+                      **skipped.update(check=False)}
+            bar.set_postfix_str(f"loss {loss:.4f}" + skipped.postfix(), refresh=False)
             bar.update(1)
             if step % config.log.every == 0 or step == config.steps or step == start + 1:
                 metrics.log(step, values)
-                skipped.check(config.data.max_skipped_fraction)
+                skipped.check()
             if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
                 save_checkpoint(checkpoints, step, accelerator, pipe.unet, optimizer, schedule, sampling, {},
                                 config.checkpoint.keep_last)
@@ -254,11 +255,8 @@ def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, 
     finished = step >= config.steps
     if finished:
         pipe.save_pretrained(out)
-    skipped = SkippedSamples.from_stats(data_stats())
-    logging.getLogger(__name__).info("%s of %d samples read", skipped.text(), skipped.used + skipped.total)
     return {"step": step, "finished": finished, "output_dir": str(out), "loss": loss if step > start else None,
-            "seconds": round(time.perf_counter() - started, 1), **summary,
-            "skipped": skipped.by_reason, "skipped_fraction": skipped.fraction}
+            "seconds": round(time.perf_counter() - started, 1), **summary, **skipped.summary()}
 
 
 def train_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -321,7 +319,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
                                         state)
 
         data = StreamBatches(list(config.data.streams), open_stream, accumulation)
-        data_stats = lambda: data.stats
+        data_stats = data
         sampling = StageSampling(config.seed, data)
         batches = None
 
@@ -336,7 +334,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         images = [r.image for r in records if min(r.image.size) >= min_size]
         stats["samples"] -= len(records) - len(images)
         stats["skipped.too_small"] += len(records) - len(images)  # as DecoderImageShards counts them
-        data_stats = lambda: stats
+        data_stats = stats
         if not images:
             raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
                              f"{min_size} px or more")
@@ -482,4 +480,4 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
                                   max_grad_norm=train_config.max_grad_norm)
 
     return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
-                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query}, lambda: stats)
+                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query}, stats)

@@ -24,11 +24,11 @@ Checkpoints: see `emu2.train.checkpoint`.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
 import warnings
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +37,10 @@ import torch
 
 from .checkpoint import is_deepspeed, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import SkippedSamples, build_data
+from .data import SkippedSampleReport, build_data
 from .metrics import MetricsWriter, progress_bar, progress_text
 from .model import base_model, build_model, is_lora, merged_model
 from .optim import build_optimizer, build_scheduler
-
-log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,7 +151,7 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     ``micro_batches_per_step``, and ``stats``: the data layer's skip counters) instead of the recipe's data
     section. ``stop_after``: checkpoint and return once this step is done (time-sliced jobs; tests of resumption).
 
-    Skipped samples (`SkippedSamples`, summed over ranks at each logged step) go to the progress bar,
+    Skipped samples (`SkippedSampleReport`, summed over ranks at each logged step) go to the progress bar,
     metrics.jsonl and the summary; past ``data.max_skipped_fraction`` the run stops with `TooManySkippedSamples`.
     """
     if config.stage in ("decoder", "video-decoder"):
@@ -196,7 +194,7 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
 
     batches = iter(data)
     step = start
-    skipped = None
+    skipped = SkippedSampleReport(data, config.data.max_skipped_fraction, gather=_summed_over_ranks)
     try:
         while step < config.steps and (stop_after is None or step < stop_after):
             began = time.perf_counter()
@@ -221,16 +219,13 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
                       "tokens_per_s": result.tokens / seconds, "step_seconds": seconds}
             logged = step % config.log.every == 0 or step == config.steps or step == start + 1
             if logged:
-                skipped = _skipped_samples(accelerator, data)
-            if skipped is not None:
-                values.update(skipped.metrics())
-            bar.set_postfix_str(progress_text(values) + (f" | {skipped.text()}" if skipped and skipped.total else ""),
-                                refresh=False)
+                skipped.update(check=False)  # a collective: every rank reads at the same steps
+            values.update(skipped.metrics())
+            bar.set_postfix_str(progress_text(values) + skipped.postfix(), refresh=False)
             bar.update(1)
             if logged:
                 metrics.log(step, values)
-                if skipped is not None:
-                    skipped.check(config.data.max_skipped_fraction)
+                skipped.check()  # after logging: the counts that stop a run are in metrics.jsonl
             if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
                 save_checkpoint(checkpoints, step, accelerator, model, optimizer, scheduler, data,
                                 {"tokens": tokens_seen}, config.checkpoint.keep_last)
@@ -242,28 +237,18 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     if finished:
         save_output(accelerator, model, tokenizer, out)
     accelerator.wait_for_everyone()
-    summary = {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
-               "loss": result.loss if step > start else None}
-    skipped = _skipped_samples(accelerator, data)
-    if skipped is not None:
-        log.info("%s of %d samples read", skipped.text(), skipped.used + skipped.total)
-        summary.update(skipped=skipped.by_reason, skipped_fraction=skipped.fraction)
-    return summary
+    return {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
+            "loss": result.loss if step > start else None, **skipped.summary()}
 
 
-def _skipped_samples(accelerator, data) -> SkippedSamples | None:
-    """The data's skip counters summed over ranks; None for data that keeps none. A collective: every rank
-    calls it at the same steps."""
-    from collections import Counter
-
+def _summed_over_ranks(stats: dict) -> Counter:
+    """One rank's data counters summed with every other rank's (a collective)."""
     from accelerate.utils import gather_object
 
-    if not hasattr(data, "stats"):
-        return None
     total: Counter = Counter()
-    for stats in gather_object([dict(data.stats)]):
-        total.update(stats)
-    return SkippedSamples.from_stats(total)
+    for rank_stats in gather_object([stats]):
+        total.update(rank_stats)
+    return total
 
 
 def save_output(accelerator, model, tokenizer, out: Path) -> None:

@@ -1,7 +1,7 @@
 """Module groups, AdamW parameter groups with per-group learning rates, and the warm-up + decay schedule.
 
 Every recipe stage but the encoder's builds its optimizer here (`build_optimizer`; the decoder stages
-`build_decoder_optimizer`) and follows the one schedule, `lr_factor` (`build_scheduler`).
+`build_decoder_optimizer`) and follows the one schedule, `emu2.lr_schedule.lr_factor` (`build_scheduler`).
 
 Groups (paper 2.2.2): ``project`` (project_up + project_down, "the linear projection layer"), ``lm``
 ("Multimodal Modeling") and ``visual`` ("Visual Encoder"), each with its own peak learning rate, or frozen.
@@ -9,12 +9,12 @@ Groups (paper 2.2.2): ``project`` (project_up + project_down, "the linear projec
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 from torch import nn
 
+from ..lr_schedule import warmup_decay_schedule
 from .config import GROUPS, OptimSection, TrainConfig
 
 # Wrapper prefixes that DDP/FSDP/activation checkpointing/peft put in front of the model's own names.
@@ -97,27 +97,6 @@ def build_decoder_optimizer(unet: nn.Module, config: TrainConfig) -> torch.optim
                              betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
-    """Multiplier of the peak lr before optimizer step ``step + 1`` (``step`` updates done so far).
-
-    Linear warm-up from 0 over ``warmup`` steps, then ``cosine`` or ``linear`` decay to zero at ``total``
-    (``constant``: stay at the peak).
-    """
-    if step < warmup:
-        return step / warmup
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if decay == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """The same factor applied to every group's peak lr (so groups keep their ratio, paper 2.2.2)."""
-    total, warmup, decay = config.steps, config.warmup_steps, config.schedule.decay
-
-    def factor(step: int) -> float:
-        return lr_factor(step, total, warmup, decay)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The recipe's ``schedule`` (warm-up, decay) over ``steps``, as `emu2.lr_schedule.warmup_decay_schedule`."""
+    return warmup_decay_schedule(optimizer, config.steps, config.warmup_steps, config.schedule.decay)

@@ -16,6 +16,7 @@ from emu2.data.mixing import Source, expand_urls, sources_from_manifest
 from emu2.data.sequence import IGNORE_INDEX
 from emu2.data.shards import Augmentation, ShardDataset, encode_record, make_dataloader
 
+from ..conftest import cut_before_sample, write_converted_pair_shard
 from .conftest import make_image
 
 
@@ -99,6 +100,18 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer, config):
     assert ds.stats["skipped.bad_json"] == 1
     assert ds.stats["read_errors"] == 2  # the truncated shard and the garbage file
     assert ds.stats["samples"] == len(samples)
+
+
+def test_a_shard_cut_at_a_member_boundary_counts_as_truncated(tmp_path, tokenizer, config):
+    shard = write_converted_pair_shard(tmp_path, count=6)
+    source = [Source("pairs", "pair", str(shard))]
+    whole = dataset(source, tokenizer, config)
+    assert len(list(whole)) == 6 and not [k for k in whole.stats if k.startswith("skipped") or k == "read_errors"]
+    size = cut_before_sample(shard, 4)
+    assert size % 512 == 0  # tarfile reads these bytes as a complete archive of 4 samples
+    cut = dataset(source, tokenizer, config)
+    assert len(list(cut)) == 4
+    assert cut.stats["skipped.truncated_shard"] == 1 and "read_errors" not in cut.stats
 
 
 def test_mixing_weights_are_honoured(tmp_path, tokenizer, config):

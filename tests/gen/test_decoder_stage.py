@@ -14,11 +14,11 @@ from emu2.gen.train_decoder import (
     freeze_for_decoder_training,
 )
 from emu2.gen.train_video_decoder import video_decoder_training_step
+from emu2.lr_schedule import lr_factor
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train.config import load_config
 from emu2.train.data import TooManySkippedSamples
 from emu2.train.loop import train
-from emu2.train.optim import lr_factor
 
 from ..conftest import write_damaged_pair_shards
 

@@ -26,6 +26,7 @@ from emu2.gen.train_decoder import (
     random_scale_and_crop,
     train_decoder,
 )
+from emu2.lr_schedule import lr_factor
 
 from . import tiny
 
@@ -166,7 +167,7 @@ def test_noise_offset_adds_a_per_channel_constant():
     assert 0 < shift.abs().max() < 0.5
 
 
-def test_learning_rate_warms_up_then_decays_linearly():
+def test_learning_rate_warms_up_then_decays_linearly_as_every_stage_does():
     unet = torch.nn.Linear(1, 1)
     config = DecoderTrainingConfig(learning_rate=1.0, warmup_steps=4, total_steps=12)
     optimizer, schedule = configure_decoder_optimizer(unet, config)
@@ -175,8 +176,9 @@ def test_learning_rate_warms_up_then_decays_linearly():
         rates.append(schedule.get_last_lr()[0])
         optimizer.step()
         schedule.step()
-    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert rates[4:] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert rates[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # step k of the warm-up runs at k / warmup
+    assert rates[5:] == pytest.approx([0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    assert rates == pytest.approx([lr_factor(k, 12, 4, "linear") for k in range(12)])  # the recipe stages' schedule
     assert optimizer.param_groups[0]["weight_decay"] == 0.01
 
 

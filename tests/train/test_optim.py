@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from emu2.lr_schedule import lr_factor
 from emu2.train.model import build_model
-from emu2.train.optim import build_optimizer, build_scheduler, clean_name, group_of, lr_factor
+from emu2.train.optim import build_optimizer, build_scheduler, clean_name, group_of
 
 from .conftest import tiny_config
 

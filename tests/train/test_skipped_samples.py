@@ -7,11 +7,12 @@ import pytest
 
 from emu2.train.cli import main
 from emu2.train.config import ConfigError
-from emu2.train.data import SkippedSamples, TooManySkippedSamples
+from emu2.train.data import SkippedSampleReport, SkippedSamples, TooManySkippedSamples, build_data
 from emu2.train.loop import train
 from emu2.train.metrics import read_metrics
+from emu2.train.model import build_model
 
-from ..conftest import write_damaged_pair_shards
+from ..conftest import cut_before_sample, write_converted_pair_shard, write_damaged_pair_shards
 from .conftest import tiny_config
 
 
@@ -81,3 +82,45 @@ def test_one_skip_among_the_first_samples_does_not_stop_a_run():
 def test_a_skipped_fraction_outside_0_1_is_refused():
     with pytest.raises(ConfigError, match=r"data\.max_skipped_fraction must be in \[0, 1\]"):
         tiny_config("shapes-stage1", "unused", overrides=["data.max_skipped_fraction=1.5", "data.root=/x"])
+
+
+def test_any_consumer_of_build_data_gets_the_skipped_counts_for_its_bar_metrics_and_summary(damaged_shards, tmp_path):
+    config = _config(tmp_path, damaged_shards)
+    model, tokenizer = build_model(config)
+    streams = build_data(config, model.config, tokenizer)
+    report = SkippedSampleReport(streams, max_fraction=1.0)
+    batches = iter(streams)
+    for _ in range(4):
+        next(batches)
+        values = report.update()
+    assert values["skipped/bad_image"] >= 1 and values["skipped"] == report.last.total
+    assert report.postfix().startswith(" | skipped ") and "bad_image" in report.postfix()
+    summary = report.summary()
+    assert summary["skipped"]["bad_image"] >= 1 and 0 < summary["skipped_fraction"] < 1
+
+
+def test_a_report_stops_once_the_skipped_share_passes_its_threshold():
+    report = SkippedSampleReport({"samples": 98, "skipped.bad_image": 2}, max_fraction=0.01)
+    with pytest.raises(TooManySkippedSamples, match=r"data\.max_skipped_fraction=0\.01"):
+        report.update()
+    assert report.update(check=False)["skipped_fraction"] == pytest.approx(0.02)  # read, but not judged
+
+
+def test_a_report_over_data_without_counters_reports_nothing():
+    report = SkippedSampleReport(None, max_fraction=0.0)
+    assert report.update() == {} and report.postfix() == "" and report.summary() == {}
+
+
+def test_a_shard_cut_at_a_member_boundary_is_reported_as_a_truncated_shard(tmp_path):
+    shard = write_converted_pair_shard(tmp_path / "data", count=6)
+    cut_before_sample(shard, 3)
+    stream = f"{{pairs: {{batch_size: 2, sources: [{{kind: pair, urls: '{shard}'}}]}}}}"
+    config = tiny_config("shapes-stage1", tmp_path / "run", batch_size=2,
+                         overrides=[f"data.streams={stream}", "steps=3", "data.max_skipped_fraction=1.0"])
+    summary = train(config)
+    assert read_metrics(tmp_path / "run")[-1]["skipped/truncated_shard"] >= 1
+    assert summary["skipped"]["truncated_shard"] >= 1
+    # Each read of the shard gives 3 samples and 1 skip: 25% lost, past 10%.
+    with pytest.raises(TooManySkippedSamples, match=r"skipped \d+ \(truncated_shard \d+\)"):
+        train(tiny_config("shapes-stage1", tmp_path / "stopped", batch_size=2,
+                          overrides=[f"data.streams={stream}", "steps=6", "data.max_skipped_fraction=0.1"]))
