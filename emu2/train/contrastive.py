@@ -136,7 +136,7 @@ def train_encoder_stage(config: TrainConfig) -> dict:
     """
     from emu2.pipeline import Emu2Pipeline
 
-    from .data import build_data
+    from .data import SkippedSampleReport, build_data
     from .model import build_model
     from .optim import build_scheduler
 
@@ -160,7 +160,9 @@ def train_encoder_stage(config: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
                                   weight_decay=config.optim.weight_decay)
     scheduler = build_scheduler(optimizer, config)
-    data = iter(build_data(config, model.config, tokenizer)) if uses_captions else None
+    streams = build_data(config, model.config, tokenizer) if uses_captions else None
+    data = iter(streams) if streams is not None else None
+    skipped, step_skips = SkippedSampleReport(streams, config.data.max_skipped_fraction), []
     pool = _attribute_pool(config, model) if attribute_heads is not None else None
     if pool is not None:
         from emu2.data.shapes.supervision import LABEL_CLASSES, SHAPE_LABELS, shape_view
@@ -209,13 +211,15 @@ def train_encoder_stage(config: TrainConfig) -> dict:
         losses.append(value)
         parts.append((float(contrastive.detach()), float(words.detach()), float(attributes.detach())))
         seconds.append(time.perf_counter() - started)
-        bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        step_skips.append(skipped.update())  # stops past data.max_skipped_fraction
+        bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}{skipped.postfix()}",
+                            refresh=False)
     bar.close()
     model.eval()
     Emu2Pipeline(model, tokenizer).save_pretrained(out)
     rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": c, "caption_word_loss": w,
-                        "attribute_loss": a, "step_seconds": round(took, 4)})
+                        "attribute_loss": a, "step_seconds": round(took, 4), **step_skips[i - 1]})
             for i, (value, (c, w, a), took) in enumerate(zip(losses, parts, seconds), 1))
     (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
     return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None}
+            "first_loss": losses[0] if losses else None, **skipped.summary()}
