@@ -114,6 +114,26 @@ def short_budget_warning(seconds_left: float, stages_left: int, budget_minutes: 
             f"--no-lm-stage.")
 
 
+def check_reused_chain(out: Path, stages, todo) -> None:
+    """Refuse to continue a run whose finished stages were chained otherwise than ``stages`` (a run started by an
+    earlier emu2, whose LM stage started from the encoder's output): a later stage would start from a directory
+    that lacks what it should hold. Stages record where they started in ``train_config.yaml``."""
+    import yaml
+
+    left = {stage[0] for stage in todo}
+    for name, _recipe, init_from, _share in stages:
+        recorded = out / name / "train_config.yaml"
+        if name in left or not recorded.is_file():
+            continue
+        started = (yaml.safe_load(recorded.read_text()).get("model") or {}).get("init_from")
+        expected = str(out / init_from) if init_from else None
+        if (Path(started).name if started else None) != (Path(expected).name if expected else None):
+            raise ValueError(
+                f"{out / name} was trained from {started or 'a random preset'}, but this quickstart chains it from "
+                f"{expected or 'a random preset'} (an earlier emu2 ran the stages in another order). Start again "
+                f"with another --out, or remove the stage directories after the first that differs.")
+
+
 def stage_seconds(share: float, shares_left: list[float], seconds_left: float) -> float:
     """A stage's time: its share of the training time still left, among the stages still to train (itself
     included). Recomputed before every stage, so one stage's overrun is absorbed by the later ones instead of
@@ -193,6 +213,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
     deadline = started + budget_minutes * 60 - EVAL_RESERVE_S  # when training must be done
     todo = [stage for stage in stages
             if not ((out / stage[0] / "config.json").is_file() or (out / stage[0] / "model_index.json").is_file())]
+    check_reused_chain(out, stages, todo)
     for name, recipe, init_from, share in stages:
         if all(stage[0] != name for stage in todo):
             print(f"[quickstart] {name}: already trained, reusing {out / name}")

@@ -109,3 +109,17 @@ def test_a_budget_the_lm_stage_leaves_too_little_of_is_said_not_silently_stretch
     warning = short_budget_warning(-30.0, 6, 10)
     assert warning is not None and "0 s of the 10-minute budget" in warning and "--budget" in warning
     assert "--no-lm-stage" in warning
+
+
+def test_a_run_whose_finished_stages_were_chained_otherwise_is_refused_not_continued(tmp_path):
+    """An earlier emu2 trained the LM from the encoder's output; continuing that run would start stage 1 from an
+    encoder directory without the trained LM."""
+    from emu2.train.quickstart import check_reused_chain
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "train_config.yaml").write_text(f"model:\n  init_from: {tmp_path / 'encoder'}\n")
+    todo = [stage for stage in STAGES if stage[0] not in ("lm", "encoder")]
+    with pytest.raises(ValueError, match="trained from .*encoder.*chains it from a random preset"):
+        check_reused_chain(tmp_path, STAGES, todo)
+    (tmp_path / "lm" / "train_config.yaml").write_text("model:\n  init_from: null\n")
+    check_reused_chain(tmp_path, STAGES, todo)  # the chain this build runs: continued
