@@ -1,17 +1,18 @@
 """`emu2 quickstart`: the whole paper at shapes scale on a laptop CPU, within a wall-clock budget.
 
 1. generate the shapes world (`emu2 data shapes`);
-2. train the vision encoder contrastively and the language model on text (the stand-ins for the pre-trained
-   EVA-CLIP and LLaMA the paper starts from; ``lm_stage=False`` skips the LM), then stage 1 -> stage 2 ->
-   visual decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
+2. train the language model on text, then the vision side of that model on labelled renders (the stand-ins for
+   the pre-trained LLaMA and EVA-CLIP the paper starts from; ``lm_stage=False`` skips the LM), then stage 1 ->
+   stage 2 -> visual decoder -> Emu2-Chat -> Emu2-Gen with the packaged shapes recipes;
 3. evaluate: held-out few-shot accuracy at 0/1/2/4/8 shots (base model), chat VQA / captioning / grounding /
    video QA (chat model), autoencoding and text-to-image samples (Gen model + decoder);
 4. write a report directory: metrics.json, report.md, accuracy_vs_shots.png, loss_curves.png, gallery.png;
 5. assemble ``emu2-gen/`` (the Gen model's encoder + the visual decoder, the directory `emu2 generate` and
    `emu2 serve --gen-model` read) and print the commands that use the trained models.
 
-Each stage gets a share of the budget. It runs a few steps, measures its seconds per step, then resumes
-with the number of steps that fills its share, so the learning-rate schedule always completes.
+Each stage after the LM (which runs its recipe's steps) gets a share of the budget that is left. It runs a few
+steps, measures its seconds per step, then resumes with the number of steps that fills its share, so the
+learning-rate schedule always completes.
 """
 
 from __future__ import annotations
