@@ -106,16 +106,9 @@ def load_video_url(url: str, limits: ServeLimits, allowed_dir: Path | None, para
     """An animated GIF/WebP/PNG as a ``data:`` or allowed ``file://`` URL -> ``limits.video_frames`` RGB frames
     sampled uniformly (`emu2.serve.video.sample_frames`, the official demo's rule), or a 4xx `APIError`."""
     data = _url_bytes(url, limits, allowed_dir, param, "video")
-    if len(data) > limits.max_image_bytes:
-        raise APIError(400, f"video is larger than {limits.max_image_bytes} bytes "
-                            f"(server limit {ServeLimits.flag('max_image_bytes')})", param, "video_too_large")
     try:
-        video = Image.open(io.BytesIO(data), formats=VIDEO_FORMATS)
+        video = _open_within_limits(data, limits, param, VIDEO_FORMATS, "video", "video_too_large")
         width, height = video.size
-        if width * height > limits.max_image_pixels:
-            raise APIError(400, f"video frames are {width}x{height} = {width * height} pixels, more than "
-                                f"{limits.max_image_pixels} (server limit {ServeLimits.flag('max_image_pixels')})",
-                           param, "video_too_large")
         total = getattr(video, "n_frames", 1)
         if total > limits.max_video_frames:
             raise APIError(400, f"the video has {total} frames, more than {limits.max_video_frames} (server limit "
@@ -212,18 +205,25 @@ def _read_file_url(url: str, limits: ServeLimits, allowed_dir: Path | None, para
     return resolved.read_bytes()
 
 
+def _open_within_limits(data: bytes, limits: ServeLimits, param: str, formats, noun: str, code: str) -> Image.Image:
+    """``Image.open`` of file bytes (not yet decoded) after the byte limit, then the header's pixel count against
+    the pixel limit (per frame for a video); a 400 `APIError` with ``code`` when either is passed."""
+    if len(data) > limits.max_image_bytes:
+        raise APIError(400, f"{noun} is larger than {limits.max_image_bytes} bytes "
+                            f"(server limit {ServeLimits.flag('max_image_bytes')})", param, code)
+    image = Image.open(io.BytesIO(data), formats=formats)
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise APIError(400, f"{noun} is {width}x{height} = {width * height} pixels, more than "
+                            f"{limits.max_image_pixels} (server limit {ServeLimits.flag('max_image_pixels')})",
+                       param, code)
+    return image
+
+
 def decode_image_bytes(data: bytes, limits: ServeLimits, param: str) -> Image.Image:
     """Image file bytes -> RGB PIL image, checking the pixel count from the header before decoding."""
-    if len(data) > limits.max_image_bytes:
-        raise APIError(400, f"image is larger than {limits.max_image_bytes} bytes "
-                            f"(server limit {ServeLimits.flag('max_image_bytes')})", param, "image_too_large")
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise APIError(400, f"image is {width}x{height} = {width * height} pixels, more than "
-                                f"{limits.max_image_pixels} (server limit {ServeLimits.flag('max_image_pixels')})",
-                           param, "image_too_large")
+        image = _open_within_limits(data, limits, param, IMAGE_FORMATS, "image", "image_too_large")
         image.load()
         return image.convert("RGB")
     except APIError:
