@@ -33,7 +33,9 @@ class Emu2VisionConfig(PreTrainedConfig):
     encoder trained from scratch learns far faster. ``stem``: "patch" (one convolution with kernel = stride =
     patch_size, as every EVA-CLIP) or "conv" (stride-2 3x3 convolutions down to the same patch grid, the
     "early convolutions" stem of Xiao et al. 2021), which lets a small ViT see the shape of objects no
-    larger than a patch. The official presets keep "patch" and post-norm.
+    larger than a patch. ``stem_norm`` (conv stem only): a GroupNorm of 8 groups after each stride-2 convolution,
+    the normalised early convolutions of Xiao et al. (there BatchNorm; GroupNorm keeps an image's features
+    independent of its batch). The official presets keep "patch" and post-norm.
     """
 
     model_type = "emu2_vision"
@@ -47,6 +49,7 @@ class Emu2VisionConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     postnorm: bool = True
     stem: str = "patch"
+    stem_norm: bool = False
 
     @property
     def mlp_hidden_size(self) -> int:
@@ -126,11 +129,12 @@ PRESETS = {
     # Shapes world (64-px images, 8x8 patch grid pooled to 4x4 = 16 visual embeddings) with its own tokenizer
     # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274. Its encoder
     # is trained from scratch, so it takes the layout that learns fastest on a CPU budget: the convolutional stem
-    # and no transformer blocks (4 pre-norm blocks made a step 3.4x slower and read every attribute worse at equal
-    # steps; docs/training-notes.md).
+    # with normalised convolutions and no transformer blocks (4 pre-norm blocks made a step 3.4x slower and read
+    # every attribute worse at equal steps; the stem's GroupNorm read shape, count and size better at no cost;
+    # docs/training-notes.md).
     "shapes": lambda: dict(
         vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=0, head_width=32, mlp_ratio=4.0,
-                                       postnorm=False, stem="conv"),
+                                       postnorm=False, stem="conv", stem_norm=True),
         text_config=_llama(256, 688, 6, 4, SHAPES_INSTRUCT_VOCAB, pad=SHAPES_PIECES), n_query=16, v_query=4,
         instruct=True, **_special_ids(SHAPES_PIECES),
     ),

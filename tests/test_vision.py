@@ -45,6 +45,24 @@ def test_conv_stem_reaches_the_same_patch_grid_with_stride_two_convolutions():
     assert model.encode_image(torch.randn(2, 3, 32, 32), 4).shape == (2, 4, 32)
 
 
+def test_stem_norm_normalises_each_stride_two_convolution_and_keeps_images_independent_of_their_batch():
+    torch.manual_seed(0)
+    model = EVAVisionTransformer(small(stem="conv", stem_norm=True)).eval()
+    layers = list(model.patch_embed.stem)
+    norms = [layers[i + 1] for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert [type(n) for n in norms] == [torch.nn.GroupNorm] * 3
+    assert not isinstance(layers[-1], torch.nn.GroupNorm)  # the last (stride-1) convolution is not normalised
+    # GroupNorm, not BatchNorm: an image's embeddings do not depend on what else is in its batch
+    a, b = torch.randn(1, 3, 32, 32), torch.randn(3, 3, 32, 32) * 5
+    assert torch.allclose(model.encode_image(a, 4), model.encode_image(torch.cat([a, b]), 4)[:1], atol=1e-5)
+    assert Emu2Config.from_preset("shapes").vision_config.stem_norm is True
+
+
+def test_stem_norm_needs_the_conv_stem():
+    with pytest.raises(ValueError, match='stem_norm=True needs stem="conv"'):
+        EVAVisionTransformer(small(stem_norm=True))
+
+
 def test_conv_stem_needs_a_power_of_two_patch():
     with pytest.raises(ValueError, match="power-of-two patch_size"):
         EVAVisionTransformer(Emu2VisionConfig(image_size=28, patch_size=14, width=16, layers=1, head_width=8,
@@ -60,8 +78,9 @@ def test_encoder_options_survive_a_save_and_load(tmp_path):
     vision = pipe.model.config.vision_config
     pipe.save_pretrained(tmp_path)
     loaded = Emu2Pipeline.from_pretrained(tmp_path)
-    assert (loaded.model.config.vision_config.postnorm, loaded.model.config.vision_config.stem) == \
-        (vision.postnorm, vision.stem)
+    loaded_vision = loaded.model.config.vision_config
+    assert (loaded_vision.postnorm, loaded_vision.stem, loaded_vision.stem_norm) == \
+        (vision.postnorm, vision.stem, vision.stem_norm)
     pixels = torch.randn(1, 3, 64, 64)
     assert torch.equal(pipe.model.encode_image(pixels), loaded.model.encode_image(pixels))
 

@@ -73,7 +73,8 @@ class PatchEmbed(nn.Module):
     """``stem="patch"``: one convolution per patch (``proj``, the official layer). ``stem="conv"``: log2(patch)
     stride-2 3x3 convolutions, widths doubling up to ``width``, then one stride-1 3x3 convolution, GELU between
     (``stem.N``): each token is built from overlapping receptive fields that reach its neighbours, instead of
-    one linear map of its own pixels."""
+    one linear map of its own pixels. ``stem_norm``: a GroupNorm (8 groups, fewer where the width is not a multiple of 8) after each stride-2
+    convolution."""
 
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()
@@ -86,11 +87,16 @@ class PatchEmbed(nn.Module):
             widths = [3] + [max(8, config.width >> (halvings - i)) for i in range(1, halvings)] + [config.width]
             layers = []
             for i in range(halvings):
-                layers += [nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1), nn.GELU()]
+                layers.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1))
+                if config.stem_norm:
+                    layers.append(nn.GroupNorm(math.gcd(8, widths[i + 1]), widths[i + 1]))
+                layers.append(nn.GELU())
             layers.append(nn.Conv2d(config.width, config.width, kernel_size=3, stride=1, padding=1))
             self.stem = nn.Sequential(*layers)
         else:
             raise ValueError(f'stem must be "patch" or "conv", got {config.stem!r}')
+        if config.stem_norm and config.stem != "conv":
+            raise ValueError('stem_norm=True needs stem="conv" (the patch stem is one convolution)')
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, Dv), patches row-major."""

@@ -13,7 +13,7 @@ unless it is the group's only object (touching large objects). The cell holding 
 gives the position. Each object's shape is the `render.draw_shape` template with the best soft IoU against
 ``alpha``, each template placed by matching its area and centroid to the object's coverage and then
 refined to sub-pixel precision; the fitted box side over the slot side (the cell for one object, a
-quarter cell otherwise) gives the size (0.55 small, 0.85 large: `world._SIZE_FRACTION`).
+quarter cell otherwise) gives the size (`world._SIZE_FRACTION`: 0.7 small, 0.95 large).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ _FLAT_BORDER = 0.6  # share of border pixels near the median border colour for a
 _BORDER_TOLERANCE = 40.0  # RGB distance counted as "near"
 _BACKGROUND_MATCH = 60.0  # furthest a median border colour may be from its BACKGROUNDS entry
 _FOREGROUND = 30.0  # RGB distance from the background of a candidate object pixel
-_SINGLE_OBJECT = 0.475  # cell fraction between one object (>= 0.55) and a quarter-cell object (<= 0.425)
-_SIZE_SPLIT = sum(_SIZE_FRACTION.values()) / 2  # 0.7: small below, large above
+# cell fraction between one object (>= the small fraction) and a quarter-cell object (<= half the large one)
+_SINGLE_OBJECT = (_SIZE_FRACTION["small"] + _SIZE_FRACTION["large"] / 2) / 2
+_SIZE_SPLIT = sum(_SIZE_FRACTION.values()) / 2  # small below, large above
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def detect_scene(image: Image.Image, grid: int = 2) -> Detection:
     slot_px = min(cell_px) if count == 1 else min(cell_px) / 2
     ratio = float(np.median([box[2] for _, _, box in fits])) / slot_px
     size = "small" if ratio < _SIZE_SPLIT else "large"
-    half_gap = (_SIZE_FRACTION["large"] - _SIZE_FRACTION["small"]) / 2  # 1 at 0.55 or 0.85, 0 at 0.7
+    half_gap = (_SIZE_FRACTION["large"] - _SIZE_FRACTION["small"]) / 2  # confidence 1 at either fraction, 0 midway
     confidence["size"] = round(max(0.0, 1 - abs(abs(ratio - _SIZE_SPLIT) - half_gap) / half_gap), 4)
     areas = [len(p) for p in objects]
     confidence["count"] = round(min(1.0, 2 * min(areas) / max(areas)), 4)  # objects of a group are alike
