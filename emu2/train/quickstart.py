@@ -47,7 +47,8 @@ STAGES_WITHOUT_LM = tuple((name, recipe, None if init == "lm" else init, share)
                           for name, recipe, init, share in STAGES if name != "lm")
 PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the slow first step
 ENCODER_PROBE_STEPS = 6
-EVAL_RESERVE_S = 240  # evaluation and report at the end (measured 193 s at 200 items per task), plus room for a stage's overrun
+EVAL_RESERVE_S = 285  # evaluation and report at the end: 193-258 s measured at 200 items per task (the slowest once
+# the base model wrote captions that parse, each then drawn and read back)
 EVAL_ITEMS = 200  # per chat task and generation task; few-shot: EVAL_EPISODES x 4 queries per split and shots
 EVAL_EPISODES = 50
 # Denoising steps of every generated image in the evaluation: DPM-Solver++ (the Gen default sampler) at 10 steps

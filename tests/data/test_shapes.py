@@ -13,7 +13,14 @@ from emu2.data.kinds import KINDS
 from emu2.data.mixing import sources_from_manifest
 from emu2.data.shapes import ShapesMaker, World, fewshot_prompt, write_shapes
 from emu2.data.shapes.cli import add_parser, main
-from emu2.data.shapes.tasks import HELDOUT_LABEL_WORDS, README_FORMAT, AttributeFormat, is_heldout_format
+from emu2.data.shapes.tasks import (
+    BOX_STEPS,
+    HELDOUT_LABEL_WORDS,
+    README_FORMAT,
+    AttributeFormat,
+    is_heldout_format,
+    written_box,
+)
 from emu2.data.shapes.world import COLOURS, Group, Scene
 from emu2.data.shards import ShardDataset
 
@@ -57,16 +64,24 @@ def test_every_kind_is_present_and_builds(shapes_dir, tokenizer, config):
     assert not [k for k in dataset.stats if k.startswith("skipped") or k == "read_errors"]
 
 
-def test_grounded_boxes_are_the_true_object_boxes():
+def test_grounded_boxes_are_the_object_boxes_written_on_a_sixteenth_grid():
     maker = ShapesMaker(World.from_seed(0), image_size=64)
     for seed in range(10):
         record, _ = maker.make("grounded", random.Random(seed), "train")
         for obj in record.objects:
             phrase = record.caption[obj.start:obj.end]
             colour = next(c for c in COLOURS if f" {c} " in f" {phrase} ")
-            for x1, y1, x2, y2 in obj.boxes:
-                centre = record.image.getpixel((int((x1 + x2) / 2 * 64), int((y1 + y2) / 2 * 64)))
-                assert max(abs(a - b) for a, b in zip(centre, COLOURS[colour])) < 40, (phrase, centre)
+            for box in obj.boxes:
+                assert all(v * BOX_STEPS == round(v * BOX_STEPS) for v in box), box
+                # rounding moves the centre at most 1/32 of the image (2 px): the object is within 2 px of it
+                cx, cy = int((box[0] + box[2]) / 2 * 64), int((box[1] + box[3]) / 2 * 64)
+                near = [record.image.getpixel((min(63, max(0, cx + dx)), min(63, max(0, cy + dy))))
+                        for dx in range(-2, 3) for dy in range(-2, 3)]
+                assert min(max(abs(a - b) for a, b in zip(p, COLOURS[colour])) for p in near) < 40, (phrase, box)
+
+
+def test_a_written_box_is_the_true_box_rounded_to_the_nearest_sixteenth():
+    assert written_box((0.04, 0.5, 0.2813, 0.97)) == (0.0625, 0.5, 0.3125, 1.0)
 
 
 def test_videos_show_the_event_their_caption_names():
