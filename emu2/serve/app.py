@@ -25,7 +25,7 @@ import reprlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -45,7 +45,7 @@ from .chat import Answer, ChatEngine, ChatPrompt, DecodingSettings, reserved_tok
 from .generation import GroundedObject, ImageGenerator, build_generation_inputs, png_base64
 from .interleaved_chat import ImageAnswerSettings, InterleavedChat, wants_images
 from .limits import ServeLimits, decode_image_bytes, load_image_url, load_video_frame_urls, load_video_url
-from .queue import Job
+from .queue import ClientDisconnected, Job
 from .schemas import (
     IGNORED_MESSAGE_FIELDS,
     SUPPORTED_PART_TYPES,
@@ -94,9 +94,14 @@ class Emu2Server:
         self.started = int(time.time())
 
     # ------------------------------------------------------------------------------------------ models
-    async def run_model(self, fn) -> Any:
+    async def run_model(self, fn, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Any:
+        """``fn(cancel)`` on the model worker; ``disconnected``: the request's ``is_disconnected``, so that a
+        non-streamed answer whose client has left stops being computed (`ModelWorker.run`)."""
         try:
-            return await self.worker.run(fn)
+            return await self.worker.run(fn, disconnected)
+        except ClientDisconnected:
+            raise APIError(499, "the client closed the connection before the answer was ready; it was cancelled",
+                           None, "client_disconnected") from None
         except (APIError, asyncio.CancelledError):
             raise
         except P.PromptError as error:
@@ -413,7 +418,8 @@ class Emu2Server:
                 "guidance_scale": 3.0 if request.guidance_scale is None else request.guidance_scale,
                 "seed": request.seed}
 
-    async def images(self, request: ImageGenerationRequest, uploads: list[bytes] = ()):
+    async def images(self, request: ImageGenerationRequest, uploads: list[bytes] = (),
+                     disconnected: Callable[[], Awaitable[bool]] | None = None):
         self.screen_images(request)
         job = await run_in_threadpool(self.prepare_images, request, uploads)
         key = "url" if request.response_format == "url" else "b64_json"
@@ -428,9 +434,9 @@ class Emu2Server:
         def run(cancel):
             return [png_base64(im) for im in self.gen.generate(**job, cancel=cancel)]
 
-        encoded = await self.run_model(run)
-        return ImagesResponse(created=int(time.time()), data=[image_data(b64) for b64 in encoded],
-                              size=size).model_dump(exclude_none=True)
+        encoded = await self.run_model(run, disconnected)
+        return ImagesResponse(created=int(time.time()), data=[image_data(b64) for b64 in encoded], size=size,
+                              usage=self.gen.usage(job["inputs"], len(encoded))).model_dump(exclude_none=True)
 
     def stream_images(self, job: dict, image_data: Callable[[str], dict], size: str,
                       edit: bool = False) -> StreamingResponse:
@@ -458,9 +464,10 @@ class Emu2Server:
         def send(kind: str, value) -> Iterator[str]:
             if kind == "status":
                 yield _sse({"type": "emu2.status", "emu2": value}, event="emu2.status")
-            elif kind == "image":
+            elif kind == "image":  # usage per event: the prompt and this one image (OpenAI's completed event)
                 yield _sse({"type": completed, **image_data(value), "created_at": int(time.time()), "size": size,
-                            "output_format": "png", "background": "opaque", "quality": "auto"}, event=completed)
+                            "output_format": "png", "background": "opaque", "quality": "auto",
+                            "usage": self.gen.usage(job["inputs"], 1)}, event=completed)
 
         return self._stream(model_job, events, send)
 
@@ -524,7 +531,7 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
     _add_error_handlers(app)
 
     @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletion}, **_ERRORS})
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         """OpenAI chat completions; ``stream: true`` sends server-sent events ending with ``data: [DONE]``."""
         with_images = server.screen_chat(request)
         prompt, settings = await run_in_threadpool(server.prepare_chat, request)
@@ -533,15 +540,15 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
             return server.stream_chat(request, prompt, settings, drawing)
         if drawing is not None:
             answers = await server.run_model(
-                lambda cancel: server.interleaved.answer(prompt, settings, drawing, cancel))
+                lambda cancel: server.interleaved.answer(prompt, settings, drawing, cancel), http.is_disconnected)
             return server.chat_response(request, prompt, answers)
-        answers = await server.run_model(ChatCall(server.chat, prompt, settings))
+        answers = await server.run_model(ChatCall(server.chat, prompt, settings), http.is_disconnected)
         return server.chat_response(request, prompt, answers)
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    async def images_generations(request: ImageGenerationRequest):
+    async def images_generations(request: ImageGenerationRequest, http: Request):
         """Generate images from a prompt (optionally with input images and grounded objects)."""
-        return await server.images(request)
+        return await server.images(request, disconnected=http.is_disconnected)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS, openapi_extra=_EDIT_BODY)
     async def images_edits(request: Request):
@@ -554,7 +561,7 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
         if not uploads and not edit.image and not edit.images:
             raise APIError(400, "an edit needs an image: a multipart 'image' file, or 'image' as a data URL",
                            "image", "missing_image")
-        return await server.images(edit, uploads)
+        return await server.images(edit, uploads, request.is_disconnected)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

@@ -137,6 +137,15 @@ class ImageGenerator:
         """Prompt tokens the encoder sees, each image's visual slots included."""
         return len(self.prompt_tokenizer(P.flatten_interleaved(inputs).text))
 
+    def usage(self, inputs: list, images: int) -> dict:
+        """OpenAI's image ``usage`` for ``inputs`` and ``images`` drawn (`schemas.ImageUsage`)."""
+        prompt = self.count_tokens(inputs)
+        slots = self.encoder.model.config.n_query
+        image_tokens = slots * sum(not isinstance(part, str) for part in inputs)
+        return {"input_tokens": prompt, "input_tokens_details": {"text_tokens": prompt - image_tokens,
+                                                                 "image_tokens": image_tokens},
+                "output_tokens": slots * images, "total_tokens": prompt + slots * images}
+
     def generate(self, inputs: list, n: int = 1, width: int | None = None, height: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, seed: int | None = None,
                  cancel: threading.Event | None = None,

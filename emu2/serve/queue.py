@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,13 @@ class CancelOnEvent(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streamed request checks that its client is still there
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready (its job was cancelled)."""
 
 
 @dataclass
@@ -79,11 +86,27 @@ class ModelWorker:
                                 "model; retry shortly (server limit --max-queue)", None, "queue_full") from None
         return job
 
-    async def run(self, fn: Callable[[threading.Event], Any]) -> Any:
-        """Submit ``fn`` and wait for its result until the request's deadline (504 after it)."""
+    async def run(self, fn: Callable[[threading.Event], Any],
+                  disconnected: Callable[[], Awaitable[bool]] | None = None) -> Any:
+        """Submit ``fn`` and wait for its result until the request's deadline (504 after it).
+
+        ``disconnected`` (e.g. Starlette's ``request.is_disconnected``) is asked every `DISCONNECT_POLL_S` while
+        the job waits or runs: once the client has gone, the job is cancelled (the worker skips it, or ``fn`` sees
+        its cancel event) and the call raises `ClientDisconnected`. A response nobody reads is not computed.
+        """
         job = self.submit(fn)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), job.remaining())
+            if disconnected is None:
+                return await asyncio.wait_for(asyncio.shield(job.future), job.remaining())
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=min(DISCONNECT_POLL_S, job.remaining()))
+                if done:
+                    return job.future.result()
+                if job.remaining() <= 0:
+                    raise TimeoutError
+                if await disconnected():
+                    job.cancel.set()
+                    raise ClientDisconnected()
         except TimeoutError:
             job.cancel.set()
             raise APIError(504, f"the request did not finish within {self.timeout:g} s (server limit --timeout)",

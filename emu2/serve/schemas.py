@@ -270,11 +270,27 @@ class ImageData(BaseModel):
     revised_prompt: str | None = None
 
 
+class ImageInputTokens(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's image ``usage``, in Emu2's units: the prompt's tokens (each input image counted as its visual
+    slots) and, as output, the visual embeddings the model regressed (``n_query`` per image drawn)."""
+
+    input_tokens: int
+    input_tokens_details: ImageInputTokens
+    output_tokens: int
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: Literal["png"] = "png"
     size: str
+    usage: ImageUsage | None = None
 
 
 class Model(BaseModel):

@@ -90,6 +90,22 @@ def test_image_generation_with_size_n_input_images_and_grounded_objects(client):
     assert sizes == [(24, 32), (24, 32)]
 
 
+def test_image_usage_counts_the_prompt_with_its_image_slots_and_the_embeddings_regressed(client, gen_pipeline):
+    slots = gen_pipeline.encoder.model.config.n_query
+    text_only = client.images.generate(prompt="a red circle", n=2, extra_body={"num_inference_steps": 1}).usage
+    assert text_only.output_tokens == 2 * slots and text_only.input_tokens_details.image_tokens == 0
+    assert text_only.total_tokens == text_only.input_tokens + text_only.output_tokens
+    with_image = client.images.generate(prompt="[<IMG_PLH>] in the style of a painting",
+                                        extra_body={"images": [data_url("blue")], "num_inference_steps": 1}).usage
+    assert with_image.input_tokens_details.image_tokens == slots and with_image.output_tokens == slots
+    assert with_image.input_tokens == with_image.input_tokens_details.text_tokens + slots
+    streamed = [e for e in client.images.generate(prompt="a red circle", stream=True, n=2,
+                                                  extra_body={"num_inference_steps": 1})
+                if e.type == "image_generation.completed"]
+    assert [e.usage.output_tokens for e in streamed] == [slots, slots]  # each event: the prompt and its one image
+    assert streamed[0].usage.input_tokens == text_only.input_tokens
+
+
 def test_same_seed_same_image(client):
     def png():
         return client.images.generate(prompt="a cat", extra_body={"num_inference_steps": 2, "seed": 11}).data[0]

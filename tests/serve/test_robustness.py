@@ -177,6 +177,27 @@ def test_a_client_leaving_an_image_stream_stops_denoising_and_the_next_request_i
         assert reply.status_code == 200 and len(calls) == stopped_at + 1
 
 
+@pytest.mark.parametrize("with_chat", [False, True], ids=["serial-worker", "batching-worker"])
+def test_a_client_leaving_a_plain_image_request_stops_denoising_and_the_next_request_is_served(
+        chat_pipeline, gen_pipeline, with_chat):
+    steps = 200  # at 10 ms a step (below) the image would take 2 s or more
+    chat = chat_pipeline if with_chat else None
+    with running(chat, gen_pipeline, limits=ServeLimits(max_inference_steps=steps)) as server, \
+            unet_calls(gen_pipeline.decoder.unet, delay=0.01) as calls:
+        body = {"prompt": "a cat", "num_inference_steps": steps}  # not streamed: one JSON answer at the end
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/images/generations", json=body, timeout=0.3)  # the client gives up
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/healthz").json()["model_busy"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not httpx.get(server.url + "/healthz").json()["model_busy"]
+        assert 2 <= len(calls) < steps // 2  # stopped soon after the client left, not at the deadline
+        stopped_at = len(calls)
+        reply = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a dog", "num_inference_steps": 1},
+                           timeout=30)
+        assert reply.status_code == 200 and len(calls) == stopped_at + 1
+
+
 @pytest.mark.parametrize("clients", [6])
 def test_concurrent_clients_are_all_answered(chat_pipeline, clients):
     with running(chat_pipeline, limits=ServeLimits(max_queue=clients)) as server:
