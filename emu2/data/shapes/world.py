@@ -27,8 +27,8 @@ CELL_NAMES = {
 }
 # Object extent as a fraction of its slot. The smallest object (small, in a quarter of a 2x2 cell of a 64-px image)
 # is 11 px; at the earlier 0.55 / 0.85 it was 9 px, where circle, hexagon and pentagon differ by a pixel or two,
-# and the CPU-budget encoder read shape at 47 %, count at 88 % (now 72 and 96.5 %, size 98 % either way; 858
-# encoder steps, docs/training-notes.md). 0.95 for large made neighbouring objects touch: counts blurred.
+# and the CPU-budget encoder read shape at 47 %, count at 88 % (now 67 and 95 %; 858 encoder steps,
+# docs/training-notes.md). 0.95 for large made neighbouring objects touch: counts blurred.
 _SIZE_FRACTION = {"small": 0.7, "large": 0.9}
 
 Box = tuple[float, float, float, float]
