@@ -4,8 +4,8 @@ Perception is then perfect, so what is left is the language model's own in-conte
 
     python docs/experiments/text_fewshot.py MODEL_DIR [EPISODES_PER_SPLIT]
 
-Prints exact match % per split and shot count (one query per episode, 9 examples drawn per episode, the first k
-shown). MODEL_DIR: e.g. runs/quickstart/lm or runs/quickstart/stage2.
+Prints exact match % [95 % Wilson interval] per split and shot count (one query per episode, 9 examples drawn
+per episode, the first k shown). MODEL_DIR: e.g. runs/quickstart/lm or runs/quickstart/stage2.
 """
 # ruff: noqa
 import collections, json, random, sys
@@ -15,6 +15,7 @@ import torch
 torch.set_num_threads(2)
 from emu2.data.shapes.tasks import example_text, sample_task
 from emu2.data.shapes.world import World, describe
+from emu2.eval.intervals import with_interval
 from emu2.eval.shapes import ANSWER_STOPS, _cut_answer, _normal
 from emu2.pipeline import Emu2Pipeline
 
@@ -46,8 +47,9 @@ for start in range(0, len(prompts), 64):
                                    tokenizer=pipe.tokenizer)
     for (split, k, _, answer), text in zip(chunk, pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)):
         for key in (split, "all"):
-            hits[(key, k)].append(_normal(_cut_answer(text)) == _normal(answer))
+            hits[(key, k)].append(float(_normal(_cut_answer(text)) == _normal(answer)))
 table = collections.defaultdict(dict)
 for (split, k), h in hits.items():
-    table[split][k] = round(100 * sum(h) / len(h), 1)
+    cell = with_interval(h)
+    table[split][k] = f"{100 * cell['value']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}] (n={len(h)})"
 print(json.dumps(table))
