@@ -130,8 +130,8 @@ PRESETS = {
     # (`processing.preset_tokenizer`): 2 x 256 x 1,298 embedding weights instead of 2 x 256 x 32,274. Its encoder
     # is trained from scratch, so it takes the layout that learns fastest on a CPU budget: the convolutional stem
     # with normalised convolutions and no transformer blocks (4 pre-norm blocks made a step 3.4x slower and read
-    # every attribute worse at equal steps; the stem's GroupNorm read shape, count and size better at no cost;
-    # docs/training-notes.md).
+    # every attribute worse at equal steps; the stem's GroupNorm read shape, count and size better for 7-20 % more
+    # time a step; docs/training-notes.md).
     "shapes": lambda: dict(
         vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=0, head_width=32, mlp_ratio=4.0,
                                        postnorm=False, stem="conv", stem_norm=True),

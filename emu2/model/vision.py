@@ -73,8 +73,8 @@ class PatchEmbed(nn.Module):
     """``stem="patch"``: one convolution per patch (``proj``, the official layer). ``stem="conv"``: log2(patch)
     stride-2 3x3 convolutions, widths doubling up to ``width``, then one stride-1 3x3 convolution, GELU between
     (``stem.N``): each token is built from overlapping receptive fields that reach its neighbours, instead of
-    one linear map of its own pixels. ``stem_norm``: a GroupNorm (8 groups, fewer where the width is not a multiple of 8) after each stride-2
-    convolution."""
+    one linear map of its own pixels. ``stem_norm``: a GroupNorm after each stride-2 convolution (8 groups, fewer
+    where the width is not a multiple of 8)."""
 
     def __init__(self, config: Emu2VisionConfig):
         super().__init__()

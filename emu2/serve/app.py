@@ -460,14 +460,15 @@ class Emu2Server:
         self._push_queued(push)
         model_job = self.worker.submit(run)
         completed = "image_edit.completed" if edit else "image_generation.completed"
+        usage = self.gen.usage(job["inputs"], 1)  # each completed event: the prompt and its one image
 
         def send(kind: str, value) -> Iterator[str]:
             if kind == "status":
                 yield _sse({"type": "emu2.status", "emu2": value}, event="emu2.status")
-            elif kind == "image":  # usage per event: the prompt and this one image (OpenAI's completed event)
+            elif kind == "image":
                 yield _sse({"type": completed, **image_data(value), "created_at": int(time.time()), "size": size,
-                            "output_format": "png", "background": "opaque", "quality": "auto",
-                            "usage": self.gen.usage(job["inputs"], 1)}, event=completed)
+                            "output_format": "png", "background": "opaque", "quality": "auto", "usage": usage},
+                           event=completed)
 
         return self._stream(model_job, events, send)
 

@@ -13,7 +13,7 @@ unless it is the group's only object (touching large objects). The cell holding 
 gives the position. Each object's shape is the `render.draw_shape` template with the best soft IoU against
 ``alpha``, each template placed by matching its area and centroid to the object's coverage and then
 refined to sub-pixel precision; the fitted box side over the slot side (the cell for one object, a
-quarter cell otherwise) gives the size (`world._SIZE_FRACTION`: 0.7 small, 0.95 large).
+quarter cell otherwise) gives the size (`world._SIZE_FRACTION`: 0.7 small, 0.9 large).
 """
 
 from __future__ import annotations
