@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,64 +54,80 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-_BLOCK = 512  # a tar archive is a sequence of 512-byte blocks and ends with two all-zero ones
-_END_OF_ARCHIVE = bytes(2 * _BLOCK)
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80")  # gzip, bzip2, xz, lzma: tarfile reads these
+class DamagedShard(Exception):
+    """A shard that reads as a shorter, well-formed archive: ``reason`` is ``truncated_shard`` or ``corrupt_shard``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
-class _EndOfArchiveCheck:
-    """A read-only stream that remembers its first bytes, its size and its last two blocks as they go by, so the end
-    of a shard can be checked without reading the shard a second time."""
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """A TarInfo that records, on the archive, why reading ended. Past the first member, tarfile ends an archive
+    without a word at the first header it cannot read: the all-zero block of a complete archive, but also no bytes
+    at all (a shard cut at a member boundary), part of a block (cut inside a header) or a block that fails its
+    checksum (a corrupt header in mid-shard, all the samples after it lost). The reason tells these apart, for
+    plain and compressed shards alike (tarfile decompresses before it reads headers)."""
 
-    def __init__(self, stream):
-        self.stream, self.size, self.head, self.tail = stream, 0, b"", b""
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exn:
+            tar.end_reason = exn
+            raise
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        if not self.size:
-            self.head = data[:8]
-        self.size += len(data)
-        keep = len(_END_OF_ARCHIVE)
-        self.tail = (self.tail + data[-keep:])[-keep:]
-        return data
 
-    def truncated(self) -> bool:
-        """Read what is left (after tarfile stops at the first zero block, only the end padding), then: does the
-        shard miss its end-of-archive blocks? Compressed shards are not checked (their end is compressed)."""
-        while self.read(1 << 16):
-            pass
-        if self.head.startswith(_COMPRESSED):
-            return False
-        return self.size % _BLOCK != 0 or self.tail != _END_OF_ARCHIVE
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never samples
+
+
+def _members(stream, name: str, damage: list) -> Iterator[dict]:
+    """``{"fname", "data"}`` of each regular member, as webdataset's tar iterator gives them. What stops it early
+    goes to ``damage``: the read error, or a `DamagedShard` if the archive did not end at its end-of-archive block
+    (raised instead, either would lose the sample that webdataset's grouping holds until the members run out)."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
+            for info in tar:
+                if info.isreg() and not _META.match(info.name):
+                    yield {"fname": info.name, "data": tar.extractfile(info).read()}
+            reason = getattr(tar, "end_reason", None)
+    except Exception as exn:  # noqa: BLE001 -- a truncated/corrupt/unreadable tar: the caller counts it
+        damage.append(exn)
+        return
+    if isinstance(reason, tarfile.InvalidHeaderError):
+        damage.append(DamagedShard("corrupt_shard", f"{name}: a corrupt tar header at byte {tar.offset} ({reason}): "
+                                                    "the samples after it are lost"))
+    elif isinstance(reason, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        damage.append(DamagedShard("truncated_shard", f"{name}: the shard ends without the tar end-of-archive "
+                                                      f"block, at byte {tar.offset} (cut at a member boundary?): the "
+                                                      "samples after the cut are lost"))
 
 
 def read_shard(url: str, stats: Counter) -> Iterator[dict]:
-    """Samples (dicts of member bytes with ``__key__``/``__url__``) of one tar; read errors counted, not raised.
+    """Samples (dicts of member bytes with ``__key__``/``__url__``) of one tar; damage counted, not raised.
 
     A tar that is truncated inside a member, or unreadable, yields the samples before the damage and counts one
-    ``read_errors``. A tar cut exactly at a member boundary reads like a complete one (tarfile takes the end of the
-    bytes for the end of the archive), so its missing end-of-archive blocks are checked once it has been read: such
-    a shard counts one ``skipped.truncated_shard`` (the samples after the cut are lost, how many is unknown).
+    ``read_errors``. A tar cut exactly at a member boundary, or with a corrupt member header, reads to tarfile as
+    a complete shorter archive: how it ended is checked (`_EndRecordingTarInfo`), and it counts one
+    ``skipped.truncated_shard`` or ``skipped.corrupt_shard`` (how many samples were lost is unknown).
     """
     import webdataset as wds
 
-    failed = []
-
     def stop(exn: Exception) -> bool:
-        failed.append(exn)
         stats["read_errors"] += 1
         return False
 
+    damage: list[Exception] = []
     try:
         with wds.gopen(url, "rb") as stream:
-            checked = _EndOfArchiveCheck(stream)
-            files = wds.tariterators.tar_file_iterator(checked, handler=stop)
-            files = ({**f, "__url__": url} for f in files)
+            files = ({**f, "__url__": url} for f in _members(stream, url, damage))
             yield from wds.tariterators.group_by_keys(files, handler=stop)
-            if not failed and checked.truncated():
-                stats["skipped.truncated_shard"] += 1
-                log.warning("%s: the shard ends without the tar end-of-archive blocks (%d bytes, cut at a member "
-                            "boundary?): the samples after the cut are lost", url, checked.size)
+        for exn in damage:
+            if isinstance(exn, DamagedShard):
+                stats[f"skipped.{exn.reason}"] += 1
+                log.warning("%s", exn)
+            else:
+                stats["read_errors"] += 1
     except Exception:  # noqa: BLE001 -- a truncated/corrupt tar or a missing file: count it, go to the next shard
         stats["read_errors"] += 1
 

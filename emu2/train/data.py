@@ -45,7 +45,7 @@ class SkippedSamples:
     """The data layer's counters (``samples``, ``skipped.<reason>``, ``read_errors``) as a trainer reports them.
 
     A read error (a truncated or unreadable shard) counts as one skipped sample, as does a shard cut at a member
-    boundary (``truncated_shard``): how many samples the damaged part held is unknown, so the share is a lower
+    boundary (``truncated_shard``) or one with a corrupt member header (``corrupt_shard``): how many samples the damaged part held is unknown, so the share is a lower
     bound of what was lost.
     """
 
@@ -92,7 +92,8 @@ class SkippedSamples:
             raise TooManySkippedSamples(
                 f"{self.text()} of the {read} samples read: {self.fraction:.1%}, more than "
                 f"data.max_skipped_fraction={max_fraction:g}. Check the shards (read_errors: truncated or unreadable "
-                "tar files; truncated_shard: a tar cut at a member boundary, without its end-of-archive blocks; bad_*: "
+                "tar files; truncated_shard: a tar cut at a member boundary, without its end-of-archive blocks; "
+                "corrupt_shard: a tar member header that fails its checksum, the rest of the shard lost; bad_*: "
                 "samples that do not decode), or raise data.max_skipped_fraction to accept the loss")
 
 

@@ -114,6 +114,43 @@ def test_a_shard_cut_at_a_member_boundary_counts_as_truncated(tmp_path, tokenize
     assert cut.stats["skipped.truncated_shard"] == 1 and "read_errors" not in cut.stats
 
 
+def _sample_offsets(shard):
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        first_header: dict[str, int] = {}
+        for member in tar.getmembers():
+            first_header.setdefault(member.name.split(".", 1)[0], member.offset)
+    return sorted(first_header.values())
+
+
+def test_a_corrupt_header_in_mid_shard_counts_as_a_corrupt_shard(tmp_path, tokenizer, config):
+    shard = write_converted_pair_shard(tmp_path, count=6)
+    data = bytearray(shard.read_bytes())
+    header = _sample_offsets(shard)[3]
+    data[header + 100:header + 108] = b"\xff" * 8  # the header's mode field: its checksum no longer matches
+    shard.write_bytes(bytes(data))
+    damaged = dataset([Source("pairs", "pair", str(shard))], tokenizer, config)
+    assert len(list(damaged)) == 3  # the samples before the bad header, the last of them included
+    assert damaged.stats["skipped.corrupt_shard"] == 1 and "read_errors" not in damaged.stats
+
+
+def test_compressed_shards_are_read_and_checked_like_plain_ones(tmp_path, tokenizer, config):
+    import gzip
+
+    shard = write_converted_pair_shard(tmp_path, count=6)
+    plain = shard.read_bytes()
+    whole = tmp_path / "whole.tar.gz"
+    whole.write_bytes(gzip.compress(plain))
+    read = dataset([Source("pairs", "pair", str(whole))], tokenizer, config)
+    assert len(list(read)) == 6 and not [k for k in read.stats if k.startswith("skipped") or k == "read_errors"]
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(gzip.compress(plain[:_sample_offsets(shard)[4]]))  # cut at a member boundary, then compressed
+    read = dataset([Source("pairs", "pair", str(cut))], tokenizer, config)
+    assert len(list(read)) == 4
+    assert read.stats["skipped.truncated_shard"] == 1 and "read_errors" not in read.stats
+
+
 def test_mixing_weights_are_honoured(tmp_path, tokenizer, config):
     a = write_texts(tmp_path, "a", 50, 10)
     b = write_texts(tmp_path, "b", 50, 10)
