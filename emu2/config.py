@@ -35,7 +35,10 @@ class Emu2VisionConfig(PreTrainedConfig):
     "early convolutions" stem of Xiao et al. 2021), which lets a small ViT see the shape of objects no
     larger than a patch. ``stem_norm`` (conv stem only): a GroupNorm of 8 groups after each stride-2 convolution,
     the normalised early convolutions of Xiao et al. (there BatchNorm; GroupNorm keeps an image's features
-    independent of its batch). The official presets keep "patch" and post-norm.
+    independent of its batch). The official presets keep "patch" and post-norm. ``pos_embed_init``: how a
+    model built from its config starts its learned position embedding: "normal" (N(0, 0.02), as EVA-CLIP) or
+    "sincos" (the fixed 2D sine-cosine table of MAE, He et al. 2022, still learned from there). A checkpoint's
+    own weights replace either.
     """
 
     model_type = "emu2_vision"
@@ -50,6 +53,7 @@ class Emu2VisionConfig(PreTrainedConfig):
     postnorm: bool = True
     stem: str = "patch"
     stem_norm: bool = False
+    pos_embed_init: str = "normal"
 
     @property
     def mlp_hidden_size(self) -> int:
@@ -134,7 +138,8 @@ PRESETS = {
     # time a step; docs/training-notes.md).
     "shapes": lambda: dict(
         vision_config=Emu2VisionConfig(image_size=64, patch_size=8, width=128, layers=0, head_width=32, mlp_ratio=4.0,
-                                       postnorm=False, stem="conv", stem_norm=True),
+                                       postnorm=False, stem="conv", stem_norm=True,
+                                       pos_embed_init="sincos"),
         text_config=_llama(256, 688, 6, 4, SHAPES_INSTRUCT_VOCAB, pad=SHAPES_PIECES), n_query=16, v_query=4,
         instruct=True, **_special_ids(SHAPES_PIECES),
     ),

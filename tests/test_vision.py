@@ -79,10 +79,33 @@ def test_encoder_options_survive_a_save_and_load(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = Emu2Pipeline.from_pretrained(tmp_path)
     loaded_vision = loaded.model.config.vision_config
-    assert (loaded_vision.postnorm, loaded_vision.stem, loaded_vision.stem_norm) == \
-        (vision.postnorm, vision.stem, vision.stem_norm)
+    assert (loaded_vision.postnorm, loaded_vision.stem, loaded_vision.stem_norm, loaded_vision.pos_embed_init) == \
+        (vision.postnorm, vision.stem, vision.stem_norm, vision.pos_embed_init)
     pixels = torch.randn(1, 3, 64, 64)
     assert torch.equal(pipe.model.encode_image(pixels), loaded.model.encode_image(pixels))
+
+
+def test_sincos_position_init_gives_every_patch_a_distinct_code_and_official_presets_keep_evas():
+    from emu2.model.emu2 import Emu2ForCausalLM
+
+    shapes = Emu2ForCausalLM(Emu2Config.from_preset("shapes")).visual
+    table = shapes.pos_embed[0, 1:]  # CLS row first
+    assert shapes.config.pos_embed_init == "sincos"
+    assert torch.equal(shapes.pos_embed[0, 0], torch.zeros(shapes.config.width))
+    distances = torch.cdist(table, table) + torch.eye(len(table)) * 1e9
+    assert distances.min() > 0.1  # no two patches share a position code
+    # neighbouring patches are closer than far ones: the code is smooth in the row and the column
+    assert (table[0] - table[1]).norm() < (table[0] - table[7]).norm()
+    assert (table[0] - table[8]).norm() < (table[0] - table[56]).norm()
+    for name in ("emu2", "emu2-chat", "emu2-gen"):
+        assert Emu2Config.from_preset(name).vision_config.pos_embed_init == "normal"
+    tiny = Emu2ForCausalLM(Emu2Config.from_preset("tiny")).visual.pos_embed
+    assert 0.01 < tiny.std() < 0.03
+
+
+def test_pos_embed_init_is_checked():
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        EVAVisionTransformer(small(pos_embed_init="learned"))
 
 
 def test_every_preset_builds_its_vision_layout():

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from ..config import Emu2Config
 from .errors import CheckpointMismatchError
-from .vision import EVAVisionTransformer
+from .vision import EVAVisionTransformer, sincos_position_table
 
 
 class SlotCountError(ValueError):
@@ -63,7 +63,11 @@ class Emu2PreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, EVAVisionTransformer):
             init.normal_(module.cls_token, std=0.02)
-            init.normal_(module.pos_embed, std=0.02)
+            if module.config.pos_embed_init == "sincos":
+                grid = module.config.image_size // module.config.patch_size
+                init.copy_(module.pos_embed, sincos_position_table(grid, module.config.width)[None])
+            else:
+                init.normal_(module.pos_embed, std=0.02)
 
 
 class Emu2ForCausalLM(Emu2PreTrainedModel):

@@ -104,6 +104,23 @@ class PatchEmbed(nn.Module):
         return grid.flatten(2).transpose(1, 2)
 
 
+def sincos_position_table(grid: int, width: int) -> torch.Tensor:
+    """The 2D sine-cosine position table of MAE (He et al. 2022): ``(1 + grid*grid, width)``, a zero row for CLS
+    first, then the patches row-major. Half the channels code the row, half the column, each as sines then
+    cosines at frequencies 1 / 10000^(k / (width/4)). It gives every patch a distinct absolute code from the
+    first step, which a small encoder trained only to pool attributes has no reason to learn, and which the LM
+    needs to tell where an object is (its attention's positions are relative)."""
+    if width % 4:
+        raise ValueError(f"a sine-cosine position table needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    angles = [axis.reshape(-1, 1) * omega for axis in (rows, cols)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()
+
+
 class EVAVisionTransformer(nn.Module):
     """The ViT trunk. ``forward(pixels (B, 3, S, S)) -> (B, 1 + N, Dv)`` (CLS first; no final norm when
     post-norm, as in Emu2)."""
@@ -112,6 +129,8 @@ class EVAVisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         num_patches = (config.image_size // config.patch_size) ** 2
+        if config.pos_embed_init not in ("normal", "sincos"):
+            raise ValueError(f'pos_embed_init must be "normal" or "sincos", got {config.pos_embed_init!r}')
         self.patch_embed = PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.width))
