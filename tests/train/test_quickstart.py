@@ -26,9 +26,9 @@ def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
         assert names[0] == "lm" and chain["lm"] is None and chain["encoder"] == "lm"
     else:
         assert chain["encoder"] is None
-    assert abs(sum(share for *_, share in stages if share is not None) - 1.0) < 1e-9
-    # the LM stage is not time-sliced: copying comes only after its recipe's steps (a phase change)
-    assert [name for name, *_, share in stages if share is None] == (["lm"] if "lm" in chain else [])
+    # every stage has a share; those after the LM stage split what it leaves
+    assert abs(sum(share for name, *_, share in stages if name != "lm") - 1.0) < 1e-9
+    assert all(share > 0 for *_, share in stages)
     assert any(name == "lm" for name, *_ in STAGES)  # the default
 
 
@@ -59,10 +59,11 @@ def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
     assert stage_seconds(0.25, shares[1:], -30.0) == 0.0  # past the deadline: probe steps only
 
 
-def test_the_lm_stage_runs_its_recipes_steps_whatever_the_time_left(shapes_dir, tmp_path):
+def test_the_lm_stage_stops_at_its_recipes_steps_when_its_share_would_allow_more(shapes_dir, tmp_path):
     (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
-    result = _train_stage("lm", "shapes-lm", None, None, tmp_path, [*TINY, "steps=3", "data.streams.text.batch_size=2"])
-    assert result["step"] == 3 and result["budget_s"] is None
+    result = _train_stage("lm", "shapes-lm", None, 3600.0, tmp_path, [*TINY, "data.streams.text.batch_size=2"],
+                          max_steps=8)
+    assert result["step"] == 8
     assert (tmp_path / "lm" / "config.json").is_file()  # a model directory stage 1 can start from
 
 
@@ -102,13 +103,12 @@ def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_measured_faster(mon
 
 
 
-def test_a_budget_the_lm_stage_leaves_too_little_of_is_said_not_silently_stretched():
-    from emu2.train.quickstart import MIN_STAGE_SECONDS, short_budget_warning
+def test_an_lm_stage_its_share_stopped_short_is_said():
+    from emu2.train.quickstart import short_lm_note
 
-    assert short_budget_warning(6 * MIN_STAGE_SECONDS, 6, 20) is None
-    warning = short_budget_warning(-30.0, 6, 10)
-    assert warning is not None and "0 s of the 10-minute budget" in warning and "--budget" in warning
-    assert "--no-lm-stage" in warning
+    assert short_lm_note(1500, 1500) is None
+    note = short_lm_note(700, 1500)
+    assert note is not None and "700 of its recipe's 1,500 steps" in note and "--budget" in note
 
 
 def test_a_run_whose_finished_stages_were_chained_otherwise_is_refused_not_continued(tmp_path):
