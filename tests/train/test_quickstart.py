@@ -123,3 +123,11 @@ def test_a_run_whose_finished_stages_were_chained_otherwise_is_refused_not_conti
         check_reused_chain(tmp_path, STAGES, todo)
     (tmp_path / "lm" / "train_config.yaml").write_text("model:\n  init_from: null\n")
     check_reused_chain(tmp_path, STAGES, todo)  # the chain this build runs: continued
+
+
+def test_a_cpu_slower_than_the_reference_is_told_the_budget_that_matches_it():
+    from emu2.train.quickstart import slow_cpu_note
+
+    assert slow_cpu_note(1.1, 20) is None
+    note = slow_cpu_note(1.73, 20)
+    assert note is not None and "1.7x slower" in note and "--budget 35" in note
