@@ -6,7 +6,8 @@ renders' shape accuracy down by object count (one / several) and size.
     LAYERS=0 STEM_NORM=1 SMALL=0.7 LARGE=0.9 NT=1 python docs/experiments/encoder_blocks_probe.py OUT STEPS \
         data.root=DATA_DIR [overrides]
 
-LAYERS: transformer blocks (preset: 0). STEM_NORM=0: the stem without its GroupNorm (preset: 1). SMALL / LARGE:
+LAYERS: transformer blocks (preset: 0). STEM_NORM=0: the stem without its GroupNorm (preset: 1). POS=normal|sincos:
+the position embedding's initialisation (preset: sincos; before 1bec928, normal). SMALL / LARGE:
 the world's object sizes as fractions of their slot (now 0.7 / 0.9; before 3295b1f 0.55 / 0.85; the attribute
 pool and the probe's scenes are rendered with them). VIEW=colour scores the shape labels on colour images instead
 of the colourless view. Unset variables keep the preset and the world as they are.
@@ -26,7 +27,8 @@ for size in ("small", "large"):
     if os.environ.get(size.upper()):
         W._SIZE_FRACTION[size] = float(os.environ[size.upper()])
 changes = {k: cast(os.environ[e]) for k, e, cast in (("layers", "LAYERS", int),
-                                                     ("stem_norm", "STEM_NORM", lambda v: v == "1")) if e in os.environ}
+                                                     ("stem_norm", "STEM_NORM", lambda v: v == "1"),
+                                                     ("pos_embed_init", "POS", str)) if e in os.environ}
 _preset = C.PRESETS["shapes"]
 
 

@@ -107,9 +107,11 @@ class PatchEmbed(nn.Module):
 def sincos_position_table(grid: int, width: int) -> torch.Tensor:
     """The 2D sine-cosine position table of MAE (He et al. 2022): ``(1 + grid*grid, width)``, a zero row for CLS
     first, then the patches row-major. Half the channels code the row, half the column, each as sines then
-    cosines at frequencies 1 / 10000^(k / (width/4)). It gives every patch a distinct absolute code from the
-    first step, which a small encoder trained only to pool attributes has no reason to learn, and which the LM
-    needs to tell where an object is (its attention's positions are relative)."""
+    cosines at frequencies 1 / 10000^(k / (width/4)). Every patch then carries a distinct absolute code from the
+    first step. A small encoder trained to pool attributes has no reason to learn one, and the LM's attention
+    positions are relative, so without it a visual embedding does not say where its patch is: the code is there
+    for grounding. Measured (docs/training-notes.md): the same probe read-out as N(0, 0.02) at equal steps;
+    grounding in the quickstart still 0 %."""
     if width % 4:
         raise ValueError(f"a sine-cosine position table needs a width divisible by 4, got {width}")
     quarter = width // 4
