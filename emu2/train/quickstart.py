@@ -29,9 +29,9 @@ from pathlib import Path
 # the model does not bind new label words. Copying comes with a phase change after 1,000-1,500 LM steps, so the
 # stage's share is large enough for its recipe's 1,500 steps on the 2-core dev machine (385 s of an 884-s
 # training window) and its steps are capped there: on that machine the stages after it get what they got when
-# it ran a fixed number of steps. On a CPU half as fast, a fixed 1,500 steps took 13 of the 20 minutes and left
-# the other six stages their timing probes only; the share keeps every stage trained there, and the LM then stops
-# short of its recipe's steps (the run says so). It runs first, so the other shares are of what it leaves.
+# it ran a fixed number of steps. On a CPU 1.7x slower (0.45 s a step, measured), a fixed 1,500 steps would take
+# 11 of the 20 minutes; the share keeps time for every stage there, and the LM stops short of its recipe's steps
+# (the run says so). It runs first, so the other shares are of what it leaves.
 # The encoder stage (the stand-in for EVA-CLIP) trains only the vision side of the LM stage's output: a random
 # ViT learns colours from stage-1 captioning alone far too slowly, and shape and count hardly at all; perception
 # is upstream of every other stage (docs/quickstart-results.md).
@@ -55,8 +55,8 @@ PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the 
 ENCODER_PROBE_STEPS = 6
 EVAL_RESERVE_S = 285  # evaluation and report at the end: 193-258 s measured at 200 items per task (the slowest once
 # the base model wrote captions that parse, each then drawn and read back)
-# ... on the dev machine, whose LM stage took 0.26 s a step; evaluation runs the same kind of model, so on a slower
-# CPU the reserve grows with the LM's measured step time (at most 3x), taken from the stages after it.
+# ... on the dev machine, whose LM stage took 0.26 s a step. Evaluation runs the same kind of model, so on a slower
+# CPU the reserve grows with the LM's measured step time (at most 3x); the time comes out of the later stages.
 REFERENCE_LM_STEP_S = 0.26
 EVAL_ITEMS = 200  # per chat task and generation task; few-shot: EVAL_EPISODES x 4 queries per split and shots
 EVAL_EPISODES = 50
@@ -116,6 +116,17 @@ def slow_cpu_note(slower: float, budget_minutes: float) -> str | None:
     return (f"[quickstart] note: this machine runs the LM stage {slower:.1f}x slower than the one the figures in "
             f"docs/quickstart-results.md come from, so every stage gets about {slower:.1f}x fewer steps. "
             f"--budget {math.ceil(budget_minutes * slower)} would give them about the steps they got there.")
+
+
+def _scale_eval_reserve(report: dict, lm_seconds_per_step: float, started: float, budget_minutes: float) -> float:
+    """After the LM stage: how much slower than the dev machine its steps ran (its timing probe's median when it
+    just trained, its metrics log's when a resumed run reuses it) sets the evaluation reserve
+    (`REFERENCE_LM_STEP_S`) and the note to the user. Returns the new training deadline."""
+    slower = lm_seconds_per_step / REFERENCE_LM_STEP_S
+    report["eval_reserve_s"] = round(EVAL_RESERVE_S * min(3.0, max(1.0, slower)))
+    if note := slow_cpu_note(slower, budget_minutes):
+        print(note)
+    return started + budget_minutes * 60 - report["eval_reserve_s"]
 
 
 def _recipe_steps(recipe: str) -> int:
@@ -236,6 +247,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
     for name, recipe, init_from, share in stages:
         if all(stage[0] != name for stage in todo):
             print(f"[quickstart] {name}: already trained, reusing {out / name}")
+            if name == "lm" and (out / name / "metrics.jsonl").is_file():
+                deadline = _scale_eval_reserve(report, _seconds_per_step(out / name), started, budget_minutes)
             continue
         # The encoder's convolutions run about 2x slower under bf16 autocast on a CPU than in fp32 (measured on
         # the dev machine's AVX512-BF16 CPU), unlike the transformer stages' matmuls.
@@ -250,11 +263,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         if cap and (note := short_lm_note(report["stages"][name]["step"], cap)):
             print(note)
         if name == "lm":
-            slower = report["stages"][name]["seconds_per_step"] / REFERENCE_LM_STEP_S
-            report["eval_reserve_s"] = round(EVAL_RESERVE_S * min(3.0, max(1.0, slower)))
-            deadline = started + budget_minutes * 60 - report["eval_reserve_s"]
-            if note := slow_cpu_note(slower, budget_minutes):
-                print(note)
+            deadline = _scale_eval_reserve(report, report["stages"][name]["seconds_per_step"], started, budget_minutes)
     report["train_seconds"] = round(time.perf_counter() - started, 1)
     assemble_gen_directory(out)
     report.update(evaluate_quickstart(out))

@@ -131,3 +131,20 @@ def test_a_cpu_slower_than_the_reference_is_told_the_budget_that_matches_it():
     assert slow_cpu_note(1.1, 20) is None
     note = slow_cpu_note(1.73, 20)
     assert note is not None and "1.7x slower" in note and "--budget 35" in note
+
+
+def test_the_evaluation_reserve_grows_with_the_lm_stages_step_time(capsys):
+    from emu2.train.quickstart import EVAL_RESERVE_S, REFERENCE_LM_STEP_S, _scale_eval_reserve
+
+    def after_lm(step_seconds: float) -> tuple[dict, float]:
+        report = {}
+        return report, _scale_eval_reserve(report, step_seconds, started=0.0, budget_minutes=20)
+
+    report, deadline = after_lm(REFERENCE_LM_STEP_S / 2)  # a faster machine keeps the measured reserve
+    assert report["eval_reserve_s"] == EVAL_RESERVE_S and deadline == 1200 - EVAL_RESERVE_S
+    assert capsys.readouterr().out == ""
+    report, deadline = after_lm(2 * REFERENCE_LM_STEP_S)
+    assert report["eval_reserve_s"] == 2 * EVAL_RESERVE_S and deadline == 1200 - 2 * EVAL_RESERVE_S
+    assert "2.0x slower" in capsys.readouterr().out
+    report, _ = after_lm(10 * REFERENCE_LM_STEP_S)
+    assert report["eval_reserve_s"] == 3 * EVAL_RESERVE_S  # at most 3x
