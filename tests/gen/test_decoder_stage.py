@@ -132,11 +132,12 @@ def test_decoder_stage_reports_skipped_samples_by_reason(world, tmp_path):
     result = train(_damaged_config(world, tmp_path / "run", "steps=2", "data.max_skipped_fraction=1.0"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped/bad_image"] == 2 and records[-1]["skipped/read_errors"] == 1
-    assert result["skipped"] == {"bad_image": 2, "read_errors": 1}
+    # the cut shard: one read error, and the sample the cut went through arrives without its image (bad_record)
+    assert result["skipped"] == {"bad_image": 2, "bad_record": 1, "read_errors": 1}
 
 
 def test_decoder_stage_stops_past_the_skipped_threshold(world, tmp_path):
-    with pytest.raises(TooManySkippedSamples, match=r"bad_image 2, read_errors 1.*data\.max_skipped_fraction=0\.1\b"):
+    with pytest.raises(TooManySkippedSamples, match=r"bad_image 2, bad_record 1, read_errors 1.*data\.max_skipped_fraction=0\.1\b"):
         train(_damaged_config(world, tmp_path / "run", "data.max_skipped_fraction=0.1"))
 
 
