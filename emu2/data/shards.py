@@ -54,14 +54,6 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-class DamagedShard(Exception):
-    """A shard that reads as a shorter, well-formed archive: ``reason`` is ``truncated_shard`` or ``corrupt_shard``."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 class _EndRecordingTarInfo(tarfile.TarInfo):
     """A TarInfo that records, on the archive, why reading ended. Past the first member, tarfile ends an archive
     without a word at the first header it cannot read: the all-zero block of a complete archive, but also no bytes
@@ -83,8 +75,9 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never sa
 
 def _members(stream, name: str, damage: list) -> Iterator[dict]:
     """``{"fname", "data"}`` of each regular member, as webdataset's tar iterator gives them. What stops it early
-    goes to ``damage``: the read error, or a `DamagedShard` if the archive did not end at its end-of-archive block
-    (raised instead, either would lose the sample that webdataset's grouping holds until the members run out)."""
+    goes to ``damage`` as (stats key, message): the read error, or ``skipped.truncated_shard`` /
+    ``skipped.corrupt_shard`` if the archive did not end at its end-of-archive block (raised instead, either would
+    lose the sample that webdataset's grouping holds until the members run out)."""
     try:
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
             for info in tar:
@@ -92,15 +85,15 @@ def _members(stream, name: str, damage: list) -> Iterator[dict]:
                     yield {"fname": info.name, "data": tar.extractfile(info).read()}
             reason = getattr(tar, "end_reason", None)
     except Exception as exn:  # noqa: BLE001 -- a truncated/corrupt/unreadable tar: the caller counts it
-        damage.append(exn)
+        damage.append(("read_errors", str(exn)))
         return
     if isinstance(reason, tarfile.InvalidHeaderError):
-        damage.append(DamagedShard("corrupt_shard", f"{name}: a corrupt tar header at byte {tar.offset} ({reason}): "
-                                                    "the samples after it are lost"))
+        damage.append(("skipped.corrupt_shard", f"{name}: a corrupt tar header at byte {tar.offset} ({reason}): "
+                                                   "the samples after it are lost"))
     elif isinstance(reason, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
-        damage.append(DamagedShard("truncated_shard", f"{name}: the shard ends without the tar end-of-archive "
-                                                      f"block, at byte {tar.offset} (cut at a member boundary?): the "
-                                                      "samples after the cut are lost"))
+        damage.append(("skipped.truncated_shard", f"{name}: the shard ends without the tar end-of-archive block, at "
+                                                  f"byte {tar.offset} (cut at a member boundary?): the samples after "
+                                                  "the cut are lost"))
 
 
 def read_shard(url: str, stats: Counter) -> Iterator[dict]:
@@ -117,17 +110,15 @@ def read_shard(url: str, stats: Counter) -> Iterator[dict]:
         stats["read_errors"] += 1
         return False
 
-    damage: list[Exception] = []
+    damage: list[tuple[str, str]] = []
     try:
         with wds.gopen(url, "rb") as stream:
             files = ({**f, "__url__": url} for f in _members(stream, url, damage))
             yield from wds.tariterators.group_by_keys(files, handler=stop)
-        for exn in damage:
-            if isinstance(exn, DamagedShard):
-                stats[f"skipped.{exn.reason}"] += 1
-                log.warning("%s", exn)
-            else:
-                stats["read_errors"] += 1
+        for key, message in damage:
+            stats[key] += 1
+            if key != "read_errors":
+                log.warning("%s", message)
     except Exception:  # noqa: BLE001 -- a truncated/corrupt tar or a missing file: count it, go to the next shard
         stats["read_errors"] += 1
 

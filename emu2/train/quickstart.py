@@ -74,8 +74,8 @@ def _seconds_per_step(stage_dir: Path) -> float:
 
 
 def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[str],
-                 max_steps: int | None = None) -> dict:
-    """Train one stage in about ``seconds`` of wall clock, at most ``max_steps`` steps."""
+                 capped: bool = False) -> dict:
+    """Train one stage in about ``seconds`` of wall clock; ``capped``: at most its recipe's steps."""
     from .config import load_config
     from .loop import train
 
@@ -101,7 +101,8 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
     train(load_config(recipe, big), stop_after=PROBE_STEPS)
     per_step = _seconds_per_step(stage_dir)
     steps = max(PROBE_STEPS + 1, PROBE_STEPS + int((seconds - (time.perf_counter() - started)) / per_step))
-    steps = min(steps, max_steps) if max_steps else steps
+    cap = load_config(recipe, common).steps if capped else None
+    steps = min(steps, cap) if cap else steps
     result = train(load_config(recipe, [*common, f"steps={steps}", f"checkpoint.every={steps}"]), resume=True)
     result.update(seconds=round(time.perf_counter() - started, 1), seconds_per_step=round(per_step, 3),
                   budget_s=round(seconds, 1))
@@ -127,12 +128,6 @@ def _scale_eval_reserve(report: dict, lm_seconds_per_step: float, started: float
     if note := slow_cpu_note(slower, budget_minutes):
         print(note)
     return started + budget_minutes * 60 - report["eval_reserve_s"]
-
-
-def _recipe_steps(recipe: str) -> int:
-    from .config import load_config
-
-    return load_config(recipe, []).steps
 
 
 def short_lm_note(steps: int, recipe_steps: int) -> str | None:
@@ -228,6 +223,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
                    precision: str = "auto", lm_stage: bool = True) -> dict:
     """Everything above; returns the metrics written to ``out/report/metrics.json``."""
     from ..data.shapes import write_shapes
+    from .config import load_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,9 +254,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         todo = [stage for stage in todo if stage[0] != name]
         seconds = stage_seconds(share, [share, *(s[3] for s in todo)], deadline - time.perf_counter())
         print(f"[quickstart] {name}: {recipe}, about {seconds / 60:.1f} min")
-        cap = _recipe_steps(recipe) if name == "lm" else None
-        report["stages"][name] = _train_stage(name, recipe, init_from, seconds, out, overrides, max_steps=cap)
-        if cap and (note := short_lm_note(report["stages"][name]["step"], cap)):
+        report["stages"][name] = _train_stage(name, recipe, init_from, seconds, out, overrides, capped=name == "lm")
+        if name == "lm" and (note := short_lm_note(report["stages"][name]["step"], load_config(recipe, []).steps)):
             print(note)
         if name == "lm":
             deadline = _scale_eval_reserve(report, report["stages"][name]["seconds_per_step"], started, budget_minutes)

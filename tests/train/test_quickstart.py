@@ -61,8 +61,8 @@ def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
 
 def test_the_lm_stage_stops_at_its_recipes_steps_when_its_share_would_allow_more(shapes_dir, tmp_path):
     (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
-    result = _train_stage("lm", "shapes-lm", None, 3600.0, tmp_path, [*TINY, "data.streams.text.batch_size=2"],
-                          max_steps=8)
+    result = _train_stage("lm", "shapes-lm", None, 3600.0, tmp_path, [*TINY, "steps=8", "data.streams.text.batch_size=2"],
+                          capped=True)
     assert result["step"] == 8
     assert (tmp_path / "lm" / "config.json").is_file()  # a model directory stage 1 can start from
 
