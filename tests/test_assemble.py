@@ -135,8 +135,8 @@ def test_saved_tokenizer_has_the_special_tokens_at_the_config_ids(assembled):
 
 
 def test_assembled_directory_answers_and_trains_one_stage1_step(assembled, tmp_path):
+    from emu2.train import train
     from emu2.train.config import load_config
-    from emu2.train.loop import train
 
     out, _, _ = assembled
     pipe = Emu2Pipeline.from_pretrained(out)

@@ -47,7 +47,7 @@ from emu2.data.shapes.render import render_scene
 from emu2.eval import probe as P
 from emu2.pipeline import Emu2Pipeline
 from emu2.train.config import load_config
-from emu2.train.loop import train
+from emu2.train import train
 
 out, steps, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 started = time.time()

@@ -26,7 +26,7 @@ corner are the SDXL size conditions (A.3.1). `train_decoder` is a plain loop ove
 This module depends on torch, diffusers and the shared `emu2.lr_schedule` (no data layer). The rest of
 decoder training: `emu2.gen.small_decoders` (small UNet/VAE configs and the tiny VAE of the shapes world),
 `emu2.gen.sdxl` (SDXL-base parts from a local folder), `emu2.gen.decoder_shards` (streamed crops of webdataset
-shards) and `emu2.train.decoder_stage` (the `emu2 train` recipe stages, with resumable checkpoints).
+shards) and `emu2.train.stages.decoder` (the `emu2 train` recipe stages, with resumable checkpoints).
 """
 
 from __future__ import annotations

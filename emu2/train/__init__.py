@@ -4,9 +4,9 @@
     train(load_config("shapes-stage1", ["steps=20"]))
 
 Parts: `config` (recipes, overrides), `model` (load/adjust/freeze/LoRA), `optim` (groups, schedule), `data`
-(recipe -> batches), `loop` (the loop), `decoder_stage`
-(``stage: decoder`` / ``video-decoder``), `checkpoint` (atomic, verified, exact resume), `metrics`, `bench`,
-`cli` (``emu2 train``). Recipes: ``emu2/recipes/*.yaml`` (`recipe_names()`).
+(recipe -> batches), `runner` (the one training runner), `stages` (what each stage hands it: `stages.lm`,
+`stages.encoder`, `stages.decoder`), `checkpoint` (atomic, verified, exact resume), `metrics`, `quickstart`,
+`bench`, `cli` (``emu2 train``). Recipes: ``emu2/recipes/*.yaml`` (`recipe_names()`).
 
 The names below are imported on first use, so ``import emu2.train.cli`` does not load torch.
 """
@@ -14,7 +14,7 @@ The names below are imported on first use, so ``import emu2.train.cli`` does not
 from importlib import import_module
 
 _EXPORTS = {"ConfigError": "config", "TrainConfig": "config", "load_config": "config", "recipe_names": "config",
-            "TrainingDiverged": "loop", "train": "loop", "run_train_benchmark": "bench"}
+            "TrainingDiverged": "runner", "train": "stages", "run_train_benchmark": "bench"}
 __all__ = ["ConfigError", "TrainConfig", "TrainingDiverged", "load_config", "recipe_names", "run_train_benchmark", "train"]
 
 

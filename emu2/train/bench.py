@@ -84,8 +84,8 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
                         seq_len: int = 256, warmup_steps: int = 1) -> dict:
     """Time ``steps`` optimizer steps (after ``warmup_steps``) per preset; returns a JSON-ready dict."""
     from .data import build_data
-    from .loop import _accelerator, _prepare, train_step
     from .model import build_model
+    from .stages.lm import _accelerator, _prepare, train_step
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "no"

@@ -172,8 +172,13 @@ def _save_model(accelerator, model, path: Path) -> None:
             path.mkdir(parents=True)
             adapter = get_peft_model_state_dict(unwrapped, state_dict=state)
             save_file({k: v.contiguous() for k, v in adapter.items()}, path / "adapter_model.safetensors")
-        else:
+        elif hasattr(unwrapped, "save_pretrained"):  # transformers/diffusers models: their own layout
             unwrapped.save_pretrained(path, state_dict=state, safe_serialization=True)
+        else:  # a plain module (the encoder stage's encoder + objective heads)
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors")
 
 
 def _load_model(accelerator, model, path: Path) -> None:

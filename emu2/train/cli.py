@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     from .data import TooManySkippedSamples
-    from .loop import TrainingDiverged, train
+    from .runner import TrainingDiverged
+    from .stages import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -161,7 +161,7 @@ class CheckpointSection:
 
 @dataclass
 class EncoderSection:
-    """``stage: encoder`` only: the weights of its two objectives on image-caption pairs (emu2.train.contrastive).
+    """``stage: encoder`` only: the weights of its two objectives on image-caption pairs (emu2.train.stages.encoder).
 
     ``contrastive``: CLIP-style InfoNCE between the pooled embeddings and the caption. ``caption_words``: predict
     which vocabulary tokens the caption contains (multi-label, one logistic output per token; CatLIP's
@@ -201,7 +201,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     encoder: EncoderSection = field(default_factory=EncoderSection)
-    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.decoder_stage (stage: decoder)
+    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.stages.decoder (stage: decoder)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -463,7 +463,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 
 
-# Sections the decoder stages (emu2.train.decoder_stage) do not read: set, they would be silently ignored.
+# Sections the decoder stages (emu2.train.stages.decoder) do not read: set, they would be silently ignored.
 _NOT_READ_BY_DECODER_STAGES = {
     "model": ("preset", "config_overrides", "image_size", "activation_checkpointing"),
     "lora": tuple(f.name for f in dataclasses.fields(LoraSection)),

@@ -82,5 +82,6 @@ def progress_text(values: dict) -> str:
     if values.get("regression_targets"):
         parts.append(f"reg {values['regression_loss']:.4f}")
     parts.append(f"lr {values['lr']:.2e}")
-    parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
+    if "tokens_per_s" in values:
+        parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
     return " | ".join(parts)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -52,7 +51,6 @@ STAGES = (
 STAGES_WITHOUT_LM = tuple((name, recipe, None if init == "lm" else init, share)
                           for name, recipe, init, share in STAGES if name != "lm")
 PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the slow first step
-ENCODER_PROBE_STEPS = 6
 EVAL_RESERVE_S = 285  # evaluation and report at the end: 193-258 s measured at 200 items per task (the slowest once
 # the base model wrote captions that parse, each then drawn and read back)
 # ... on the dev machine, whose LM stage took 0.26 s a step. Evaluation runs the same kind of model, so on a slower
@@ -77,25 +75,13 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
                  capped: bool = False) -> dict:
     """Train one stage in about ``seconds`` of wall clock; ``capped``: at most its recipe's steps."""
     from .config import load_config
-    from .loop import train
+    from .stages import train
 
     stage_dir = out / name
     common = [f"output_dir={stage_dir}", f"data.root={out / 'data'}", "log.tensorboard=false", *overrides]
     if init_from:
         common.append(f"model.init_from={out / init_from}")
     started = time.perf_counter()
-    if load_config(recipe, common).stage == "encoder":  # short and not resumable: time a probe run, then rerun
-        # The probe writes elsewhere: a model directory at stage_dir would pass for a finished stage if the run
-        # were interrupted before the real one is saved.
-        probe = out / f".{name}-probe"
-        train(load_config(recipe, [*common, f"output_dir={probe}", f"steps={ENCODER_PROBE_STEPS}"]))
-        per_step = _seconds_per_step(probe)
-        shutil.rmtree(probe)
-        steps = max(ENCODER_PROBE_STEPS, int((seconds - (time.perf_counter() - started)) / per_step))
-        result = train(load_config(recipe, [*common, f"steps={steps}"]))
-        result.update(seconds=round(time.perf_counter() - started, 1), seconds_per_step=round(per_step, 3),
-                      budget_s=round(seconds, 1))
-        return result
     # Probe a few steps, measure seconds per step, then resume with the steps that fill the share.
     big = [*common, "steps=100000", f"checkpoint.every={PROBE_STEPS}", "log.every=1"]
     train(load_config(recipe, big), stop_after=PROBE_STEPS)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from emu2.train import train
 from emu2.train.config import load_config
-from emu2.train.loop import train
 
 from . import tiny
 

@@ -16,9 +16,9 @@ from emu2.gen.train_decoder import (
 from emu2.gen.train_video_decoder import video_decoder_training_step
 from emu2.lr_schedule import lr_factor
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline
+from emu2.train import train
 from emu2.train.config import load_config
 from emu2.train.data import TooManySkippedSamples
-from emu2.train.loop import train
 
 from ..conftest import write_damaged_pair_shards
 
@@ -209,7 +209,7 @@ def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
     from collections import Counter
 
     from emu2.data.shards import decode_record, read_shard
-    from emu2.train.decoder_stage import _clip_tensor
+    from emu2.train.stages.decoder import _clip_tensor
 
     shard = next((world / "data" / "train").glob("video_pair-*.tar"))
     clips = [decode_record("video_pair", s).frames[:4] for s, _ in zip(read_shard(str(shard), Counter()), range(2))]

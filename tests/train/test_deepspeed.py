@@ -16,17 +16,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from emu2.train import TrainingDiverged, train
 from emu2.train.checkpoint import CheckpointError, verify
 from emu2.train.config import load_config
-from emu2.train.loop import (
+from emu2.train.metrics import read_metrics
+from emu2.train.stages.lm import (
     StepResult,
-    TrainingDiverged,
     _check_deepspeed_config,
     _deepspeed_update,
     _recipe_into_deepspeed_config,
-    train,
 )
-from emu2.train.metrics import read_metrics
 
 from .test_distributed import RECIPE, _free_port
 

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from emu2.train import train
 from emu2.train.config import load_config
-from emu2.train.loop import train
 from emu2.train.metrics import read_metrics
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"

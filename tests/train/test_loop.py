@@ -9,12 +9,12 @@ import torch
 from emu2.data.sequence import collate
 from emu2.model import Emu2ForCausalLM
 from emu2.pipeline import Emu2Pipeline
+from emu2.train import TrainingDiverged, train
 from emu2.train.checkpoint import list_checkpoints, verify
-from emu2.train.config import load_config
 from emu2.train.data import build_data
-from emu2.train.loop import TrainingDiverged, _accelerator, _prepare, train, train_step
 from emu2.train.metrics import read_metrics
 from emu2.train.model import build_model
+from emu2.train.stages.lm import _accelerator, _prepare, train_step
 
 from .conftest import FixedBatches, tiny_config
 
@@ -233,13 +233,3 @@ def test_activation_checkpointing_gives_the_same_training(shapes_dir, tmp_path):
         train(config)
         results.append([r["loss"] for r in read_metrics(tmp_path / str(checkpointing))])
     assert results[0] == pytest.approx(results[1], rel=1e-5)
-
-
-def test_the_decoder_stage_hands_off_to_the_decoder_trainer(tmp_path, monkeypatch):
-    import emu2.train.decoder_stage as decoder_module
-
-    config = load_config("shapes-decoder", [f"output_dir={tmp_path}"])
-    calls = []
-    monkeypatch.setattr(decoder_module, "train_decoder_stage", lambda c, resume: calls.append((c, resume)) or {})
-    train(config, resume=True)
-    assert calls == [(config, True)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emu2.train.quickstart import ENCODER_PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, _train_stage
+from emu2.train.quickstart import PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, _train_stage
 
 TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
         "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
@@ -33,19 +33,20 @@ def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
 
 
 def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, tmp_path):
-    (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
     overrides = [*TINY, "data.streams.pairs.batch_size=4"]
+    for run in ("short", "longer"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "data").symlink_to(shapes_dir, target_is_directory=True)
 
-    short = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path, overrides)
-    assert short["step"] == ENCODER_PROBE_STEPS  # no time left after the probe: the probe's steps only
+    short = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path / "short", overrides)
+    assert short["step"] == PROBE_STEPS + 1  # no time left after the probe: one step past it
 
     longer = _train_stage("encoder", "shapes-encoder", None, 40 * short["seconds_per_step"] + short["seconds"],
-                          tmp_path, overrides)
-    assert longer["step"] > 4 * ENCODER_PROBE_STEPS
-    rows = [json.loads(line) for line in (tmp_path / "encoder" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == longer["step"] and all(row["step_seconds"] > 0 for row in rows)
-    assert (tmp_path / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
-    assert not (tmp_path / ".encoder-probe").exists()  # the probe never stands in for the stage
+                          tmp_path / "longer", overrides)
+    assert longer["step"] > 4 * PROBE_STEPS
+    rows = [json.loads(line) for line in (tmp_path / "longer" / "encoder" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == longer["step"] and all(row["step_seconds"] > 0 for row in rows)
+    assert (tmp_path / "longer" / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
 
 
 def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():

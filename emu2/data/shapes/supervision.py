@@ -3,7 +3,7 @@
 Emu2 inherits a vision encoder that already sees (EVA-02-CLIP, paper 2.1). A shapes-world encoder starts random,
 and from captions alone it learns colour in minutes but shape and count barely at all on a CPU budget (the
 objects are 9-27 px). The world knows every object's attributes and box, so the encoder stage can supervise them
-directly (`emu2.train.contrastive`, ``encoder.attributes``):
+directly (`emu2.train.stages.encoder`, ``encoder.attributes``):
 
 - per patch (the ViT's grid before pooling): the shape and colour of the object covering the patch, or "none";
   dense labels give every image ``grid**2`` targets instead of one and reward detectors that work anywhere;

@@ -3,9 +3,9 @@
 
 Each reads the recipe's free-form ``decoder`` section (`IMAGE_OPTIONS`, `VIDEO_OPTIONS`), loads the frozen
 stage-1 encoder, builds the decoder (a small one from scratch, `emu2.gen.small_decoders`, or SDXL-base's UNet,
-`emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and runs the shared
-loop (`_run_stage`) over the training step (`emu2.gen.train_decoder`) with resumable checkpoints
-(`emu2.train.checkpoint`; `StageSampling` holds what they must restore to resume exactly).
+`emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and hands the runner
+(`emu2.train.runner`, through `_run_decoder`) the training step (`emu2.gen.train_decoder`); `StageSampling` holds
+what checkpoints must restore to resume exactly.
 
 Batch sizes mean what they mean in the language-model stages: a stream's ``batch_size`` is what one optimizer
 step consumes, split into ``gradient_accumulation_steps`` equal micro-batches (`_micro_batch_sizes`) whose
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,22 +25,20 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ..data.shards import DataError, decode_record
-from ..gen.decoder_shards import DecoderImageShards, decoder_image_loader
-from ..gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
-from ..gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
-from ..gen.train_decoder import (
+from ...data.shards import DataError, decode_record
+from ...gen.decoder_shards import DecoderImageShards, decoder_image_loader
+from ...gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
+from ...gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
+from ...gen.train_decoder import (
     DecoderTrainingConfig,
     accumulated_update,
     decoder_loss,
     freeze_for_decoder_training,
     prepare_decoder_batch,
 )
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .data import SkippedSampleReport, StreamBatches, _sources, micro_batch_size
-from .loop import TrainingDiverged, _has_device
-from .metrics import MetricsWriter, progress_bar
-from .optim import build_decoder_optimizer, build_scheduler
+from ..data import StreamBatches, _sources, micro_batch_size
+from ..optim import build_decoder_optimizer, build_scheduler
+from ..runner import Stage, StageSampling, StepReport, run_stage, single_process_accelerator
 
 # The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
 IMAGE_OPTIONS = {
@@ -85,8 +82,8 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[l
     ``data.root``'s dataset.json), read in source order, and the data layer's counters of that reading
     (``samples``, ``skipped.<reason>``, ``read_errors``): unreadable shards and samples are skipped and counted,
     as the data layer does."""
-    from ..data.mixing import expand_urls
-    from ..data.shards import read_shard
+    from ...data.mixing import expand_urls
+    from ...data.shards import read_shard
 
     records: list = []
     stats: Counter = Counter()
@@ -108,28 +105,6 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[l
     if not records:
         raise ValueError(f"the recipe's data sources hold no {' or '.join(kinds_wanted)} samples")
     return records, stats
-
-
-class StageSampling:
-    """What a decoder stage draws at random or reads next, in one place so checkpoints can resume it exactly:
-    ``rng`` picks the in-memory samples and crops, ``generator`` the guidance dropout, noise and timesteps, and
-    ``data`` (streaming: `emu2.train.data.StreamBatches`) the position in the shards."""
-
-    def __init__(self, seed: int, data=None):
-        self.rng, self.generator, self.data = random.Random(seed), torch.Generator().manual_seed(seed), data
-
-    def state_dict(self) -> dict:
-        state = {"rng": self.rng.getstate(), "generator": self.generator.get_state()}
-        return state if self.data is None else {**state, "data": self.data.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
-        if self.data is not None:
-            if "data" not in state:
-                raise ValueError("the checkpoint has no data position: it was written by an in-memory run "
-                                 "(decoder.streaming: false); resume it with the same setting")
-            self.data.load_state_dict(state["data"])
 
 
 def _options(config, known: dict) -> dict:
@@ -161,17 +136,13 @@ def _micro_batch_sizes(config) -> dict[str, int]:
 
 def _stage_setup(config, opts: dict):
     """(accelerator, frozen encoder on its device, the optimisation settings)."""
-    from accelerate import Accelerator
+    from ...pipeline import Emu2Pipeline
 
-    from ..pipeline import Emu2Pipeline
-
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_device())
-    if accelerator.num_processes > 1:
-        raise NotImplementedError("the decoder stages run in one process (launch them without accelerate)")
+    accelerator = single_process_accelerator(config, config.stage)
     torch.manual_seed(config.seed)
     encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
     encoder.to(accelerator.device)
-    # The optimizer and schedule come from the recipe (`_run_stage`); these are the step's own settings.
+    # The optimizer and schedule come from the recipe (`_run_decoder`); these are the step's own settings.
     train_config = DecoderTrainingConfig(
         max_grad_norm=config.optim.grad_clip,
         condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
@@ -184,7 +155,7 @@ def _stage_setup(config, opts: dict):
 @torch.no_grad()
 def _encode(encoder, images: Sequence[PIL.Image.Image], n_query: int, chunk: int = 64) -> torch.Tensor:
     """(N, n_query, Dv) embeddings, in fixed chunks (the same numbers on every run, so resumption is exact)."""
-    from ..processing import preprocess_images
+    from ...processing import preprocess_images
 
     size = encoder.config.vision_config.image_size
     device = next(encoder.parameters()).device
@@ -202,61 +173,26 @@ def _null_embeddings(encoder, n_query: int) -> torch.Tensor:
     return encoder.encode_image(torch.zeros(1, 3, size, size, device=device), n_query)[0]
 
 
-def _run_stage(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
-               step_fn: Callable, summary: dict, data_stats) -> dict:
-    """The loop both decoder stages share: AdamW + warm-up/decay over the UNet (`emu2.train.optim`, as the
-    language-model stages: optim.betas/eps/weight_decay, schedule.warmup_*/decay), `step_fn(optimizer, schedule)`
-    per optimizer step (all its micro-batches; it returns their mean loss), metrics.jsonl, atomic verified
-    checkpoints (`emu2.train.checkpoint`: UNet, optimizer, schedule, step, RNG states and ``sampling``, saved
-    between optimizer steps) and, once finished, the pipeline saved to ``output_dir``. ``data_stats``: the data
-    layer's sample and skip counters (the streamed data, or the counters of the images read into memory), reported
-    and bounded as in the language-model loop (`emu2.train.data.SkippedSampleReport`)."""
-    import time
-
+def _run_decoder(config, resume: bool, stop_after: int | None, accelerator, pipe, train_config, sampling,
+                 micro_batch_loss: Callable[[], torch.Tensor], summary: dict, data_stats) -> dict:
+    """What both decoder stages hand the runner (`emu2.train.runner.run_stage`): the UNet with AdamW
+    (`build_decoder_optimizer`: optim.lr.unet, betas, eps, weight_decay) and the language-model stages' schedule,
+    and a step of ``gradient_accumulation_steps`` micro-batches (`micro_batch_loss` draws, noises and scores one;
+    each is back-propagated before the next is drawn, so one is in memory), clipped to ``optim.grad_clip``.
+    ``data_stats``: the data layer's counters (the streamed data, or those of the images read into memory)."""
     freeze_for_decoder_training(pipe)
     optimizer = build_decoder_optimizer(pipe.unet, config)
-    schedule = build_scheduler(optimizer, config)  # the language-model stages' warm-up and decay
-    out = Path(config.output_dir)
-    checkpoints = out / "checkpoints"
-    start = 0
-    if resume:
-        start = load_checkpoint(checkpoints, accelerator, pipe.unet, optimizer, schedule, sampling)["step"]
-    elif list_checkpoints(checkpoints):
-        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
-                              "set output_dir to a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(config.to_yaml())
-    metrics = MetricsWriter(out, tensorboard=config.log.tensorboard, resume_step=start if resume else None)
-    bar = progress_bar(config.steps, start, config.log.progress, config.stage)
-    step, loss, started = start, None, time.perf_counter()
-    skipped = SkippedSampleReport(data_stats, config.data.max_skipped_fraction)
-    try:
-        while step < config.steps and (stop_after is None or step < stop_after):
-            began = time.perf_counter()
-            lr = schedule.get_last_lr()[0]
-            with accelerator.autocast():
-                loss = step_fn(optimizer, schedule)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"step {step + 1}: decoder loss {loss}; stopped before updating the weights")
-            step += 1
-            values = {"loss": loss, "lr": lr, "step_seconds": time.perf_counter() - began,
-                      **skipped.update(check=False)}
-            bar.set_postfix_str(f"loss {loss:.4f}" + skipped.postfix(), refresh=False)
-            bar.update(1)
-            if step % config.log.every == 0 or step == config.steps or step == start + 1:
-                metrics.log(step, values)
-                skipped.check()
-            if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
-                save_checkpoint(checkpoints, step, accelerator, pipe.unet, optimizer, schedule, sampling, {},
-                                config.checkpoint.keep_last)
-    finally:
-        bar.close()
-        metrics.close()
-    finished = step >= config.steps
-    if finished:
-        pipe.save_pretrained(out)
-    return {"step": step, "finished": finished, "output_dir": str(out), "loss": loss if step > start else None,
-            "seconds": round(time.perf_counter() - started, 1), **summary, **skipped.summary()}
+    accumulation = config.gradient_accumulation_steps
+
+    def step() -> StepReport:
+        with accelerator.autocast():
+            loss = accumulated_update(pipe.unet, (micro_batch_loss() for _ in range(accumulation)), optimizer,
+                                      micro_batches=accumulation, max_grad_norm=train_config.max_grad_norm)
+        return StepReport(loss, diverged=None if math.isfinite(loss) else f"decoder loss {loss}")
+
+    stage = Stage(accelerator, pipe.unet, optimizer, build_scheduler(optimizer, config), step, pipe.save_pretrained,
+                  state=sampling, data_stats=data_stats, summary=summary)
+    return run_stage(config, stage, resume=resume, stop_after=stop_after)
 
 
 def train_decoder_stage(config, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -274,7 +210,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     """
     import json
 
-    from ..processing import preprocess_images
+    from ...processing import preprocess_images
 
     opts = _options(config, IMAGE_OPTIONS)
     size = int(opts.get("output_image_size", 64))
@@ -355,19 +291,14 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
                 batch["encoder_inputs"] = torch.tensor(index)
             return batch
 
-    def step_fn(optimizer, schedule):
-        # Lazily, so that each micro-batch is drawn, noised and back-propagated before the next (one in memory).
-        losses = (
-            decoder_loss(pipe, next_batch(), encode, uncond_embeds=uncond,
-                         condition_drop_prob=train_config.condition_drop_prob, noise_offset=train_config.noise_offset,
-                         generator=sampling.generator, snr_gamma=train_config.snr_gamma)
-            for _ in range(accumulation)
-        )
-        return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
-                                  max_grad_norm=train_config.max_grad_norm)
+    def micro_batch_loss() -> torch.Tensor:
+        return decoder_loss(pipe, next_batch(), encode, uncond_embeds=uncond,
+                            condition_drop_prob=train_config.condition_drop_prob,
+                            noise_offset=train_config.noise_offset, generator=sampling.generator,
+                            snr_gamma=train_config.snr_gamma)
 
-    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn, summary,
-                      data_stats)
+    return _run_decoder(config, resume, stop_after, accelerator, pipe, train_config, sampling, micro_batch_loss,
+                        summary, data_stats)
 
 
 def _stage_decoder(opts: dict, vision_width: int, size: int):
@@ -375,7 +306,7 @@ def _stage_decoder(opts: dict, vision_width: int, size: int):
     SDXL's UNet (``unet_init``) or a small one from scratch, on pixels or on the frozen VAE's latents."""
     from diffusers import EulerDiscreteScheduler
 
-    from ..model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
+    from ...model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
 
     vae, pixel_scale = _stage_vae(opts), int(opts.get("pixel_scale", 1))
     factor = latent_scale_factor(vae, pixel_scale)
@@ -438,11 +369,11 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
     `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
     """
-    from ..gen.train_video_decoder import video_decoder_loss
-    from ..model.video_decoder import Emu2VideoDecoderPipeline
+    from ...gen.train_video_decoder import video_decoder_loss
+    from ...model.video_decoder import Emu2VideoDecoderPipeline
 
     opts = _options(config, VIDEO_OPTIONS)
-    batch_size, accumulation = sum(_micro_batch_sizes(config).values()), config.gradient_accumulation_steps
+    batch_size = sum(_micro_batch_sizes(config).values())
     if not bool(opts.get("pixel_space", True)):
         raise NotImplementedError("the video decoder stage trains in pixel space only: set decoder.pixel_space: true")
     size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
@@ -474,10 +405,5 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
             generator=sampling.generator, snr_gamma=train_config.snr_gamma,
         )
 
-    def step_fn(optimizer, schedule):
-        losses = (micro_batch_loss() for _ in range(accumulation))  # lazily: one micro-batch in memory at a time
-        return accumulated_update(pipe.unet, losses, optimizer, micro_batches=accumulation, lr_scheduler=schedule,
-                                  max_grad_norm=train_config.max_grad_norm)
-
-    return _run_stage(config, resume, stop_after, accelerator, pipe, train_config, sampling, step_fn,
-                      {"clips": len(clips), "num_frames": num_frames, "n_query": n_query}, stats)
+    return _run_decoder(config, resume, stop_after, accelerator, pipe, train_config, sampling, micro_batch_loss,
+                        {"clips": len(clips), "num_frames": num_frames, "n_query": n_query}, stats)

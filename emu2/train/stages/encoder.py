@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 class CaptionContrast(nn.Module):
@@ -126,20 +124,24 @@ def _attribute_pool(config: TrainConfig, model) -> object:
                          size=config.encoder.attribute_pool, seed=config.seed, pooled=math.isqrt(model.config.n_query))
 
 
-def train_encoder_stage(config: TrainConfig) -> dict:
+def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """``stage: encoder``: pre-training of ``visual`` with the recipe's ``encoder`` objectives: contrastive and
     caption words on the image-caption pairs, and (shapes world) supervised attributes of rendered scenes.
 
     Uses the recipe's model (``model.preset`` or ``model.init_from``), data (a ``pairs`` stream of kind ``pair``
-    in stage-1 layout, read only when a caption objective has weight), ``optim.lr.visual``, warm-up + decay
-    schedule, ``steps`` and ``output_dir``. This short stage keeps no resumable checkpoint: rerun it.
+    in stage-1 layout, read only when a caption objective has weight), ``optim`` (``lr.visual``, betas, eps,
+    weight decay on every weight, ``grad_clip``), the schedule, ``steps`` and ``output_dir``. It runs on the one
+    runner (`emu2.train.runner`): checkpoints hold the encoder and its objectives' heads, so ``resume=True``
+    continues exactly. The output is a full Emu2 model directory, the language model untouched.
     """
-    from emu2.pipeline import Emu2Pipeline
+    from ...pipeline import Emu2Pipeline
+    from ..data import build_data
+    from ..model import build_model
+    from ..optim import build_scheduler
+    from ..runner import Stage, StageSampling, StepReport, run_stage, single_process_accelerator
 
-    from .data import SkippedSampleReport, build_data
-    from .model import build_model
-    from .optim import build_scheduler
-
+    accelerator = single_process_accelerator(config, "encoder")
+    device = accelerator.device
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
     weights = config.encoder
@@ -150,76 +152,69 @@ def train_encoder_stage(config: TrainConfig) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
     vision, n_query = model.config.vision_config, model.config.n_query
-    head = CaptionContrast(len(tokenizer), n_query, vision.width, caption_words=weights.caption_words > 0)
-    attribute_heads = AttributeHeads(n_query, vision.width) if weights.attributes else None
+    heads = nn.ModuleDict({"captions": CaptionContrast(len(tokenizer), n_query, vision.width,
+                                                       caption_words=weights.caption_words > 0)})
+    if weights.attributes:
+        heads["attributes"] = AttributeHeads(n_query, vision.width)
     lr = config.optim.lr.get("visual")
     if lr is None:
         raise ValueError("stage: encoder needs optim.lr.visual")
-    params = [*model.visual.parameters(), *head.parameters(),
-              *(attribute_heads.parameters() if attribute_heads is not None else ())]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+    trained = nn.ModuleDict({"visual": model.visual, "heads": heads}).to(device)  # what checkpoints hold
+    groups = [{"params": list(model.visual.parameters()), "group": "visual"},
+              {"params": list(heads.parameters()), "group": "heads"}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
                                   weight_decay=config.optim.weight_decay)
-    scheduler = build_scheduler(optimizer, config)
     streams = build_data(config, model.config, tokenizer) if uses_captions else None
-    data = iter(streams) if streams is not None else None
-    skipped, step_skips = SkippedSampleReport(streams, config.data.max_skipped_fraction), []
-    pool = _attribute_pool(config, model) if attribute_heads is not None else None
+    sampling = StageSampling(config.seed, streams)  # its generator draws the rendered scenes and their views
+    pool = _attribute_pool(config, model) if weights.attributes else None
     if pool is not None:
         from emu2.data.shapes.supervision import LABEL_CLASSES, SHAPE_LABELS, shape_view
 
         colour_labels = [k for k in LABEL_CLASSES if k not in SHAPE_LABELS]
-    sampler = torch.Generator().manual_seed(config.seed)
     batch_size = next(iter(config.data.streams.values())).batch_size if config.data.streams else 64
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                              enabled=config.mixed_precision == "bf16")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    losses, seconds, parts = [], [], []
-    zero = torch.zeros(())
-    bar = tqdm(range(config.steps), desc="encoder", unit="step")
-    for step in bar:
-        started = time.perf_counter()
+    zero = torch.zeros((), device=device)
+    batches = None
+
+    def step() -> StepReport:
+        nonlocal batches
         contrastive = words = attributes = zero
-        if data is not None:
-            batch = next(data)
-            ids, mask = caption_tokens(batch)
-            with autocast:
-                features = model.visual.encode_image(batch["images"], n_query).float()
-            contrastive = head(features, ids, mask) if weights.contrastive else zero
-            words = head.caption_word_loss(features, ids, mask) if weights.caption_words else zero
+        if streams is not None:
+            batches = batches or iter(streams)  # opened on first use: after a resumed checkpoint set the position
+            batch = next(batches)
+            ids, mask = (t.to(device) for t in caption_tokens(batch))
+            with accelerator.autocast():
+                features = model.visual.encode_image(batch["images"].to(device), n_query).float()
+            contrastive = heads["captions"](features, ids, mask) if weights.contrastive else zero
+            words = heads["captions"].caption_word_loss(features, ids, mask) if weights.caption_words else zero
         if pool is not None:  # half the scenes in colour (every label but shape), half colourless (shape only)
-            labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=sampler))
+            labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=sampling.generator))
             half = batch_size // 2
-            colourless = shape_view(labelled["images"][half:], sampler)
-            with autocast:
-                tokens = model.visual(torch.cat([labelled["images"][:half], colourless])).float()
+            colourless = shape_view(labelled["images"][half:], sampling.generator)
+            labelled = {k: v.to(device) for k, v in labelled.items()}
+            with accelerator.autocast():
+                tokens = model.visual(torch.cat([labelled["images"][:half], colourless.to(device)])).float()
             pooled = model.visual.pool(tokens, n_query)
             first = {k: v[:half] for k, v in labelled.items()}
             second = {k: v[half:] for k, v in labelled.items()}
-            attributes = (attribute_heads(tokens[:half], pooled[:half], first, colour_labels)
-                          + attribute_heads(tokens[half:], pooled[half:], second, SHAPE_LABELS))
+            attributes = (heads["attributes"](tokens[:half], pooled[:half], first, colour_labels)
+                          + heads["attributes"](tokens[half:], pooled[half:], second, SHAPE_LABELS))
         loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
         value = float(loss.detach())
-        if not math.isfinite(value):  # before the update: the weights stay as they were
-            raise FloatingPointError(f"encoder stage: loss {value} at step {step + 1}; nothing was saved")
+        parts = {"contrastive_loss": float(contrastive.detach()), "caption_word_loss": float(words.detach()),
+                 "attribute_loss": float(attributes.detach())}
+        if not math.isfinite(value):  # before backward and the update: the weights stay as they were
+            return StepReport(value, parts, diverged=f"encoder loss {value}")
         loss.backward()
         if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), config.optim.grad_clip)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(value)
-        parts.append((float(contrastive.detach()), float(words.detach()), float(attributes.detach())))
-        seconds.append(time.perf_counter() - started)
-        step_skips.append(skipped.update())  # stops past data.max_skipped_fraction
-        bar.set_postfix_str(f"loss {losses[-1]:.3f} | lr {scheduler.get_last_lr()[0]:.2e}{skipped.postfix()}",
-                            refresh=False)
-    bar.close()
-    model.eval()
-    Emu2Pipeline(model, tokenizer).save_pretrained(out)
-    rows = (json.dumps({"step": i, "loss": value, "contrastive_loss": c, "caption_word_loss": w,
-                        "attribute_loss": a, "step_seconds": round(took, 4), **step_skips[i - 1]})
-            for i, (value, (c, w, a), took) in enumerate(zip(losses, parts, seconds), 1))
-    (out / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
-    return {"step": len(losses), "finished": True, "output_dir": str(out), "loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None, **skipped.summary()}
+        return StepReport(value, parts)
+
+    def save_output(out: Path) -> None:
+        model.eval()
+        Emu2Pipeline(model, tokenizer).save_pretrained(out)
+
+    stage = Stage(accelerator, trained, optimizer, build_scheduler(optimizer, config), step, save_output,
+                  state=sampling, data_stats=streams)
+    return run_stage(config, stage, resume=resume, stop_after=stop_after)

@@ -1,11 +1,12 @@
-"""The training loop shared by every Emu2 stage (paper 2.2, 2.3): a readable function over composable parts.
+"""The language-model stages (paper 2.2, 2.3: stage 1, stage 2, Emu2-Chat, Emu2-Gen, the shapes LM): the step
+function (`train_step`) and the distributed set-up they hand the runner (`emu2.train.runner`).
 
     config = load_config("shapes-stage1", ["steps=100"])
     summary = train(config)                 # or: emu2 train shapes-stage1 steps=100 [--resume]
 
 Distribution is accelerate's: launch with ``accelerate launch --config_file ... -m emu2.train RECIPE`` for DDP,
-FSDP or DeepSpeed ZeRO 1-3 (``configs/accelerate/``); a plain ``emu2 train`` is one process. Stages differ only in
-their recipe YAML.
+FSDP or DeepSpeed ZeRO 1-3 (``configs/accelerate/``); a plain ``emu2 train`` is one process. These stages differ
+only in their recipe YAML.
 
 Loss normalisation (torchtune): an optimizer step sums cross-entropy over every supervised token and squared
 error over every regressed visual slot of all its micro-batches, on all ranks, and divides each by its global
@@ -26,25 +27,19 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
-from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import is_deepspeed, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import SkippedSampleReport, build_data
-from .metrics import MetricsWriter, progress_bar, progress_text
-from .model import base_model, build_model, is_lora, merged_model
-from .optim import build_optimizer, build_scheduler
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the run stopped before updating the weights."""
+from ..checkpoint import is_deepspeed
+from ..config import TrainConfig
+from ..data import build_data
+from ..model import base_model, build_model, is_lora, merged_model
+from ..optim import build_optimizer, build_scheduler
+from ..runner import Stage, StepReport, TrainingDiverged, has_device, run_stage
 
 
 @dataclass
@@ -144,22 +139,14 @@ def _deepspeed_update(engine, optimizer, result: StepResult, config: TrainConfig
     return result
 
 
-def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: int | None = None) -> dict:
-    """Run (or resume) one stage; returns a summary. The stage output is an Emu2Pipeline at ``output_dir``.
+def train_lm_stage(config: TrainConfig, resume: bool = False, data=None, stop_after: int | None = None) -> dict:
+    """Run (or resume) a language-model stage (stage 1, stage 2, chat, Gen, the shapes LM) through
+    `emu2.train.runner.run_stage`; the output is an Emu2Pipeline at ``output_dir``.
 
     ``data``: an iterable of collated batches with ``state_dict``/``load_state_dict`` (and optionally
     ``micro_batches_per_step``, and ``stats``: the data layer's skip counters) instead of the recipe's data
-    section. ``stop_after``: checkpoint and return once this step is done (time-sliced jobs; tests of resumption).
-
-    Skipped samples (`SkippedSampleReport`, summed over ranks at each logged step) go to the progress bar,
-    metrics.jsonl and the summary; past ``data.max_skipped_fraction`` the run stops with `TooManySkippedSamples`.
+    section. ``stop_after``: checkpoint and return once this step is done.
     """
-    if config.stage in ("decoder", "video-decoder"):
-        return _train_decoder(config, resume, stop_after)
-    if config.stage == "encoder":  # contrastive pre-training of a random vision encoder (no resumable state)
-        from .contrastive import train_encoder_stage
-
-        return train_encoder_stage(config)
     from accelerate.utils import set_seed
 
     accelerator = _accelerator(config)
@@ -173,89 +160,31 @@ def train(config: TrainConfig, *, resume: bool = False, data=None, stop_after: i
     if is_deepspeed(accelerator):
         _recipe_into_deepspeed_config(accelerator, config, per_step)
     model, optimizer = _prepare(accelerator, model, config)
-    scheduler = build_scheduler(optimizer, config)
+    batches = None
 
-    out = Path(config.output_dir)
-    checkpoints = out / "checkpoints"
-    start, tokens_seen = 0, 0
-    if resume:
-        state = load_checkpoint(checkpoints, accelerator, model, optimizer, scheduler, data)
-        start, tokens_seen = state["step"], state.get("tokens", 0)
-    elif list_checkpoints(checkpoints):
-        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
-                              "set output_dir to a new directory")
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(config.to_yaml())
-    metrics = MetricsWriter(out, enabled=main, tensorboard=config.log.tensorboard,
-                            resume_step=start if resume else None)
-    bar = progress_bar(config.steps, start, main and config.log.progress, f"{config.stage}")
+    def step() -> StepReport:
+        nonlocal batches
+        batches = batches or iter(data)  # opened on first use: after a resumed checkpoint restored the position
+        window = [next(batches) for _ in range(per_step)]
+        result = train_step(model, optimizer, window, accelerator, config)
+        why = (f"loss {result.loss} (text {result.text_loss}, regression {result.regression_loss}), gradient norm "
+               f"{result.grad_norm}") if diverged(result, config) else None
+        return StepReport(result.loss, {"text_loss": result.text_loss, "regression_loss": result.regression_loss,
+                                         "text_targets": result.text_targets,
+                                         "regression_targets": result.regression_targets,
+                                         "grad_norm": result.grad_norm}, why, result.tokens)
 
-    batches = iter(data)
-    step = start
-    skipped = SkippedSampleReport(data, config.data.max_skipped_fraction, gather=_summed_over_ranks)
-    try:
-        while step < config.steps and (stop_after is None or step < stop_after):
-            began = time.perf_counter()
-            window = [next(batches) for _ in range(per_step)]
-            lrs = {g["group"]: g["lr"] for g in optimizer.param_groups}
-            result = train_step(model, optimizer, window, accelerator, config)
-            if diverged(result, config):
-                last = list_checkpoints(checkpoints)
-                raise TrainingDiverged(
-                    f"step {step + 1}: loss {result.loss} (text {result.text_loss}, regression "
-                    f"{result.regression_loss}), gradient norm {result.grad_norm}; stopped before updating the "
-                    f"weights. Last good checkpoint: {last[0][1] if last else 'none'} (resume from it with a lower "
-                    "learning rate, more warm-up or a smaller grad_clip, or check the data of this step)")
-            scheduler.step()
-            step += 1
-            tokens_seen += result.tokens
-            seconds = time.perf_counter() - began
-            values = {"loss": result.loss, "text_loss": result.text_loss, "regression_loss": result.regression_loss,
-                      "text_targets": result.text_targets, "regression_targets": result.regression_targets,
-                      "grad_norm": result.grad_norm, "lr": lrs.get("lm", next(iter(lrs.values()))),
-                      **{f"lr/{g}": v for g, v in lrs.items()}, "tokens": tokens_seen,
-                      "tokens_per_s": result.tokens / seconds, "step_seconds": seconds}
-            logged = step % config.log.every == 0 or step == config.steps or step == start + 1
-            if logged:
-                skipped.update(check=False)  # a collective: every rank reads at the same steps
-            values.update(skipped.metrics())
-            bar.set_postfix_str(progress_text(values) + skipped.postfix(), refresh=False)
-            bar.update(1)
-            if logged:
-                metrics.log(step, values)
-                skipped.check()  # after logging: the counts that stop a run are in metrics.jsonl
-            if step % config.checkpoint.every == 0 or step == config.steps or step == stop_after:
-                save_checkpoint(checkpoints, step, accelerator, model, optimizer, scheduler, data,
-                                {"tokens": tokens_seen}, config.checkpoint.keep_last)
-    finally:
-        bar.close()
-        metrics.close()
-
-    finished = step >= config.steps
-    if finished:
-        save_output(accelerator, model, tokenizer, out)
-    accelerator.wait_for_everyone()
-    return {"step": step, "finished": finished, "tokens": tokens_seen, "output_dir": str(out),
-            "loss": result.loss if step > start else None, **skipped.summary()}
-
-
-def _summed_over_ranks(stats: dict) -> Counter:
-    """One rank's data counters summed with every other rank's (a collective)."""
-    from accelerate.utils import gather_object
-
-    total: Counter = Counter()
-    for rank_stats in gather_object([stats]):
-        total.update(rank_stats)
-    return total
+    stage = Stage(accelerator, model, optimizer, build_scheduler(optimizer, config), step,
+                  lambda out: save_output(accelerator, model, tokenizer, out), state=data, data_stats=data,
+                  counts_tokens=True)
+    return run_stage(config, stage, resume=resume, stop_after=stop_after)
 
 
 def save_output(accelerator, model, tokenizer, out: Path) -> None:
     """The stage output: an Emu2Pipeline directory (config, safetensors, tokenizer), LoRA merged."""
     from emu2.pipeline import Emu2Pipeline
 
-    from .checkpoint import full_model_state
+    from ..checkpoint import full_model_state
 
     unwrapped = accelerator.unwrap_model(model)
     if is_lora(unwrapped):
@@ -275,13 +204,13 @@ def _accelerator(config: TrainConfig):
     # find_unused_parameters: stage 1 never uses project_down, text-only batches never use the vision tower.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and not _has_device():
+    if deepspeed and not has_device():
         handlers.append(_deepspeed_cpu_backend())
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # cpu=True lets `accelerate launch --multi_gpu` run gloo ranks on a CPU-only machine; accelerate sets
         # DeepSpeed up only with cpu=False, and DeepSpeed then runs on its CPU accelerator.
-        cpu=not _has_device() and not deepspeed,
+        cpu=not has_device() and not deepspeed,
         kwargs_handlers=handlers,
     )
     kind = accelerator.distributed_type
@@ -364,11 +293,6 @@ def _full_model_on_every_rank(accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-def _has_device() -> bool:
-    api = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    return api.is_available() if api is not None else torch.cuda.is_available()
-
-
 def _prepare(accelerator, model, config: TrainConfig):
     from accelerate.utils import DistributedType
 
@@ -379,17 +303,3 @@ def _prepare(accelerator, model, config: TrainConfig):
         model = accelerator.prepare(model)  # FSDP1 flattens parameters: build the optimizer on the wrapped model
         return model, accelerator.prepare(build_optimizer(model, config))
     return accelerator.prepare(model, build_optimizer(model, config))
-
-
-def _train_decoder(config: TrainConfig, resume: bool, stop_after: int | None = None) -> dict:
-    """``stage: decoder`` / ``video-decoder`` (paper 2.2.3): handed to `emu2.train.decoder_stage`.
-
-    Its ``train_decoder_stage`` / ``train_video_decoder_stage(config, resume, stop_after)`` read the recipe's
-    ``model.init_from`` (the frozen stage-1 encoder), ``data`` (image shards), ``optim``, ``schedule``, ``steps``,
-    ``checkpoint``, ``output_dir`` and the free-form ``decoder`` section (unet_init, output_image_size,
-    cfg_drop_prob, noise_offset, ...).
-    """
-    from .decoder_stage import train_decoder_stage, train_video_decoder_stage
-
-    entry = train_video_decoder_stage if config.stage == "video-decoder" else train_decoder_stage
-    return entry(config, resume=resume, **({} if stop_after is None else {"stop_after": stop_after}))

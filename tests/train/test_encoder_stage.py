@@ -3,8 +3,8 @@
 import torch
 
 from emu2.pipeline import Emu2Pipeline
-from emu2.train.contrastive import CaptionContrast
-from emu2.train.loop import train
+from emu2.train import train
+from emu2.train.stages.encoder import CaptionContrast
 
 from .conftest import tiny_config
 
