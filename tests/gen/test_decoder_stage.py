@@ -14,16 +14,11 @@ from emu2.gen.train_decoder import (
     freeze_for_decoder_training,
 )
 from emu2.gen.train_video_decoder import video_decoder_training_step
-from emu2.lr_schedule import lr_factor
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train import train
 from emu2.train.config import load_config
-from emu2.train.data import TooManySkippedSamples
-
-from ..conftest import write_damaged_pair_shards
 
 SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
-
 
 
 @pytest.fixture(scope="module")
@@ -63,30 +58,6 @@ def _unet_state(out):
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_interrupted_and_resumed_decoder_run_equals_an_uninterrupted_one(world, tmp_path):
-    straight = tmp_path / "straight"
-    assert train(_image_config(world, straight))["finished"]
-
-    resumed = tmp_path / "resumed"
-    first = train(_image_config(world, resumed), stop_after=2)
-    assert (first["step"], first["finished"]) == (2, False)
-    assert not (resumed / "model_index.json").exists()  # not finished: no stage output yet
-    assert (resumed / "checkpoints" / "step-00000002" / "manifest.json").is_file()
-    with pytest.raises(FileExistsError, match="--resume"):
-        train(_image_config(world, resumed))  # a fresh run must not silently overwrite the checkpoints
-    second = train(_image_config(world, resumed), resume=True)
-    assert (second["step"], second["finished"]) == (4, True)
-
-    assert _losses(resumed) == _losses(straight) and len(_losses(straight)) == 4
-    a, b = _unet_state(straight), _unet_state(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # The optimizer and schedule continued too: the saved step-4 checkpoints hold the same AdamW state.
-    opt_a = torch.load(straight / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
-    opt_b = torch.load(resumed / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)
-    for key, state in opt_a["state"].items():
-        assert all(torch.equal(v, opt_b["state"][key][name]) for name, v in state.items())
-
-
 def test_accumulated_decoder_run_logs_optimizer_steps_and_resumes_exactly(world, tmp_path):
     """batch_size 4 per optimizer step, in gradient_accumulation_steps=2 micro-batches of 2."""
     accumulate = ("data.streams.images.batch_size=4", "gradient_accumulation_steps=2")
@@ -105,40 +76,6 @@ def test_accumulated_decoder_run_logs_optimizer_steps_and_resumes_exactly(world,
 def test_a_batch_size_that_accumulation_does_not_divide_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=2 is not a positive multiple .* gradient_accumulation_steps \(3\)"):
         train(_image_config(world, tmp_path, "gradient_accumulation_steps=3"))
-
-
-def test_decoder_stage_optimizer_has_the_recipes_betas_eps_and_weight_decay(world, tmp_path):
-    train(_image_config(world, tmp_path, "steps=1", "optim.betas=[0.8,0.95]", "optim.eps=1e-5",
-                        "optim.weight_decay=0.02"))
-    state = torch.load(tmp_path / "checkpoints" / "step-00000001" / "optimizer.pt", weights_only=True)
-    [group] = state["param_groups"]
-    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-5, 0.02)
-
-
-def test_decoder_stage_learning_rate_follows_the_language_model_schedule(world, tmp_path):
-    train(_image_config(world, tmp_path, "steps=5", "schedule.warmup_steps=2", "schedule.decay=cosine",
-                        "optim.lr.unet=1e-3"))
-    rates = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rates == pytest.approx([1e-3 * lr_factor(k, 5, 2, "cosine") for k in range(5)])
-
-
-def _damaged_config(world, out, *overrides):
-    shards = write_damaged_pair_shards(out.parent, SIZE)
-    return _image_config(world, out, f"data.streams.images.sources=[{{kind: pair, urls: '{shards}/{{mixed,cut}}.tar'}}]",
-                         *overrides)
-
-
-def test_decoder_stage_reports_skipped_samples_by_reason(world, tmp_path):
-    result = train(_damaged_config(world, tmp_path / "run", "steps=2", "data.max_skipped_fraction=1.0"))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped/bad_image"] == 2 and records[-1]["skipped/read_errors"] == 1
-    # the cut shard: one read error, and the sample the cut went through arrives without its image (bad_record)
-    assert result["skipped"] == {"bad_image": 2, "bad_record": 1, "read_errors": 1}
-
-
-def test_decoder_stage_stops_past_the_skipped_threshold(world, tmp_path):
-    with pytest.raises(TooManySkippedSamples, match=r"bad_image 2, bad_record 1, read_errors 1.*data\.max_skipped_fraction=0\.1\b"):
-        train(_damaged_config(world, tmp_path / "run", "data.max_skipped_fraction=0.1"))
 
 
 def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):

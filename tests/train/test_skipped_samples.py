@@ -126,15 +126,3 @@ def test_a_shard_cut_at_a_member_boundary_is_reported_as_a_truncated_shard(tmp_p
                           overrides=[f"data.streams={stream}", "steps=6", "data.max_skipped_fraction=0.1"]))
 
 
-def test_the_encoder_stage_reports_the_samples_its_caption_stream_skipped(damaged_shards, tmp_path):
-    stream = f"{{pairs: {{batch_size: 2, sources: [{{kind: pair, urls: '{damaged_shards}/{{mixed,cut}}.tar'}}]}}}}"
-    config = tiny_config("shapes-encoder", tmp_path, overrides=[
-        f"data.streams={stream}", "steps=4", "encoder.contrastive=1.0", "encoder.attributes=0.0",
-        "data.max_skipped_fraction=1.0"], batch_size=2)
-    summary = train(config)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert summary["skipped"]["bad_image"] >= 1 and rows[-1]["skipped/bad_image"] == summary["skipped"]["bad_image"]
-    with pytest.raises(TooManySkippedSamples):
-        train(tiny_config("shapes-encoder", tmp_path / "strict", overrides=[
-            f"data.streams={stream}", "steps=8", "encoder.contrastive=1.0", "encoder.attributes=0.0",
-            "data.max_skipped_fraction=0.1"], batch_size=2))
