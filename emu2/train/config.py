@@ -178,6 +178,46 @@ class EncoderSection:
 
 
 @dataclass
+class DecoderSection:
+    """``stage: decoder`` / ``video-decoder`` only (`emu2.train.stages.decoder`, paper 2.2.3, A.3): the visual
+    decoder and how it trains. Fields marked (image) or (video) are read by that stage only; validation rejects
+    the other stage's fields when they are set."""
+
+    output_image_size: int = 64  # image side in pixels (the shapes world: 64; paper: 1024)
+    pixel_space: bool = True  # true: the UNet denoises pixels, no VAE; false (image): the latents of ``vae``
+    pixel_scale: int = 1  # pixel space: the UNet works at output_image_size / pixel_scale, outputs are enlarged
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # UNet block widths (a UNet from scratch)
+    attention: list[bool] | None = None  # per UNet level: cross-attention or not (null: every level but the first)
+    layers_per_block: int = 1  # resnet (+ attention) layers per UNet level
+    scheduler: dict[str, Any] = field(default_factory=dict)  # overrides of the official Euler scheduler config
+    cfg_drop_prob: float = 0.1  # embeddings replaced by the unconditional ones with this probability (Table 6)
+    noise_offset: float = 0.1  # Table 6
+    snr_gamma: float | None = None  # Min-SNR loss weighting gamma (null: the plain MSE of the paper)
+    # (image)
+    unet_init: str | None = None  # local diffusers folder (SDXL-base checkout with unet/, or a UNet folder) to
+    # start from; its cross-attention and pooled-embedding projections are resized to the vision width
+    # (`emu2.gen.sdxl.load_pretrained_decoder_unet`); null: a small UNet from scratch (channels, attention, ...)
+    vae: str | None = None  # local AutoencoderKL folder for pixel_space: false (default: the vae/ of unet_init)
+    max_scale: float = 1.25  # largest random up-scaling before the random crop (A.3.1; 1.0: no crops)
+    cache_embeddings: bool = False  # encode every training image once up front (max_scale 1.0, not streaming)
+    max_images: int = 4000  # training images read from the shards into memory (not with streaming)
+    streaming: bool = False  # stream the shards (data.num_workers processes), the position saved in checkpoints
+    encoder_image_size: int | None = None  # the encoder's input size, checked against model.init_from's
+    min_image_size: int = 0  # images whose short side is smaller are skipped (A.3.1)
+    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass (SDXL at 1024 px)
+    # (video)
+    num_frames: int | None = None  # frames per clip (null: every frame of the first clip)
+    n_query: int | None = None  # embeddings per frame (null: the model's v_query, what Emu2 regresses per frame)
+    max_clips: int = 256  # training clips read and encoded up front
+
+
+# What only one of the two decoder stages reads.
+_IMAGE_DECODER_ONLY = ("unet_init", "vae", "max_scale", "cache_embeddings", "max_images", "streaming",
+                       "encoder_image_size", "min_image_size", "gradient_checkpointing")
+_VIDEO_DECODER_ONLY = ("num_frames", "n_query", "max_clips")
+
+
+@dataclass
 class LogSection:
     every: int = 10
     tensorboard: bool = True
@@ -201,7 +241,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     encoder: EncoderSection = field(default_factory=EncoderSection)
-    decoder: dict[str, Any] = field(default_factory=dict)  # read by emu2.train.stages.decoder (stage: decoder)
+    decoder: DecoderSection = field(default_factory=DecoderSection)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -459,6 +499,7 @@ def validate(config: TrainConfig) -> None:
         problems.append(f"encoder: the section is read by stage: encoder only, not stage: {config.stage}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:
         problems.append("checkpoint.every and checkpoint.keep_last must be positive")
+    problems += _decoder_problems(config)
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 
@@ -470,6 +511,35 @@ _NOT_READ_BY_DECODER_STAGES = {
     "data": ("split", "max_length", "sequence", "augmentation", "synthetic"),
     "optim": ("freeze",),
 }
+
+
+def _decoder_problems(config: TrainConfig) -> list[str]:
+    """The ``decoder`` section: set only for the decoder stages, only the fields of the stage, consistent."""
+    d, default = config.decoder, DecoderSection()
+    if config.stage not in ("decoder", "video-decoder"):
+        return [] if d == default else [f"decoder: the section is read by the decoder stages only, not stage: "
+                                        f"{config.stage}"]
+    other = _VIDEO_DECODER_ONLY if config.stage == "decoder" else _IMAGE_DECODER_ONLY
+    problems = [f"decoder.{name} is not used by stage {config.stage} (it is {getattr(d, name)!r}): remove it"
+                for name in other if getattr(d, name) != getattr(default, name)]
+    if config.stage == "video-decoder" and not d.pixel_space:
+        problems.append("decoder.pixel_space: the video decoder stage trains in pixel space only: set it to true")
+    if d.pixel_scale < 1 or d.output_image_size % d.pixel_scale:
+        problems.append(f"decoder.pixel_scale {d.pixel_scale} must divide decoder.output_image_size "
+                        f"{d.output_image_size}")
+    if d.pixel_scale != 1 and not d.pixel_space:
+        problems.append("decoder.pixel_scale applies to pixel space only; with pixel_space: false the VAE sets the "
+                        "scale: drop decoder.pixel_scale")
+    if d.vae is not None and d.pixel_space:
+        problems.append("decoder.vae is set but decoder.pixel_space is true: set pixel_space: false to train on the "
+                        "VAE's latents, or drop decoder.vae")
+    if d.streaming and d.cache_embeddings:
+        problems.append("decoder.streaming reads each image once, as it comes: set decoder.cache_embeddings: false")
+    if d.cache_embeddings and d.max_scale != 1.0:
+        problems.append("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the input)")
+    if d.attention is not None and len(d.attention) != len(d.channels):
+        problems.append(f"decoder.attention has {len(d.attention)} levels, decoder.channels {len(d.channels)}")
+    return problems
 
 
 def _unused_by_decoder_stages(config: TrainConfig) -> list[str]:

@@ -55,7 +55,7 @@ def test_full_scale_recipes_carry_the_paper_hyperparameters():
     assert load_config("emu2-gen-qft").steps == 900
     decoder = load_config("emu2-decoder")
     assert (decoder.steps, decoder.optim.betas, decoder.optim.weight_decay) == (8000, [0.9, 0.999], 0.01)
-    assert decoder.decoder["cfg_drop_prob"] == 0.1 and decoder.decoder["noise_offset"] == 0.1
+    assert decoder.decoder.cfg_drop_prob == 0.1 and decoder.decoder.noise_offset == 0.1
     for name in FULL:
         c = load_config(name)
         assert c.mixed_precision == "bf16" and c.optim.eps in (1e-6, 1e-8)
@@ -108,3 +108,16 @@ def test_a_decoder_stage_refuses_recipe_fields_it_does_not_use():
     for field in ("lora.enabled", "optim.freeze", "data.max_length", "model.activation_checkpointing", "optim.lr"):
         assert field in str(err.value)
     assert "decoder.gradient_checkpointing" in str(err.value)
+
+
+def test_the_decoder_section_is_typed_and_each_decoder_stage_takes_only_its_own_fields():
+    with pytest.raises(ConfigError, match=r"decoder\.output_image_size must be int"):
+        load_config("shapes-decoder", ["decoder.output_image_size=large"])
+    with pytest.raises(ConfigError) as err:
+        load_config("shapes-decoder", ["decoder.num_frames=4", "decoder.pixel_scale=3"])
+    assert "decoder.num_frames is not used by stage decoder" in str(err.value)
+    assert "pixel_scale 3 must divide decoder.output_image_size 64" in str(err.value)
+    with pytest.raises(ConfigError, match="decoder.streaming is not used by stage video-decoder"):
+        load_config("shapes-video-decoder", ["decoder.streaming=true"])
+    with pytest.raises(ConfigError, match="read by the decoder stages only, not stage: stage1"):
+        load_config("shapes-stage1", ["decoder.noise_offset=0.2"])

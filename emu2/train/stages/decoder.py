@@ -1,7 +1,7 @@
 """The decoder recipe stages of `emu2 train`: ``stage: decoder`` (`train_decoder_stage`) and
 ``stage: video-decoder`` (`train_video_decoder_stage`), paper 2.2.3 with the A.3 hyper-parameters from the recipe.
 
-Each reads the recipe's free-form ``decoder`` section (`IMAGE_OPTIONS`, `VIDEO_OPTIONS`), loads the frozen
+Each reads the recipe's ``decoder`` section (`emu2.train.config.DecoderSection`), loads the frozen
 stage-1 encoder, builds the decoder (a small one from scratch, `emu2.gen.small_decoders`, or SDXL-base's UNet,
 `emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and hands the runner
 (`emu2.train.runner`, through `_run_decoder`) the training step (`emu2.gen.train_decoder`); `StageSampling` holds
@@ -36,45 +36,10 @@ from ...gen.train_decoder import (
     freeze_for_decoder_training,
     prepare_decoder_batch,
 )
+from ..config import DecoderSection
 from ..data import StreamBatches, _sources, micro_batch_size
 from ..optim import build_decoder_optimizer, build_scheduler
 from ..runner import Stage, StageSampling, StepReport, run_stage, single_process_accelerator
-
-# The recipe's free-form ``decoder`` section (both stages). Keys not listed raise an error naming the closest one.
-IMAGE_OPTIONS = {
-    "output_image_size": "image side in pixels (the shapes world: 64; paper: 1024)",
-    "pixel_space": "true: no VAE, the UNet denoises pixels (default); false: VAE latents (decoder.vae)",
-    "unet_init": "local diffusers folder (SDXL-base checkout with unet/, or a UNet folder) to start from; its "
-                 "cross-attention and pooled-embedding projections are resized to the vision width "
-                 "(load_pretrained_decoder_unet); null: a small UNet from scratch (channels, attention, ...)",
-    "vae": "local AutoencoderKL folder (SDXL's vae/, or a train_small_autoencoder save) for pixel_space: false; "
-           "default: the vae/ next to unet_init",
-    "pixel_scale": "pixel space: the UNet works at output_image_size / pixel_scale, outputs are enlarged (1)",
-    "channels": "UNet block widths, e.g. [32, 64, 64]",
-    "attention": "per UNet level: cross-attention there or not (default: every level but the first)",
-    "layers_per_block": "resnet (+ attention) layers per UNet level (1)",
-    "scheduler": "overrides of the official Euler scheduler config (prediction_type, beta_schedule, ...)",
-    "cfg_drop_prob": "embeddings replaced by the unconditional ones with this probability (Table 6: 0.1)",
-    "noise_offset": "Table 6: 0.1",
-    "snr_gamma": "Min-SNR loss weighting gamma (null: the plain MSE of the paper)",
-    "max_scale": "largest random up-scaling before the random crop (A.3.1; 1.0: no crop augmentation)",
-    "cache_embeddings": "encode every training image once up front (needs max_scale 1.0; not with streaming)",
-    "max_images": "how many training images are read from the shards into memory (4000; not with streaming)",
-    "streaming": "true: stream the shards in batches (DecoderImageShards, data.num_workers processes), the "
-                 "position saved in checkpoints; false: read max_images images into memory (default)",
-    "encoder_image_size": "the encoder's input size; checked against model.init_from's (paper: 448)",
-    "min_image_size": "images whose short side is smaller are skipped (A.3.1; default 0)",
-    "gradient_checkpointing": "recompute UNet activations in the backward pass (SDXL at 1024 px needs it)",
-}
-VIDEO_OPTIONS = {
-    **{k: IMAGE_OPTIONS[k] for k in ("output_image_size", "pixel_scale", "channels", "attention",
-                                     "layers_per_block", "scheduler", "cfg_drop_prob", "noise_offset",
-                                     "snr_gamma")},
-    "num_frames": "frames per clip (default: every frame of the first clip)",
-    "n_query": "embeddings per frame (default: the model's v_query, what Emu2 regresses per video frame)",
-    "max_clips": "how many training clips are read and encoded up front (256)",
-    "pixel_space": "must be true: the video decoder stage trains in pixel space only",
-}
 
 
 def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[list, Counter]:
@@ -107,26 +72,6 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[l
     return records, stats
 
 
-def _options(config, known: dict) -> dict:
-    import difflib
-
-    opts = dict(config.decoder)
-    for key in opts:
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            raise ValueError(f"unknown decoder option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                             + f" (known: {', '.join(known)})")
-    size, scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
-    if scale < 1 or size % scale:
-        raise ValueError(f"decoder.pixel_scale {scale} must divide decoder.output_image_size {size}")
-    if scale != 1 and not bool(opts.get("pixel_space", True)):
-        raise ValueError("decoder.pixel_scale applies to pixel space only; with pixel_space: false the VAE sets the "
-                         "scale: drop decoder.pixel_scale")
-    if opts.get("streaming") and opts.get("cache_embeddings"):
-        raise ValueError("decoder.streaming reads each image once, as it comes: set decoder.cache_embeddings: false")
-    return opts
-
-
 def _micro_batch_sizes(config) -> dict[str, int]:
     """Each stream's batch per micro-step: its ``batch_size`` (per optimizer step, as in the language-model
     stages) over ``gradient_accumulation_steps``; the stages run in one process. Raises if it does not divide."""
@@ -134,7 +79,7 @@ def _micro_batch_sizes(config) -> dict[str, int]:
             for name, stream in config.data.streams.items()}
 
 
-def _stage_setup(config, opts: dict):
+def _stage_setup(config, opts: DecoderSection):
     """(accelerator, frozen encoder on its device, the optimisation settings)."""
     from ...pipeline import Emu2Pipeline
 
@@ -145,9 +90,9 @@ def _stage_setup(config, opts: dict):
     # The optimizer and schedule come from the recipe (`_run_decoder`); these are the step's own settings.
     train_config = DecoderTrainingConfig(
         max_grad_norm=config.optim.grad_clip,
-        condition_drop_prob=float(opts.get("cfg_drop_prob", 0.1)), noise_offset=float(opts.get("noise_offset", 0.1)),
-        max_scale=float(opts.get("max_scale", 1.25)),
-        snr_gamma=None if opts.get("snr_gamma") is None else float(opts["snr_gamma"]),
+        condition_drop_prob=opts.cfg_drop_prob, noise_offset=opts.noise_offset,
+        max_scale=opts.max_scale,
+        snr_gamma=opts.snr_gamma,
     )
     return accelerator, encoder, train_config
 
@@ -202,8 +147,8 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     Full scale (``emu2-decoder``): SDXL-base's UNet from a local folder (``decoder.unet_init``, adapted by
     `load_pretrained_decoder_unet`), trained on the latents of its frozen VAE (``pixel_space: false``) over
     streamed shards (``streaming: true``). Shapes scale (``shapes-decoder``): a small pixel-space UNet from
-    scratch over images held in memory. The recipe's free-form ``decoder`` section is described by
-    `IMAGE_OPTIONS`. Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent
+    scratch over images held in memory. The recipe's ``decoder`` section is
+    `emu2.train.config.DecoderSection`. Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent
     space) in ``output_dir``, ``metrics.jsonl``, ``checkpoints/`` (``resume=True`` continues the last valid one
     exactly, data position included; ``stop_after``: checkpoint and return once that step is done) and, with
     ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
@@ -212,27 +157,27 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
 
     from ...processing import preprocess_images
 
-    opts = _options(config, IMAGE_OPTIONS)
-    size = int(opts.get("output_image_size", 64))
+    opts = config.decoder  # validated with the recipe (emu2.train.config)
+    size = opts.output_image_size
     micro_batch_sizes, accumulation = _micro_batch_sizes(config), config.gradient_accumulation_steps
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
-    if opts.get("encoder_image_size") is not None and int(opts["encoder_image_size"]) != vision.image_size:
-        raise ValueError(f"decoder.encoder_image_size is {opts['encoder_image_size']} but the encoder in "
+    if opts.encoder_image_size is not None and opts.encoder_image_size != vision.image_size:
+        raise ValueError(f"decoder.encoder_image_size is {opts.encoder_image_size} but the encoder in "
                          f"model.init_from={config.model.init_from} takes {vision.image_size} px images: point "
                          "init_from at the matching stage-1 model or change encoder_image_size")
     pipe, reinitialised = _stage_decoder(opts, vision.width, size)
     pipe.to(accelerator.device).set_progress_bar_config(disable=True)
     uncond = _null_embeddings(encoder, encoder.config.n_query)
     summary: dict = {}
-    if opts.get("unet_init") is not None:
+    if opts.unet_init is not None:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "unet_init.json").write_text(json.dumps(
-            {"unet_init": str(opts["unet_init"]),
+            {"unet_init": opts.unet_init,
              "reinitialised": {k: {"pretrained": list(a), "now": list(b)} for k, (a, b) in reinitialised.items()}},
             indent=1))
-        logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s", opts["unet_init"],
+        logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s", opts.unet_init,
                                          len(reinitialised), vision.width, ", ".join(reinitialised))
         summary["reinitialised"] = list(reinitialised)
 
@@ -243,12 +188,12 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         return encoder.encode_image(pixels.to(accelerator.device))
 
     cached = None
-    if opts.get("streaming", False):
+    if opts.streaming:
         def open_stream(name: str, state: dict | None):
             stream = config.data.streams[name]
             shards = DecoderImageShards(
                 _sources(config, name, stream), size, max_scale=train_config.max_scale,
-                min_image_size=int(opts.get("min_image_size", 0)), seed=config.seed,
+                min_image_size=opts.min_image_size, seed=config.seed,
                 shuffle_buffer=config.data.shuffle_buffer,
             )
             return decoder_image_loader(shards, micro_batch_sizes[name], vision.image_size, config.data.num_workers,
@@ -265,8 +210,8 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
             parts = [next(batches) for _ in config.data.streams]  # one batch of every stream
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     else:
-        min_size = int(opts.get("min_image_size", 0))
-        records, stats = _stage_records(config, int(opts.get("max_images", 4000)), DecoderImageShards.KINDS)
+        min_size = opts.min_image_size
+        records, stats = _stage_records(config, opts.max_images, DecoderImageShards.KINDS)
         images = [r.image for r in records if min(r.image.size) >= min_size]
         stats["samples"] -= len(records) - len(images)
         stats["skipped.too_small"] += len(records) - len(images)  # as DecoderImageShards counts them
@@ -277,10 +222,7 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
         batch_size = sum(micro_batch_sizes.values())
         sampling = StageSampling(config.seed)
         summary["images"] = len(images)
-        if opts.get("cache_embeddings", False):
-            if train_config.max_scale != 1.0:
-                raise ValueError("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the "
-                                 "input)")
+        if opts.cache_embeddings:  # validation: only with max_scale 1.0, whose inputs never change
             cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
                              encoder.config.n_query)
 
@@ -301,21 +243,21 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
                         summary, data_stats)
 
 
-def _stage_decoder(opts: dict, vision_width: int, size: int):
+def _stage_decoder(opts: DecoderSection, vision_width: int, size: int):
     """The pipeline the decoder stage trains and its re-initialised UNet weights ({} unless ``unet_init``):
     SDXL's UNet (``unet_init``) or a small one from scratch, on pixels or on the frozen VAE's latents."""
     from diffusers import EulerDiscreteScheduler
 
     from ...model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
 
-    vae, pixel_scale = _stage_vae(opts), int(opts.get("pixel_scale", 1))
+    vae, pixel_scale = _stage_vae(opts), opts.pixel_scale
     factor = latent_scale_factor(vae, pixel_scale)
     if size % factor:
         raise ValueError(f"decoder.output_image_size {size} must be a multiple of the VAE's down-sampling {factor}")
     channels = 3 if vae is None else vae.config.latent_channels
     reinitialised: dict = {}
-    if opts.get("unet_init") is not None:
-        unet, reinitialised = load_pretrained_decoder_unet(opts["unet_init"], vision_width, size // factor)
+    if opts.unet_init is not None:
+        unet, reinitialised = load_pretrained_decoder_unet(opts.unet_init, vision_width, size // factor)
         if unet.config.in_channels != channels:
             fix = ("set decoder.pixel_space: false (a pretrained UNet denoises VAE latents) and decoder.vae"
                    if vae is None else "give decoder.vae the VAE this UNet was trained with")
@@ -323,26 +265,23 @@ def _stage_decoder(opts: dict, vision_width: int, size: int):
                              f"{'pixels' if vae is None else 'VAE latents'} have {channels} channels: {fix}")
     else:
         unet = UNet2DConditionModel.from_config(decoder_unet_config(
-            vision_width, size // factor, opts.get("channels", (32, 64, 64)), opts.get("attention"),
-            int(opts.get("layers_per_block", 1)), in_channels=channels))
-    if opts.get("gradient_checkpointing", False):
+            vision_width, size // factor, opts.channels, opts.attention,
+            opts.layers_per_block, in_channels=channels))
+    if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    scheduler = EulerDiscreteScheduler.from_config(decoder_scheduler_config(opts.get("scheduler")))
+    scheduler = EulerDiscreteScheduler.from_config(decoder_scheduler_config(opts.scheduler))
     return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale), reinitialised
 
 
-def _stage_vae(opts: dict) -> AutoencoderKL | None:
+def _stage_vae(opts: DecoderSection) -> AutoencoderKL | None:
     """The recipe's VAE: None in pixel space, else ``decoder.vae``, or the ``vae/`` of the ``decoder.unet_init``
     checkout (its sibling when unet_init names the ``unet/`` folder itself)."""
-    if bool(opts.get("pixel_space", True)):
-        if opts.get("vae") is not None:
-            raise ValueError("decoder.vae is set but decoder.pixel_space is true: set pixel_space: false to train on "
-                             "the VAE's latents, or drop decoder.vae")
+    if opts.pixel_space:  # validation refuses decoder.vae with it
         return None
-    if opts.get("vae") is not None:
-        return load_frozen_vae(opts["vae"])
-    if opts.get("unet_init") is not None:
-        root = local_model_folder(opts["unet_init"], "decoder.unet_init")
+    if opts.vae is not None:
+        return load_frozen_vae(opts.vae)
+    if opts.unet_init is not None:
+        root = local_model_folder(opts.unet_init, "decoder.unet_init")
         candidate = root / "vae" if (root / "unet").is_dir() else root.parent / "vae"
         if (candidate / "config.json").is_file():
             return load_frozen_vae(candidate)
@@ -367,29 +306,27 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
 
     Reads ``video_pair`` samples (their frames; the text is unused), encodes every frame of up to ``max_clips``
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
-    `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `VIDEO_OPTIONS`.
+    `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `emu2.train.config.DecoderSection`.
     """
     from ...gen.train_video_decoder import video_decoder_loss
     from ...model.video_decoder import Emu2VideoDecoderPipeline
 
-    opts = _options(config, VIDEO_OPTIONS)
+    opts = config.decoder  # validated with the recipe (emu2.train.config)
     batch_size = sum(_micro_batch_sizes(config).values())
-    if not bool(opts.get("pixel_space", True)):
-        raise NotImplementedError("the video decoder stage trains in pixel space only: set decoder.pixel_space: true")
-    size, pixel_scale = int(opts.get("output_image_size", 64)), int(opts.get("pixel_scale", 1))
+    size, pixel_scale = opts.output_image_size, opts.pixel_scale
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
-    n_query = int(opts.get("n_query", encoder.config.v_query))
-    records, stats = _stage_records(config, int(opts.get("max_clips", 256)), ("video_pair",))
-    num_frames = int(opts.get("num_frames", len(records[0].frames)))
+    n_query = opts.n_query or encoder.config.v_query
+    records, stats = _stage_records(config, opts.max_clips, ("video_pair",))
+    num_frames = opts.num_frames or len(records[0].frames)
     clips = [r.frames[:num_frames] for r in records if len(r.frames) >= num_frames]
     stats["samples"] -= len(records) - len(clips)
     stats["skipped.too_few_frames"] += len(records) - len(clips)
     if not clips:
         raise ValueError(f"no training clip has {num_frames} frames")
-    unet_config = video_decoder_unet_config(vision.width, size // pixel_scale, opts.get("channels", (32, 64, 64)),
-                                            opts.get("attention"), int(opts.get("layers_per_block", 1)))
-    pipe = Emu2VideoDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.get("scheduler")),
+    unet_config = video_decoder_unet_config(vision.width, size // pixel_scale, opts.channels,
+                                            opts.attention, opts.layers_per_block)
+    pipe = Emu2VideoDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.scheduler),
                                                  pixel_scale=pixel_scale).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     frames = torch.stack([_clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
