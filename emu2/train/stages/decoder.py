@@ -153,85 +153,31 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     exactly, data position included; ``stop_after``: checkpoint and return once that step is done) and, with
     ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
     """
-    import json
-
     from ...processing import preprocess_images
 
     opts = config.decoder  # validated with the recipe (emu2.train.config)
-    size = opts.output_image_size
-    micro_batch_sizes, accumulation = _micro_batch_sizes(config), config.gradient_accumulation_steps
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
     if opts.encoder_image_size is not None and opts.encoder_image_size != vision.image_size:
         raise ValueError(f"decoder.encoder_image_size is {opts.encoder_image_size} but the encoder in "
                          f"model.init_from={config.model.init_from} takes {vision.image_size} px images: point "
                          "init_from at the matching stage-1 model or change encoder_image_size")
-    pipe, reinitialised = _stage_decoder(opts, vision.width, size)
+    pipe, reinitialised = _stage_decoder(opts, vision.width, opts.output_image_size)
     pipe.to(accelerator.device).set_progress_bar_config(disable=True)
     uncond = _null_embeddings(encoder, encoder.config.n_query)
-    summary: dict = {}
-    if opts.unet_init is not None:
-        out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "unet_init.json").write_text(json.dumps(
-            {"unet_init": opts.unet_init,
-             "reinitialised": {k: {"pretrained": list(a), "now": list(b)} for k, (a, b) in reinitialised.items()}},
-            indent=1))
-        logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s", opts.unet_init,
-                                         len(reinitialised), vision.width, ", ".join(reinitialised))
-        summary["reinitialised"] = list(reinitialised)
+    summary = {"reinitialised": _record_unet_init(config, reinitialised, vision.width)} if opts.unet_init else {}
+    if opts.streaming:
+        next_batch, sampling, data_stats = _streamed_images(config, train_config, vision.image_size)
+        cached = None
+    else:
+        next_batch, sampling, data_stats, cached = _images_in_memory(config, train_config, encoder)
+        summary["images"] = data_stats["samples"]
 
     def encode(inputs):
         if cached is not None:
             return cached[inputs]
         pixels = inputs if isinstance(inputs, torch.Tensor) else preprocess_images(inputs, vision.image_size)
         return encoder.encode_image(pixels.to(accelerator.device))
-
-    cached = None
-    if opts.streaming:
-        def open_stream(name: str, state: dict | None):
-            stream = config.data.streams[name]
-            shards = DecoderImageShards(
-                _sources(config, name, stream), size, max_scale=train_config.max_scale,
-                min_image_size=opts.min_image_size, seed=config.seed,
-                shuffle_buffer=config.data.shuffle_buffer,
-            )
-            return decoder_image_loader(shards, micro_batch_sizes[name], vision.image_size, config.data.num_workers,
-                                        state)
-
-        data = StreamBatches(list(config.data.streams), open_stream, accumulation)
-        data_stats = data
-        sampling = StageSampling(config.seed, data)
-        batches = None
-
-        def next_batch() -> dict:
-            nonlocal batches
-            batches = batches or iter(data)  # opened on first use, so after a checkpoint restored the position
-            parts = [next(batches) for _ in config.data.streams]  # one batch of every stream
-            return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    else:
-        min_size = opts.min_image_size
-        records, stats = _stage_records(config, opts.max_images, DecoderImageShards.KINDS)
-        images = [r.image for r in records if min(r.image.size) >= min_size]
-        stats["samples"] -= len(records) - len(images)
-        stats["skipped.too_small"] += len(records) - len(images)  # as DecoderImageShards counts them
-        data_stats = stats
-        if not images:
-            raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
-                             f"{min_size} px or more")
-        batch_size = sum(micro_batch_sizes.values())
-        sampling = StageSampling(config.seed)
-        summary["images"] = len(images)
-        if opts.cache_embeddings:  # validation: only with max_scale 1.0, whose inputs never change
-            cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
-                             encoder.config.n_query)
-
-        def next_batch() -> dict:
-            index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
-            batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
-            if cached is not None:
-                batch["encoder_inputs"] = torch.tensor(index)
-            return batch
 
     def micro_batch_loss() -> torch.Tensor:
         return decoder_loss(pipe, next_batch(), encode, uncond_embeds=uncond,
@@ -241,6 +187,76 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
 
     return _run_decoder(config, resume, stop_after, accelerator, pipe, train_config, sampling, micro_batch_loss,
                         summary, data_stats)
+
+
+def _record_unet_init(config, reinitialised: dict, width: int) -> list[str]:
+    """``output_dir/unet_init.json`` and the log: which weights of ``decoder.unet_init`` were re-initialised for
+    the encoder's ``width`` (their pretrained and new shapes). Returns their names."""
+    import json
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unet_init.json").write_text(json.dumps(
+        {"unet_init": config.decoder.unet_init,
+         "reinitialised": {k: {"pretrained": list(a), "now": list(b)} for k, (a, b) in reinitialised.items()}},
+        indent=1))
+    logging.getLogger(__name__).info("UNet from %s; %d weights re-initialised for width %d: %s",
+                                     config.decoder.unet_init, len(reinitialised), width, ", ".join(reinitialised))
+    return list(reinitialised)
+
+
+def _streamed_images(config, train_config, encoder_image_size: int):
+    """``decoder.streaming``: (next micro-batch, sampling state with the shard position, the data counters).
+    Each micro-batch holds one batch of every stream."""
+    micro_batch_sizes = _micro_batch_sizes(config)
+
+    def open_stream(name: str, state: dict | None):
+        shards = DecoderImageShards(
+            _sources(config, name, config.data.streams[name]), config.decoder.output_image_size,
+            max_scale=train_config.max_scale, min_image_size=config.decoder.min_image_size, seed=config.seed,
+            shuffle_buffer=config.data.shuffle_buffer,
+        )
+        return decoder_image_loader(shards, micro_batch_sizes[name], encoder_image_size, config.data.num_workers,
+                                    state)
+
+    data = StreamBatches(list(config.data.streams), open_stream, config.gradient_accumulation_steps)
+    batches = None
+
+    def next_batch() -> dict:
+        nonlocal batches
+        batches = batches or iter(data)  # opened on first use, so after a checkpoint restored the position
+        parts = [next(batches) for _ in config.data.streams]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    return next_batch, StageSampling(config.seed, data), data
+
+
+def _images_in_memory(config, train_config, encoder):
+    """Up to ``decoder.max_images`` images read into memory: (next micro-batch, sampling state, the data
+    counters, and with ``decoder.cache_embeddings`` every image's embeddings, else None)."""
+    opts, size = config.decoder, config.decoder.output_image_size
+    records, stats = _stage_records(config, opts.max_images, DecoderImageShards.KINDS)
+    images = [r.image for r in records if min(r.image.size) >= opts.min_image_size]
+    stats["samples"] -= len(records) - len(images)
+    stats["skipped.too_small"] += len(records) - len(images)  # as DecoderImageShards counts them
+    if not images:
+        raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
+                         f"{opts.min_image_size} px or more")
+    batch_size = sum(_micro_batch_sizes(config).values())
+    sampling = StageSampling(config.seed)
+    cached = None
+    if opts.cache_embeddings:  # validation: only with max_scale 1.0, whose inputs never change
+        cached = _encode(encoder, [im.convert("RGB").resize((size, size), PIL.Image.BICUBIC) for im in images],
+                         encoder.config.n_query)
+
+    def next_batch() -> dict:
+        index = sampling.rng.sample(range(len(images)), min(batch_size, len(images)))
+        batch = prepare_decoder_batch([images[i] for i in index], size, sampling.rng, train_config.max_scale)
+        if cached is not None:
+            batch["encoder_inputs"] = torch.tensor(index)
+        return batch
+
+    return next_batch, sampling, stats, cached
 
 
 def _stage_decoder(opts: DecoderSection, vision_width: int, size: int):

@@ -124,6 +124,36 @@ def _attribute_pool(config: TrainConfig, model) -> object:
                          size=config.encoder.attribute_pool, seed=config.seed, pooled=math.isqrt(model.config.n_query))
 
 
+def _caption_losses(visual, head: CaptionContrast, batch: dict, weights, n_query: int, accelerator):
+    """(contrastive, caption-word) losses of a stage-1 pairs batch; an objective of weight 0 gives 0."""
+    device = accelerator.device
+    ids, mask = (t.to(device) for t in caption_tokens(batch))
+    with accelerator.autocast():
+        features = visual.encode_image(batch["images"].to(device), n_query).float()
+    zero = features.new_zeros(())
+    return (head(features, ids, mask) if weights.contrastive else zero,
+            head.caption_word_loss(features, ids, mask) if weights.caption_words else zero)
+
+
+def _attribute_loss(visual, heads: AttributeHeads, pool, batch_size: int, generator, n_query: int, accelerator):
+    """The supervised attribute loss of ``batch_size`` scenes drawn from ``pool``: half in colour, scored on every
+    label but shape; half colourless (`shape_view`), scored on shape only."""
+    from emu2.data.shapes.supervision import LABEL_CLASSES, SHAPE_LABELS, shape_view
+
+    labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=generator))
+    half = batch_size // 2
+    colourless = shape_view(labelled["images"][half:], generator)
+    labelled = {k: v.to(accelerator.device) for k, v in labelled.items()}
+    with accelerator.autocast():
+        tokens = visual(torch.cat([labelled["images"][:half], colourless.to(accelerator.device)])).float()
+    pooled = visual.pool(tokens, n_query)
+    first = {k: v[:half] for k, v in labelled.items()}
+    second = {k: v[half:] for k, v in labelled.items()}
+    colour_labels = [k for k in LABEL_CLASSES if k not in SHAPE_LABELS]
+    return (heads(tokens[:half], pooled[:half], first, colour_labels)
+            + heads(tokens[half:], pooled[half:], second, SHAPE_LABELS))
+
+
 def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """``stage: encoder``: pre-training of ``visual`` with the recipe's ``encoder`` objectives: contrastive and
     caption words on the image-caption pairs, and (shapes world) supervised attributes of rendered scenes.
@@ -167,10 +197,6 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
     streams = build_data(config, model.config, tokenizer) if uses_captions else None
     sampling = StageSampling(config.seed, streams)  # its generator draws the rendered scenes and their views
     pool = _attribute_pool(config, model) if weights.attributes else None
-    if pool is not None:
-        from emu2.data.shapes.supervision import LABEL_CLASSES, SHAPE_LABELS, shape_view
-
-        colour_labels = [k for k in LABEL_CLASSES if k not in SHAPE_LABELS]
     batch_size = next(iter(config.data.streams.values())).batch_size if config.data.streams else 64
     zero = torch.zeros((), device=device)
     batches = None
@@ -180,24 +206,11 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
         contrastive = words = attributes = zero
         if streams is not None:
             batches = batches or iter(streams)  # opened on first use: after a resumed checkpoint set the position
-            batch = next(batches)
-            ids, mask = (t.to(device) for t in caption_tokens(batch))
-            with accelerator.autocast():
-                features = model.visual.encode_image(batch["images"].to(device), n_query).float()
-            contrastive = heads["captions"](features, ids, mask) if weights.contrastive else zero
-            words = heads["captions"].caption_word_loss(features, ids, mask) if weights.caption_words else zero
-        if pool is not None:  # half the scenes in colour (every label but shape), half colourless (shape only)
-            labelled = pool.batch(torch.randint(len(pool), (batch_size,), generator=sampling.generator))
-            half = batch_size // 2
-            colourless = shape_view(labelled["images"][half:], sampling.generator)
-            labelled = {k: v.to(device) for k, v in labelled.items()}
-            with accelerator.autocast():
-                tokens = model.visual(torch.cat([labelled["images"][:half], colourless.to(device)])).float()
-            pooled = model.visual.pool(tokens, n_query)
-            first = {k: v[:half] for k, v in labelled.items()}
-            second = {k: v[half:] for k, v in labelled.items()}
-            attributes = (heads["attributes"](tokens[:half], pooled[:half], first, colour_labels)
-                          + heads["attributes"](tokens[half:], pooled[half:], second, SHAPE_LABELS))
+            contrastive, words = _caption_losses(model.visual, heads["captions"], next(batches), config.encoder,
+                                                 n_query, accelerator)
+        if pool is not None:
+            attributes = _attribute_loss(model.visual, heads["attributes"], pool, batch_size, sampling.generator,
+                                         n_query, accelerator)
         loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
         value = float(loss.detach())
         parts = {"contrastive_loss": float(contrastive.detach()), "caption_word_loss": float(words.detach()),
