@@ -8,7 +8,6 @@ with `reconstruction_psnr` to judge it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +15,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+
+from ..lr_schedule import warmup_decay_schedule
 
 
 def small_autoencoder_config(
@@ -63,9 +64,7 @@ def train_small_autoencoder(
     vae = AutoencoderKL.from_config(config or small_autoencoder_config())
     data = images_to_tensor(images, size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
-    )
+    schedule = warmup_decay_schedule(optimizer, max(steps, 1), 0, "cosine")
     generator = torch.Generator().manual_seed(seed)
     vae.train()
     for step in range(steps):

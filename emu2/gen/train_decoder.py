@@ -1,7 +1,7 @@
 """Visual-decoder training step (paper 2.2.3 and A.3, Table 6): image autoencoding with a frozen encoder.
 
 The decoder learns to turn the frozen vision encoder's embeddings of an image back into that image. Only the
-UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_training_step`):
+UNet is trained: the vision encoder and the VAE are frozen. Each step:
 
 1. encode the crop with the frozen encoder -> conditioning (B, Q, Dv);
 2. drop it to the unconditional embeddings (zeros by default) with probability 0.1, for classifier-free
@@ -12,8 +12,8 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step (`decoder_
 5. predict with SDXL's added conditions (pooled embeddings, original size, crop, target size) and take the MSE
    to the scheduler's target: the noise (epsilon, the official decoder) or v (``prediction_type``
    "v_prediction", used by the small shapes-world decoders);
-6. AdamW step with gradient clipping 1.0 under warm-up + linear decay (Table 6; `emu2.lr_schedule`, the schedule
-   of every stage).
+6. AdamW step with gradient clipping 1.0 (Table 6); the optimizer and its warm-up + decay schedule are the
+   recipe's, as in every stage (`emu2.train.stages.decoder`).
 
 Steps 1-5 are `decoder_loss`, step 6 `accumulated_update`: a step may accumulate the gradients of several
 equal-sized micro-batches (the recipe's ``gradient_accumulation_steps``; the paper's global batch of 2,048 does
@@ -21,9 +21,9 @@ not fit one device) with equal weights, which is one batch of all their samples 
 mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu2.gen.train_video_decoder`).
 
 Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
-corner are the SDXL size conditions (A.3.1). `train_decoder` is a plain loop over images held in memory.
+corner are the SDXL size conditions (A.3.1).
 
-This module depends on torch, diffusers and the shared `emu2.lr_schedule` (no data layer). The rest of
+This module depends on torch and diffusers (no data layer, no training loop). The rest of
 decoder training: `emu2.gen.small_decoders` (small UNet/VAE configs and the tiny VAE of the shapes world),
 `emu2.gen.sdxl` (SDXL-base parts from a local folder), `emu2.gen.decoder_shards` (streamed crops of webdataset
 shards) and `emu2.train.stages.decoder` (the `emu2 train` recipe stages, with resumable checkpoints).
@@ -42,17 +42,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ..lr_schedule import warmup_decay_schedule
-
 
 @dataclass
 class DecoderTrainingConfig:
-    """Table 6 defaults (the peak learning rate is missing from our copy of the paper)."""
+    """The training step's own settings, Table 6 defaults; the optimizer and its schedule come from the recipe
+    (`emu2.train.optim.build_decoder_optimizer`)."""
 
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 2500
-    total_steps: int = 8000
     max_grad_norm: float = 1.0
     condition_drop_prob: float = 0.1
     noise_offset: float = 0.1
@@ -181,56 +176,7 @@ def freeze_for_decoder_training(parts) -> None:
     parts.unet.requires_grad_(True).train()
 
 
-def configure_decoder_optimizer(
-    unet: torch.nn.Module, config: DecoderTrainingConfig | None = None
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the UNet with linear warm-up to the peak rate, then linear decay to zero (Table 6): the schedule
-    of every training stage (`emu2.lr_schedule`), so this loop and a decoder recipe with the same numbers agree."""
-    config = config or DecoderTrainingConfig()
-    optimizer = torch.optim.AdamW(
-        [p for p in unet.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
-    return optimizer, warmup_decay_schedule(optimizer, config.total_steps, config.warmup_steps, "linear")
-
-
 # ---------------------------------------------------------------------------------------------- step
-
-
-def decoder_training_step(
-    pipeline_parts,
-    batch: dict,
-    encode_fn: Callable[[object], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    lr_scheduler=None,
-    uncond_embeds: torch.Tensor | None = None,
-    condition_drop_prob: float = 0.1,
-    noise_offset: float = 0.1,
-    max_grad_norm: float = 1.0,
-    generator: torch.Generator | None = None,
-    snr_gamma: float | None = None,
-) -> float:
-    """One optimisation step of the visual decoder on one batch (`decoder_loss`, then `accumulated_update`);
-    returns the loss. The recipe stages accumulate several micro-batches per step the same way.
-
-    Args:
-        pipeline_parts: anything with ``.unet``, ``.vae`` (None for pixel space) and ``.scheduler`` (its
-            ``alphas_cumprod`` define the noise schedule), e.g. an `Emu2VisualDecoderPipeline`.
-        batch: `prepare_decoder_batch` output (``pixel_values``, ``original_size``, ``crops_coords_top_left``,
-            ``encoder_inputs``).
-        encode_fn: the frozen vision encoder, ``encode_fn(batch["encoder_inputs"]) -> (B, Q, Dv)``; it runs
-            under ``torch.no_grad``, so it receives no gradient.
-        optimizer: over the UNet's parameters only (`configure_decoder_optimizer`).
-    """
-    loss = decoder_loss(
-        pipeline_parts, batch, encode_fn, uncond_embeds=uncond_embeds, condition_drop_prob=condition_drop_prob,
-        noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,
-    )
-    return accumulated_update(
-        pipeline_parts.unet, [loss], optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
-    )
 
 
 def decoder_loss(
@@ -246,8 +192,8 @@ def decoder_loss(
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Steps 1-5 on one (micro-)batch: the scalar loss, with its graph (arguments as in `decoder_training_step`;
-    ``noise`` and ``timesteps`` as in `diffusion_loss`)."""
+    """Steps 1-5 on one (micro-)batch: the scalar loss, with its graph (``uncond_embeds``: what dropped samples are
+    conditioned on, zeros when None; ``noise`` and ``timesteps`` as in `diffusion_loss`)."""
     unet, vae = pipeline_parts.unet, pipeline_parts.vae
     device, dtype = unet.device, unet.dtype
     pixel_values = batch["pixel_values"].to(device)
@@ -317,10 +263,9 @@ def accumulated_update(
     optimizer: torch.optim.Optimizer,
     *,
     micro_batches: int = 1,
-    lr_scheduler=None,
     max_grad_norm: float = 1.0,
 ) -> float:
-    """Step 6 with gradient accumulation: one clipped AdamW update (and one schedule step) from the scalar losses
+    """Step 6 with gradient accumulation: one clipped AdamW update from the scalar losses
     of ``micro_batches`` equal-sized micro-batches, each back-propagated with weight 1 / ``micro_batches``. The
     loss is a per-sample mean, so the gradient is that of one batch of all their samples. ``losses`` may be lazy
     (a generator computing each micro-batch's loss when asked), so only one micro-batch's activations are alive at
@@ -341,8 +286,6 @@ def accumulated_update(
         return mean
     torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
     optimizer.step()
-    if lr_scheduler is not None:
-        lr_scheduler.step()
     return mean
 
 
@@ -359,56 +302,4 @@ def pixel_scale_of(parts) -> int:
     """Pixel-space decoders may run their UNet below the output size (`Emu2VisualDecoderPipeline.pixel_scale`)."""
     return int(getattr(parts, "pixel_scale", 1)) if getattr(parts, "vae", None) is None else 1
 
-
-def train_decoder(
-    pipeline_parts,
-    images: Sequence[PIL.Image.Image],
-    encode_fn: Callable,
-    config: DecoderTrainingConfig | None = None,
-    *,
-    batch_size: int = 8,
-    uncond_embeds: torch.Tensor | None = None,
-    encoder_preprocess: Callable | None = None,
-    seed: int = 0,
-    log_every: int = 0,
-) -> list[float]:
-    """A plain loop over `decoder_training_step` for small runs (the shapes world); returns the losses."""
-    config = config or DecoderTrainingConfig()
-    freeze_for_decoder_training(pipeline_parts)
-    optimizer, lr_scheduler = configure_decoder_optimizer(pipeline_parts.unet, config)
-    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    size = pipeline_parts.unet.config.sample_size * _spatial_factor(pipeline_parts)
-    losses = []
-    for step in range(config.total_steps):
-        batch = prepare_decoder_batch(
-            rng.sample(list(images), min(batch_size, len(images))),
-            size,
-            rng,
-            config.max_scale,
-            encoder_preprocess,
-        )
-        losses.append(
-            decoder_training_step(
-                pipeline_parts,
-                batch,
-                encode_fn,
-                optimizer,
-                lr_scheduler=lr_scheduler,
-                uncond_embeds=uncond_embeds,
-                condition_drop_prob=config.condition_drop_prob,
-                noise_offset=config.noise_offset,
-                max_grad_norm=config.max_grad_norm,
-                generator=generator,
-                snr_gamma=config.snr_gamma,
-            )
-        )
-        if log_every and step % log_every == 0:
-            print(f"step {step}: loss {losses[-1]:.4f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
-    return losses
-
-
-def _spatial_factor(parts) -> int:
-    from ..model.decoder import latent_scale_factor
-
-    return latent_scale_factor(parts.vae, pixel_scale_of(parts))
 

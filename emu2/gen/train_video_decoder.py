@@ -11,45 +11,11 @@ from __future__ import annotations
 import torch
 
 from .train_decoder import (
-    accumulated_update,
     diffusion_loss,
     drop_conditioning,
     encode_to_latents,
     pixel_scale_of,
 )
-
-
-def video_decoder_training_step(
-    pipeline_parts,
-    frames: torch.Tensor,
-    frame_embeds: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    lr_scheduler=None,
-    uncond_embeds: torch.Tensor | None = None,
-    condition_drop_prob: float = 0.1,
-    noise_offset: float = 0.1,
-    max_grad_norm: float = 1.0,
-    generator: torch.Generator | None = None,
-    snr_gamma: float | None = None,
-) -> float:
-    """One step of the video decoder on one batch (`video_decoder_loss`, then the image decoder's clipped AdamW
-    update, `accumulated_update`); returns the loss.
-
-    Args:
-        pipeline_parts: anything with ``.unet`` (3D), ``.vae`` (or None) and ``.scheduler``.
-        frames: (B, F, 3, H, W) clips in [-1, 1].
-        frame_embeds: (B, F, Q, Dv) embeddings from the frozen encoder.
-        uncond_embeds: (F*Q, Dv) unconditional embeddings for guidance dropout (whole clips are dropped);
-            zeros when None.
-    """
-    loss = video_decoder_loss(
-        pipeline_parts, frames, frame_embeds, uncond_embeds=uncond_embeds, condition_drop_prob=condition_drop_prob,
-        noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,
-    )
-    return accumulated_update(
-        pipeline_parts.unet, [loss], optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm
-    )
 
 
 def video_decoder_loss(
@@ -65,7 +31,8 @@ def video_decoder_loss(
 ) -> torch.Tensor:
     """The scalar loss of one (micro-)batch of clips, with its graph: MSE to the scheduler's target (epsilon by
     default) on noised clips, the noising being the image decoder's (`diffusion_loss`).
-    Arguments as in `video_decoder_training_step`."""
+    frames (B, F, 3, H, W) in [-1, 1]; frame_embeds (B, F, Q, Dv) from the frozen encoder; uncond_embeds
+    (F*Q, Dv) for guidance dropout (whole clips are dropped; zeros when None)."""
     unet, vae = pipeline_parts.unet, pipeline_parts.vae
     device, dtype = unet.device, unet.dtype
     batch, num_frames = frames.shape[:2]

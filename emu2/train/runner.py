@@ -125,6 +125,29 @@ def _learning_rates(optimizer) -> dict[str, float]:
     return {g.get("group", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
+def _refuse_or_resume(checkpoints: Path, stage: Stage, resume: bool) -> tuple[int, int]:
+    """(first step, tokens read so far): 0 for a fresh run, which refuses a directory that holds checkpoints;
+    the newest valid checkpoint's, restored into ``stage``, for a resumed one."""
+    if resume:
+        trainer = load_checkpoint(checkpoints, stage.accelerator, stage.module, stage.optimizer, stage.scheduler,
+                                  stage.state)
+        return trainer["step"], trainer.get("tokens", 0)
+    if list_checkpoints(checkpoints):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
+                              "set output_dir to a new directory")
+    return 0, 0
+
+
+def _step_values(report: StepReport, lrs: dict[str, float], seconds: float, tokens: int | None) -> dict:
+    """One step's metrics.jsonl fields: the loss and the stage's values, the learning rate the step used (``lr``:
+    the LM group's, or the only group's; ``lr/<group>``: every group's), its time, and the tokens read so far."""
+    values = {"loss": report.loss, **report.values, "lr": lrs.get("lm", next(iter(lrs.values()))),
+              **{f"lr/{g}": v for g, v in lrs.items()}, "step_seconds": seconds}
+    if tokens is not None:
+        values.update(tokens=tokens, tokens_per_s=report.tokens / seconds)
+    return values
+
+
 def run_stage(config, stage: Stage, *, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) ``stage`` for ``config.steps`` optimizer steps; returns the summary: ``step``, ``finished``,
     ``output_dir``, ``loss`` (the last step's; None when no step ran), ``first_loss`` (this call's first step),
@@ -135,14 +158,7 @@ def run_stage(config, stage: Stage, *, resume: bool = False, stop_after: int | N
     accelerator = stage.accelerator
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    start, tokens = 0, 0
-    if resume:
-        trainer = load_checkpoint(checkpoints, accelerator, stage.module, stage.optimizer, stage.scheduler,
-                                  stage.state)
-        start, tokens = trainer["step"], trainer.get("tokens", 0)
-    elif list_checkpoints(checkpoints):
-        raise FileExistsError(f"{checkpoints} already holds checkpoints: pass --resume to continue that run, or "
-                              "set output_dir to a new directory")
+    start, tokens = _refuse_or_resume(checkpoints, stage, resume)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -167,12 +183,8 @@ def run_stage(config, stage: Stage, *, resume: bool = False, stop_after: int | N
             stage.scheduler.step()
             step += 1
             first = report.loss if first is None else first
-            seconds = time.perf_counter() - began
-            values = {"loss": report.loss, **report.values, "lr": lrs.get("lm", next(iter(lrs.values()))),
-                      **{f"lr/{g}": v for g, v in lrs.items()}, "step_seconds": seconds}
-            if stage.counts_tokens:
-                tokens += report.tokens
-                values.update(tokens=tokens, tokens_per_s=report.tokens / seconds)
+            tokens += report.tokens if stage.counts_tokens else 0
+            values = _step_values(report, lrs, time.perf_counter() - began, tokens if stage.counts_tokens else None)
             logged = step % config.log.every == 0 or step == config.steps or step == start + 1
             if logged:
                 skipped.update(check=False)  # a collective: every rank reads at the same steps

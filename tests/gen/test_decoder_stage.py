@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from emu2.gen.small_decoders import decoder_scheduler_config, video_decoder_unet_config
-from emu2.gen.train_decoder import (
-    DecoderTrainingConfig,
-    configure_decoder_optimizer,
-    freeze_for_decoder_training,
-)
-from emu2.gen.train_video_decoder import video_decoder_training_step
+from emu2.gen.train_decoder import accumulated_update, freeze_for_decoder_training
+from emu2.gen.train_video_decoder import video_decoder_loss
 from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train import train
 from emu2.train.config import load_config
@@ -157,10 +153,11 @@ def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
         scheduler_config=decoder_scheduler_config({"prediction_type": "v_prediction"}), pixel_scale=2,
     )
     freeze_for_decoder_training(pipe)
-    optimizer, _ = configure_decoder_optimizer(pipe.unet, DecoderTrainingConfig(warmup_steps=0, learning_rate=3e-3))
+    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=3e-3)
     embeds = torch.randn(2, 4, 2, 8, generator=torch.Generator().manual_seed(1))
     losses = [
-        video_decoder_training_step(pipe, frames, embeds, optimizer, generator=torch.Generator().manual_seed(0))
+        accumulated_update(pipe.unet, [video_decoder_loss(pipe, frames, embeds, generator=torch.Generator().manual_seed(0))],
+                           optimizer)
         for _ in range(15)
     ]
     assert losses[-1] < 0.6 * losses[0], losses
