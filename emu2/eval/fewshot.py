@@ -106,6 +106,20 @@ def _check_visual_count(prompt: str, images: list[Image.Image]) -> None:
                          f"it; the prompt function and the record's images disagree. Prompt: {prompt[:200]!r}")
 
 
+def _prompt_with_images(record: EvalRecord, support: Sequence[EvalRecord], indices: list[int], prompt_fn: PromptFn,
+                        query_visuals: list[Image.Image], example_visuals: dict[int, list[Image.Image]],
+                        load_visuals: Callable[[EvalRecord], list[Image.Image]]) -> tuple[str, list[Image.Image]]:
+    """The prompt of ``record`` after the examples ``support[i]`` for ``i`` in ``indices``, and its images in
+    placeholder order (the examples' first); ``example_visuals`` caches them by index across queries."""
+    for i in indices:
+        if i not in example_visuals:
+            example_visuals[i] = load_visuals(support[i])
+    prompt = prompt_fn(record, [support[i] for i in indices])
+    images = [im for i in indices for im in example_visuals[i]] + query_visuals
+    _check_visual_count(prompt, images)
+    return prompt, images
+
+
 def run_fewshot(
     records: Sequence[EvalRecord],
     support_records: Sequence[EvalRecord],
@@ -137,6 +151,9 @@ def run_fewshot(
         prompt_fn: ``(query, examples) -> prompt`` (default: the paper's VQA prompt).
         postprocess: applied to each generated text before it is stored and scored.
         load_visuals: a record's images (or video frames), in placeholder order.
+
+    Most of its length is the arguments above; the loop is one pass over batches and shot counts that skips
+    what ``out_jsonl`` already holds and writes each answer as it comes, so an interrupted run loses nothing.
     """
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
@@ -178,25 +195,19 @@ def run_fewshot(
                     continue
                 prompts, images, example_ids = [], [], []
                 for record in todo[k]:
-                    example_indices = selections[record.id][max_shot - k :] if k else []
-                    examples = [support_records[i] for i in example_indices]
-                    for i in example_indices:
-                        if i not in example_visuals:
-                            example_visuals[i] = load_visuals(support_records[i])
-                    prompt = prompt_fn(record, examples)
-                    prompt_images = [im for i in example_indices for im in example_visuals[i]] + visuals[record.id]
-                    _check_visual_count(prompt, prompt_images)
+                    indices = selections[record.id][max_shot - k:] if k else []
+                    prompt, prompt_images = _prompt_with_images(record, support_records, indices, prompt_fn,
+                                                                visuals[record.id], example_visuals, load_visuals)
                     prompts.append(prompt)
                     images.append(prompt_images)
-                    example_ids.append([e.id for e in examples])
+                    example_ids.append([support_records[i].id for i in indices])
                 generated = answer_fn(prompts, images)
                 if len(generated) != len(prompts):
                     raise ValueError(f"answer_fn returned {len(generated)} answers for {len(prompts)} prompts")
                 for record, prompt, raw, used in zip(todo[k], prompts, generated, example_ids):
-                    prediction = postprocess(raw)
-                    finished[(k, record.id)] = prediction
+                    finished[(k, record.id)] = postprocess(raw)
                     if out_file is not None:
-                        row = {"shot": k, "id": record.id, "prediction": prediction, "raw": raw,
+                        row = {"shot": k, "id": record.id, "prediction": finished[(k, record.id)], "raw": raw,
                                "examples": used, "prompt": prompt}
                         out_file.write(json.dumps(row, ensure_ascii=False) + "\n")
                 if out_file is not None:
