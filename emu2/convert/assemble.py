@@ -223,42 +223,14 @@ def assemble_init(
     with torch.device("meta"):  # key names and shapes only: no memory
         model = Emu2ForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    sources: dict[str, tuple[_LazyTensors, str]] = {}  # our key -> (source, its key there)
-    dropped_visual, dropped_other = [], Counter()
-    for key in eva.names:
-        ours = official_key(key) if key.startswith("visual.") else None
-        if ours in expected:
-            sources[ours] = (eva, key)
-        elif key.startswith("visual."):
-            dropped_visual.append(key)  # CLIP's final norm and head (Emu2 returns every token, un-normed)
-        else:
-            dropped_other[key.split(".")[0]] += 1  # the text tower, logit_scale
-    visual_keys = [k for k in expected if k.startswith("visual.")]
-    _check_complete(visual_keys, sources, [], where=f"--vision {vision}")
+    sources, dropped_visual, dropped_other = _vision_sources(eva, expected, vision)
 
     # 3. The language model's tensors: transformers names under language_model.
-    lm = _LazyTensors(_weight_files(llm, "--llm"))
-    unexpected = []
-    for key in lm.names:
-        if key.endswith("rotary_emb.inv_freq"):  # old conversions saved the recomputed rotary buffer
-            continue
-        ours = "language_model." + key
-        if ours in expected:
-            sources[ours] = (lm, key)
-        else:
-            unexpected.append(key)
-    lm_keys = [k for k in expected if k.startswith("language_model.")]
-    _check_complete(lm_keys, sources, unexpected, where=f"--llm {llm}")
+    sources.update(_lm_sources(_LazyTensors(_weight_files(llm, "--llm")), expected, llm))
     _check_shapes(sources, expected)
 
     # 4. Projections: the model's own random init, in the written dtype.
-    torch.manual_seed(seed)
-    projections = {}
-    for name in ("project_up", "project_down"):
-        meta = getattr(model, name)
-        linear = nn.Linear(meta.in_features, meta.out_features, bias=False)
-        model._init_weights(linear)
-        projections[f"{name}.weight"] = linear.weight.detach()
+    projections = _random_projections(model, seed)
 
     def tensor(key: str) -> torch.Tensor:
         if key in projections:
@@ -286,6 +258,51 @@ def assemble_init(
     return AssemblyReport(out=out, image_size=config.vision_config.image_size, tokenizer_from=tokenizer_from,
                           new_token_rows=config.text_config.vocab_size - llm_config.vocab_size,
                           dropped_visual=sorted(dropped_visual), dropped_other=dict(dropped_other))
+
+
+def _vision_sources(eva: _LazyTensors, expected: dict, vision: Path):
+    """Which of our ``visual.*`` keys each EVA-CLIP tensor fills: (our key -> (source, its key), the visual keys
+    dropped, the other towers' key counts by prefix). Raises naming the visual tensors it lacks."""
+    sources: dict[str, tuple[_LazyTensors, str]] = {}
+    dropped_visual, dropped_other = [], Counter()
+    for key in eva.names:
+        ours = official_key(key) if key.startswith("visual.") else None
+        if ours in expected:
+            sources[ours] = (eva, key)
+        elif key.startswith("visual."):
+            dropped_visual.append(key)  # CLIP's final norm and head (Emu2 returns every token, un-normed)
+        else:
+            dropped_other[key.split(".")[0]] += 1  # the text tower, logit_scale
+    _check_complete([k for k in expected if k.startswith("visual.")], sources, [], where=f"--vision {vision}")
+    return sources, dropped_visual, dropped_other
+
+
+def _lm_sources(lm: _LazyTensors, expected: dict, llm: Path) -> dict[str, tuple[_LazyTensors, str]]:
+    """Our ``language_model.*`` key -> (the LLaMA's tensors, its key). Raises naming missing and extra tensors."""
+    sources, unexpected = {}, []
+    for key in lm.names:
+        if key.endswith("rotary_emb.inv_freq"):  # old conversions saved the recomputed rotary buffer
+            continue
+        ours = "language_model." + key
+        if ours in expected:
+            sources[ours] = (lm, key)
+        else:
+            unexpected.append(key)
+    _check_complete([k for k in expected if k.startswith("language_model.")], sources, unexpected,
+                    where=f"--llm {llm}")
+    return sources
+
+
+def _random_projections(model, seed: int) -> dict[str, torch.Tensor]:
+    """``project_up`` / ``project_down`` weights as the model initialises them, from ``seed``."""
+    torch.manual_seed(seed)
+    projections = {}
+    for name in ("project_up", "project_down"):
+        meta = getattr(model, name)
+        linear = nn.Linear(meta.in_features, meta.out_features, bias=False)
+        model._init_weights(linear)
+        projections[f"{name}.weight"] = linear.weight.detach()
+    return projections
 
 
 def _check_complete(wanted: list[str], sources: dict, unexpected: list[str], where: str) -> None:
