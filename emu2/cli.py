@@ -181,6 +181,8 @@ def preset_name(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``emu2`` command line. Long because it declares every verb and option, one statement each; the verbs'
+    logic is in the functions they dispatch to."""
     parser = argparse.ArgumentParser(prog="emu2", description="Emu2: generative multimodal in-context learner.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -345,7 +345,9 @@ def _serve(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- parsers
 def add_parsers(subparsers) -> None:
-    """Register chat, ask, generate and serve on an argparse subparsers object (the `emu2` command's)."""
+    """Register chat, ask, generate and serve on an argparse subparsers object (the `emu2` command's).
+
+    Long because it declares every option of four commands, one statement each; it holds no logic."""
     from .limits import ServeLimits
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat with images, answers streamed",

@@ -422,7 +422,10 @@ def _build(hint, value, path: str, where: str):
 
 # ------------------------------------------------------------------------------------------- validation
 def validate(config: TrainConfig) -> None:
-    """Cross-field checks the types cannot express; raises `ConfigError` saying what to change."""
+    """Cross-field checks the types cannot express; raises `ConfigError` saying what to change.
+
+    Long because it is a flat list of independent checks, each one condition and one message; all problems are
+    collected so that one run names every one of them."""
     problems = []
     if config.stage not in STAGES:
         problems.append(f"stage must be one of {STAGES}, got {config.stage!r}")
