@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import Emu2Config
+from ..config import BASE_VOCAB, PAD_ID, Emu2Config
 from ..model.errors import CheckpointMismatchError  # re-exported: emu2.convert's public error
 
 _PREFIXES = (
@@ -177,8 +177,8 @@ def config_from_official(vision_cfg: dict, llama_config: dict, vocab_size: int, 
     keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
             "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id")
     text = LlamaConfig(**{k: llama_config[k] for k in keep if k in llama_config}, vocab_size=vocab_size,
-                       pad_token_id=32000, tie_word_embeddings=False)
+                       pad_token_id=PAD_ID, tie_word_embeddings=False)
     kwargs = dict(vision_config=vision, text_config=text, n_query=vision_cfg.get("n_query", 64),
-                  v_query=vision_cfg.get("v_query", 64), instruct=vocab_size > 32272)
+                  v_query=vision_cfg.get("v_query", 64), instruct=vocab_size > BASE_VOCAB)
     kwargs.update(overrides)
     return Emu2Config(**kwargs)

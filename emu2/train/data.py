@@ -276,7 +276,9 @@ class SyntheticStream:
         self.n_query, self.image_size = model_config.n_query, model_config.vision_config.image_size
         self.image_token = model_config.image_token_id
         self.boi, self.eoi = model_config.boi_token_id, model_config.eoi_token_id
-        self.pad = model_config.text_config.pad_token_id  # text ids are drawn below it: the tokenizer's pieces
+        text = model_config.text_config
+        self.pad = text.pad_token_id  # text ids are drawn below it: the tokenizer's pieces
+        self.bos, self.eos = text.bos_token_id, text.eos_token_id
         self.seed = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)  # < 2^32: seed * 1e6 + i fits int64
         self.micro_step = int((state or {}).get("micro_step", 0))
         vision = 2 + self.n_query
@@ -290,8 +292,8 @@ class SyntheticStream:
         length = int(torch.randint(s.seq_len // 2, s.seq_len + 1, (1,), generator=g))
         visual = [self.boi, *[self.image_token] * self.n_query, self.eoi] * s.images
         text_len = max(1, length - 2 - len(visual))
-        text = torch.randint(3, self.pad, (text_len,), generator=g).tolist()
-        ids = torch.tensor([1, *visual, *text, 2])
+        text = torch.randint(3, self.pad, (text_len,), generator=g).tolist()  # 0-2: unk, bos, eos
+        ids = torch.tensor([self.bos, *visual, *text, self.eos])
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[1 + len(visual):] = ids[1 + len(visual):]
         images = [torch.randn(3, self.image_size, self.image_size, generator=g) for _ in range(s.images)]
