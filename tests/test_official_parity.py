@@ -152,8 +152,8 @@ def test_chat_generation_ids_match(cases, chat, chat_tokenizer, expected):
 @pytest.fixture(scope="module")
 def gen(cases):
     pytest.importorskip("diffusers")
+    from emu2.convert.gen import load_official_gen_decoder
     from emu2.gen.pipeline import Emu2GenPipeline
-    from emu2.model.decoder import load_official_gen_decoder
     from emu2.pipeline import Emu2Pipeline
 
     state = read_official_state_dict(FIXTURE / "gen.safetensors")

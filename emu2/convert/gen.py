@@ -16,13 +16,21 @@ Two sources (official-format sections 1 and 2.3):
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import Emu2Config
 from .official import load_official, read_official_state_dict
+
+if TYPE_CHECKING:  # diffusers loads on first use: importing emu2.convert stays light
+    from ..model.decoder import Emu2VisualDecoderPipeline
+
+logger = logging.getLogger(__name__)
 
 # Official conf/diffusion_config (official-format 2.3): the SDXL body with 1792-wide visual conditioning.
 OFFICIAL_UNET_CONFIG: dict = {
@@ -161,7 +169,6 @@ def load_official_gen(
     """
     from .. import processing as P
     from ..gen.pipeline import Emu2GenPipeline
-    from ..model.decoder import load_diffusers_gen_decoder, load_official_gen_decoder
     from ..pipeline import Emu2Pipeline
 
     path = Path(path)
@@ -184,3 +191,123 @@ def load_official_gen(
     model = load_official(encoder_state, config, dtype=dtype)
     tokenizer = tokenizer or P.load_tokenizer(instruct=config.instruct)
     return Emu2GenPipeline(Emu2Pipeline(model, tokenizer), decoder)
+
+
+def load_official_gen_decoder(
+    state_dict: Mapping[str, torch.Tensor],
+    unet_config: Mapping,
+    vae_config: Mapping | None,
+    scheduler_config: Mapping | None = None,
+    *,
+    safety_checker_config: Mapping | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Emu2VisualDecoderPipeline:
+    """Build the decoder from a native Emu2-Gen state dict (``unet.*``, ``vae.*``; official-format 1, 2.3).
+
+    ``multimodal_encoder.*`` keys are the encoder's and are skipped (``state_dict`` is not modified).
+    ``safety_checker.*`` keys are ignored unless ``safety_checker_config`` (a `transformers.CLIPConfig`
+    dict) is given, in which case the official checker and its CLIP feature extractor are loaded too. Any missing or
+    unexpected key raises a ValueError that names it.
+    """
+    from ..model.decoder import Emu2VisualDecoderPipeline
+
+    pipe = Emu2VisualDecoderPipeline.from_configs(unet_config, vae_config, scheduler_config)
+    parts = {"unet": pipe.unet}
+    if pipe.vae is not None:
+        parts["vae"] = pipe.vae
+    if safety_checker_config is not None:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPConfig, CLIPImageProcessor
+
+        checker = StableDiffusionSafetyChecker(CLIPConfig(**safety_checker_config))
+        # Official feature extractor = CLIPImageProcessor defaults (224 short side, centre crop, CLIP stats).
+        pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor())
+        parts["safety_checker"] = checker
+
+    ignored = ("multimodal_encoder.", "safety_checker.")
+    by_part: dict[str, dict[str, torch.Tensor]] = {name: {} for name in parts}
+    unexpected = []
+    for key, tensor in state_dict.items():
+        name, _, rest = key.partition(".")
+        if name in by_part:
+            by_part[name][rest] = tensor
+        elif not key.startswith(ignored):
+            unexpected.append(key)
+    missing = []
+    for name, module in parts.items():
+        # Non-persistent buffers (CLIP position_ids) are not in the official files: compare state_dict keys.
+        expected = set(module.state_dict())
+        missing += [f"{name}.{k}" for k in sorted(expected - set(by_part[name]))]
+        unexpected += [f"{name}.{k}" for k in sorted(set(by_part[name]) - expected)]
+    if missing or unexpected:
+        raise ValueError(
+            "official Gen decoder weights do not match the configs: "
+            f"missing {_first(missing)} ({len(missing)} in all), "
+            f"unexpected {_first(unexpected)} ({len(unexpected)} in all); "
+            "check that unet_config/vae_config are the checkpoint's (official-format section 2.3)"
+        )
+    for name, module in parts.items():
+        module.load_state_dict(by_part[name], strict=True)
+    if safety_checker_config is None and any(k.startswith("safety_checker.") for k in state_dict):
+        logger.info("safety_checker.* weights ignored (pass safety_checker_config to load the checker)")
+    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+
+
+def load_diffusers_gen_decoder(
+    path: str | Path,
+    *,
+    variant: str | None = "bf16",
+    dtype: torch.dtype | None = None,
+    with_safety_checker: bool = False,
+) -> Emu2VisualDecoderPipeline:
+    """Load the decoder from a local HF diffusers layout (BAAI/Emu2-Gen: ``unet/``, ``vae/``, ``scheduler/``).
+
+    Only those subfolders are read, so the repo's ``multimodal_encoder/`` and ``tokenizer/`` (remote code) are
+    left to the encoder loader. ``variant`` picks ``diffusion_pytorch_model.<variant>.safetensors``;
+    nothing is downloaded.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    from ..model.decoder import OFFICIAL_SCHEDULER_CONFIG, Emu2VisualDecoderPipeline
+
+    path = Path(path)
+    if not (path / "unet").is_dir():
+        raise FileNotFoundError(
+            f"{path} has no unet/ folder; expected a local diffusers layout (unet/, vae/, scheduler/)"
+        )
+    load = {"local_files_only": True, "dtype": dtype}
+    unet = UNet2DConditionModel.from_pretrained(
+        path, subfolder="unet", variant=_variant(path / "unet", variant), **load
+    )
+    vae = None
+    if (path / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", variant=_variant(path / "vae", variant), **load
+        )
+    if (path / "scheduler").is_dir():
+        scheduler = EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    else:
+        scheduler = EulerDiscreteScheduler.from_config(OFFICIAL_SCHEDULER_CONFIG)
+    extras = {}
+    if with_safety_checker:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        extras["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
+            path / "safety_checker", local_files_only=True, dtype=dtype
+        )
+        extras["feature_extractor"] = CLIPImageProcessor.from_pretrained(path / "feature_extractor")
+    return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, **extras)
+
+
+def _first(keys: list[str], n: int = 20) -> str:
+    return str(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def _variant(folder: Path, variant: str | None) -> str | None:
+    """The requested weight variant if its file is there, else the plain file (our saves have none)."""
+    if variant and any(
+        f.name.split(".")[-2:-1] == [variant] for f in folder.glob("diffusion_pytorch_model*")
+    ):
+        return variant
+    return None

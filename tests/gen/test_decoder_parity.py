@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emu2.model.decoder import images_to_uint8, load_official_gen_decoder
+from emu2.convert.gen import load_official_gen_decoder
+from emu2.model.decoder import images_to_uint8
 
 from ..conftest import FIXTURE, official_initial_latents
 
