@@ -1,4 +1,5 @@
-"""Stage 0 for a vision encoder that starts random: image-caption pre-training (contrastive and caption words).
+"""Stage 0 for a vision encoder that starts random (``stage: encoder``): image-caption pre-training (contrastive and
+caption words), or, on the shapes world, supervised attribute labels of rendered scenes (`AttributeHeads`).
 
 Emu2 starts from EVA-CLIP, a vision encoder already trained contrastively on image-text pairs (paper 2.1), so its
 stage 1 only has to teach the language model to read features that already name colours, shapes and places. A
@@ -10,8 +11,9 @@ section, a caption-word loss: one logistic output per vocabulary token saying wh
 (CatLIP, Mehta et al. 2024). Contrast only rewards what tells a batch's captions apart; the word loss rewards
 every attribute a caption names, whatever else is in the batch.
 
-Only ``visual`` is trained; the output directory is a full Emu2 model directory (the language model untouched),
-which stage 1 then loads through ``model.init_from``.
+Only ``visual`` (and the objectives' heads, discarded after) is trained, through the one runner
+(`emu2.train.runner`); the output directory is a full Emu2 model directory (the language model untouched), which
+stage 1 then loads through ``model.init_from``.
 
 Tensor shapes: images (B, 3, S, S) -> visual embeddings (B, n_query, Dv) -> image vectors (B, D);
 caption token ids (B, L) with a 0/1 mask (B, L) -> text vectors (B, D); logits (B, B).
