@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -82,6 +83,9 @@ def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[st
     if init_from:
         common.append(f"model.init_from={out / init_from}")
     started = time.perf_counter()
+    if stage_dir.exists():  # unfinished (a finished stage is reused before this): what an interrupted run left
+        print(f"[quickstart] {name}: {stage_dir} holds an unfinished run; training the stage again")
+        shutil.rmtree(stage_dir)
     # Probe a few steps, measure seconds per step, then resume with the steps that fill the share.
     big = [*common, "steps=100000", f"checkpoint.every={PROBE_STEPS}", "log.every=1"]
     train(load_config(recipe, big), stop_after=PROBE_STEPS)

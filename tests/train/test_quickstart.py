@@ -49,6 +49,18 @@ def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, t
     assert (tmp_path / "longer" / "encoder" / "config.json").is_file()  # a model directory stage 1 can start from
 
 
+def test_a_stage_an_interrupted_run_left_unfinished_is_trained_again(shapes_dir, tmp_path):
+    (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
+    overrides = [*TINY, "data.streams.pairs.batch_size=4"]
+    from emu2.train import load_config, train
+
+    interrupted = load_config("shapes-encoder", [*overrides, f"output_dir={tmp_path / 'encoder'}",
+                                                 f"data.root={tmp_path / 'data'}", "checkpoint.every=1"])
+    train(interrupted, stop_after=2)  # checkpoints, no model directory: what a killed quickstart leaves
+    result = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path, overrides)
+    assert result["finished"] and (tmp_path / "encoder" / "config.json").is_file()
+
+
 def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
     from emu2.train.quickstart import stage_seconds
 
