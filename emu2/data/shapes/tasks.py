@@ -61,6 +61,11 @@ VQA_QUESTIONS = {
 }
 VQA_STYLES = ("Q: {q} A:", "Question: {q} Answer:", "based on the picture, {q} short answer:")
 EXAMPLE_SEPARATOR = "."
+# Share of a few-shot training document's examples (after its first) that repeat an earlier example of the same
+# document exactly, image and answer: Bratulic et al. 2025 (arXiv 2501.06256) found such repetitions decide
+# whether in-context learning emerges. 0: none (measured: docs/training-notes.md, "What the few-shot documents are
+# made of").
+EXACT_REPEAT_PROB = 0.0
 TEXT_FEWSHOT_PROB = 0.4  # share of language-only documents (kind `text`) that are in-context task documents
 TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words bound to values, then queried)
 TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
@@ -391,6 +396,11 @@ class ShapesMaker:
         task = sample_task(self.world, rng, split)
         scenes, texts = [], []
         for _ in range(examples or rng.randint(4, 8)):
+            if EXACT_REPEAT_PROB and scenes and rng.random() < EXACT_REPEAT_PROB:
+                earlier = rng.randrange(len(scenes))
+                scenes.append(scenes[earlier])
+                texts.append(texts[earlier])
+                continue
             scene, prompt, answer = task.example(self.world, rng)
             scenes.append(scene)
             texts.append(example_text(prompt, answer))
