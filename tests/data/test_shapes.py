@@ -266,3 +266,23 @@ def test_the_lm_split_is_a_language_only_corpus_mostly_of_copying_documents(tmp_
     manifest = write_shapes(tmp_path / "w", num_train=2, num_val=0, num_heldout=0, num_episodes=0,
                             image_size=16, num_lm=7)
     assert manifest["splits"]["lm"] == {"text": {"urls": "lm/text-{000000..000000}.tar", "count": 7}}
+
+
+def test_exact_repeats_copy_an_earlier_example_of_the_same_document_image_and_answer(monkeypatch):
+    import emu2.data.shapes.tasks as tasks
+
+    maker = ShapesMaker(World.from_seed(0), 16)
+    plain = [maker.fewshot_document(random.Random(i), "train")[0] for i in range(20)]
+    assert all(len({im.tobytes() for im in doc.images}) == len(doc.images) for doc in plain)  # the recipe: none
+    monkeypatch.setattr(tasks, "EXACT_REPEAT_PROB", 0.5)
+    repeats = 0
+    for i in range(20):
+        doc, _ = maker.fewshot_document(random.Random(i), "train")
+        seen = {}
+        for image, text in zip(doc.images, doc.texts):
+            key = image.tobytes()
+            if key in seen:
+                assert seen[key] == text  # the same example: its answer comes with it
+                repeats += 1
+            seen[key] = text
+    assert repeats > 10
