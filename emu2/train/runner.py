@@ -26,6 +26,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,14 +101,36 @@ def has_device() -> bool:
     return api.is_available() if api is not None else torch.cuda.is_available()
 
 
-def single_process_accelerator(config, stage_name: str):
-    """The accelerate `Accelerator` of a stage that runs in one process (encoder and decoder stages)."""
-    from accelerate import Accelerator
+class SingleProcess:
+    """What the runner and checkpoints use of accelerate's `Accelerator`, for the stages that run in one process
+    (encoder, image and video decoder), each in its own recipe's mixed precision.
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_device())
-    if accelerator.num_processes > 1:
-        raise NotImplementedError(f"the {stage_name} stage runs in one process (launch it without accelerate)")
-    return accelerator
+    Not an `Accelerator` because accelerate keeps one `AcceleratorState` per process with one mixed-precision
+    setting: creating an fp32 Accelerator after a bf16 one (the quickstart's fp32 encoder stage after its bf16 LM
+    stage) raises, and it would fix the setting for the stages after it. The device is accelerate's choice
+    (`PartialState`); autocast is torch's, as accelerate sets it up in one process."""
+
+    is_main_process, num_processes, process_index = True, 1, 0
+
+    def __init__(self, config, stage_name: str):
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType
+
+        state = PartialState(cpu=not has_device())
+        if state.num_processes > 1:
+            raise NotImplementedError(f"the {stage_name} stage runs in one process (launch it without accelerate)")
+        self.device, self.distributed_type = state.device, DistributedType.NO
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
 
 
 def summed_over_ranks(stats: dict) -> Counter:

@@ -12,6 +12,7 @@ pre-training, the image decoder and the video decoder.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,25 @@ def test_damaged_data_is_counted_by_reason_and_stops_the_run_past_the_threshold(
     assert all(last[f"skipped/{reason}"] == count for reason, count in summary["skipped"].items())
     with pytest.raises(TooManySkippedSamples, match=r"data\.max_skipped_fraction=0\.1\b"):
         train(damaged_config(stage, world, tmp_path, tmp_path / "strict", "data.max_skipped_fraction=0.1"))
+
+
+def test_stages_of_different_mixed_precision_run_one_after_another_in_one_process(world, tmp_path):
+    """The quickstart trains its LM stages in bf16 and the encoder stage in fp32 in one process; accelerate keeps
+    one mixed-precision setting per process, so this runs in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = "\n".join([
+        "import sys, torch",
+        "from pathlib import Path",
+        "from emu2.train import train",
+        "from tests.train.test_every_stage import stage_config",
+        "world, out = Path(sys.argv[1]), Path(sys.argv[2])",
+        "torch.set_num_threads(1)",
+        "for stage, precision in [('lm', 'bf16'), ('encoder', 'no'), ('decoder', 'no'), ('lm', 'bf16')]:",
+        "    config = stage_config(stage, world, out / f'{len(list(out.iterdir()))}-{stage}', 'steps=1', f'mixed_precision={precision}')",
+        "    assert train(config)['finished'], stage",
+    ])
+    run = subprocess.run([sys.executable, "-c", script, str(world), str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]

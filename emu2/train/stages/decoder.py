@@ -39,7 +39,7 @@ from ...gen.train_decoder import (
 from ..config import DecoderSection
 from ..data import StreamBatches, _sources, micro_batch_size
 from ..optim import build_decoder_optimizer, build_scheduler
-from ..runner import Stage, StageSampling, StepReport, run_stage, single_process_accelerator
+from ..runner import SingleProcess, Stage, StageSampling, StepReport, run_stage
 
 
 def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[list, Counter]:
@@ -83,7 +83,7 @@ def _stage_setup(config, opts: DecoderSection):
     """(accelerator, frozen encoder on its device, the optimisation settings)."""
     from ...pipeline import Emu2Pipeline
 
-    accelerator = single_process_accelerator(config, config.stage)
+    accelerator = SingleProcess(config, config.stage)
     torch.manual_seed(config.seed)
     encoder = Emu2Pipeline.from_pretrained(config.model.init_from).model.eval().requires_grad_(False)
     encoder.to(accelerator.device)

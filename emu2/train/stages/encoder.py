@@ -170,9 +170,9 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
     from ..data import build_data
     from ..model import build_model
     from ..optim import build_scheduler
-    from ..runner import Stage, StageSampling, StepReport, run_stage, single_process_accelerator
+    from ..runner import SingleProcess, Stage, StageSampling, StepReport, run_stage
 
-    accelerator = single_process_accelerator(config, "encoder")
+    accelerator = SingleProcess(config, "encoder")
     device = accelerator.device
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config)
