@@ -22,6 +22,18 @@ def official_initial_latents(recorded, num_steps: int):
     return draws[0] if torch.equal(draws[num_steps], recorded) else recorded
 
 
+def write_tiny_world(root: Path, image_size: int = 16) -> Path:
+    """A shapes world of ``image_size`` px (8 samples of every kind, one shard each) in ``root/data`` and a random
+    tiny model in ``root/encoder``, the decoder stages' frozen encoder. Returns ``root``."""
+    from emu2.data.shapes import write_shapes
+    from emu2.pipeline import Emu2Pipeline
+
+    write_shapes(root / "data", seed=0, num_train=8, num_val=0, num_heldout=0, num_episodes=0,
+                 image_size=image_size, shard_size=8, processes=1)
+    Emu2Pipeline.from_preset("tiny").save_pretrained(root / "encoder")
+    return root
+
+
 def write_damaged_pair_shards(root: Path, image_size: int = 20) -> Path:
     """Caption pairs in ``root``: ``mixed.tar`` holds 6 good samples and 2 whose image bytes are not an image;
     ``cut.tar`` (8 samples) was cut in the middle of a member, as an interrupted download leaves it."""

@@ -14,20 +14,15 @@ from emu2.model.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train import train
 from emu2.train.config import load_config
 
+from ..conftest import write_tiny_world
+
 SIZE = 16  # the test world's image side; the UNets work at SIZE / 2
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 16 px shapes world (8 samples of every kind) and a random tiny stage-1 model as the frozen encoder."""
-    from emu2.data.shapes import write_shapes
-    from emu2.pipeline import Emu2Pipeline
-
-    root = tmp_path_factory.mktemp("decoder-stage")
-    write_shapes(root / "data", seed=0, num_train=8, num_val=0, num_heldout=0, num_episodes=0, image_size=SIZE,
-                 shard_size=8, processes=1)
-    Emu2Pipeline.from_preset("tiny").save_pretrained(root / "encoder")
-    return root
+    return write_tiny_world(tmp_path_factory.mktemp("decoder-stage"), SIZE)
 
 
 def _config(recipe, world, out, *overrides):

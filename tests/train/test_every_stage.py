@@ -25,7 +25,7 @@ from emu2.train.config import load_config
 from emu2.train.data import TooManySkippedSamples
 from emu2.train.metrics import read_metrics
 
-from ..conftest import cut_before_sample, write_damaged_pair_shards
+from ..conftest import cut_before_sample, write_damaged_pair_shards, write_tiny_world
 from .conftest import tiny_config
 
 SIZE = 16  # the test world's image side
@@ -37,14 +37,7 @@ DECODER = [f"decoder.output_image_size={SIZE}", "decoder.pixel_scale=2", "decode
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 16 px shapes world (8 samples of every kind) and a random tiny model, the decoders' frozen encoder."""
-    from emu2.data.shapes import write_shapes
-    from emu2.pipeline import Emu2Pipeline
-
-    root = tmp_path_factory.mktemp("every-stage")
-    write_shapes(root / "data", seed=0, num_train=8, num_val=0, num_heldout=0, num_episodes=0, image_size=SIZE,
-                 shard_size=8, processes=1)
-    Emu2Pipeline.from_preset("tiny").save_pretrained(root / "encoder")
-    return root
+    return write_tiny_world(tmp_path_factory.mktemp("every-stage"), SIZE)
 
 
 def stage_config(stage: str, world, out, *overrides):
