@@ -214,9 +214,9 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
             attributes = _attribute_loss(model.visual, heads["attributes"], pool, batch_size, sampling.generator,
                                          n_query, accelerator)
         loss = weights.contrastive * contrastive + weights.caption_words * words + weights.attributes * attributes
-        value = float(loss.detach())
-        parts = {"contrastive_loss": float(contrastive.detach()), "caption_word_loss": float(words.detach()),
-                 "attribute_loss": float(attributes.detach())}
+        # One host read for the four numbers (each float() of a device tensor would wait for the device).
+        value, *numbers = torch.stack([loss, contrastive, words, attributes]).detach().tolist()
+        parts = dict(zip(("contrastive_loss", "caption_word_loss", "attribute_loss"), numbers))
         if not math.isfinite(value):  # before backward and the update: the weights stay as they were
             return StepReport(value, parts, diverged=f"encoder loss {value}")
         loss.backward()
