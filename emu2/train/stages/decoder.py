@@ -147,9 +147,9 @@ def train_decoder_stage(config, resume: bool = False, stop_after: int | None = N
     Full scale (``emu2-decoder``): SDXL-base's UNet from a local folder (``decoder.unet_init``, adapted by
     `load_pretrained_decoder_unet`), trained on the latents of its frozen VAE (``pixel_space: false``) over
     streamed shards (``streaming: true``). Shapes scale (``shapes-decoder``): a small pixel-space UNet from
-    scratch over images held in memory. The recipe's ``decoder`` section is
-    `emu2.train.config.DecoderSection`. Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent
-    space) in ``output_dir``, ``metrics.jsonl``, ``checkpoints/`` (``resume=True`` continues the last valid one
+    scratch over images held in memory. The recipe's ``decoder`` section is `emu2.train.config.DecoderSection`.
+    Output: a diffusers-layout `Emu2VisualDecoderPipeline` (unet/, scheduler/, and vae/ in latent space) in
+    ``output_dir``, ``metrics.jsonl``, ``checkpoints/`` (``resume=True`` continues the last valid one
     exactly, data position included; ``stop_after``: checkpoint and return once that step is done) and, with
     ``unet_init``, ``unet_init.json`` listing the re-initialised weights.
     """
