@@ -92,17 +92,27 @@ class Emu2GenPipeline:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **encoder_kwargs) -> Emu2GenPipeline:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        decoder_device: str | torch.device | None = None, **encoder_kwargs) -> Emu2GenPipeline:
         """A directory with ``encoder/`` (an `Emu2Pipeline` directory) and ``decoder/`` (diffusers layout).
 
         ``encoder_kwargs`` go to the encoder's ``from_pretrained``: e.g. ``load_in_4bit=True`` quantizes its
-        language model as the official demo's ``--generate-quantize`` (the UNet and VAE stay unquantized)."""
+        language model as the official demo's ``--generate-quantize`` (the UNet and VAE stay unquantized), and
+        ``device_map="auto"`` spreads it over the GPUs. The decoder (UNet, VAE, safety checker) is not split: it
+        goes whole to ``decoder_device``, by default, when ``device_map`` is given, to the device of the
+        encoder's ``project_down``, where the regressed embeddings come out (the official multi-GPU example
+        likewise moves the UNet and VAE to one GPU by hand)."""
         path = Path(path)
         for part in ("encoder", "decoder"):
             if not (path / part).is_dir():
                 raise FileNotFoundError(f"{path} is not an Emu2-Gen directory: no {part}/ folder")
         decoder = Emu2VisualDecoderPipeline.from_pretrained(path / "decoder", dtype=dtype)
-        return cls(Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype, **encoder_kwargs), decoder)
+        encoder = Emu2Pipeline.from_pretrained(path / "encoder", dtype=dtype, **encoder_kwargs)
+        if decoder_device is None and encoder_kwargs.get("device_map") is not None:
+            decoder_device = encoder.model.project_down.weight.device
+        if decoder_device is not None:
+            decoder.to(decoder_device)
+        return cls(encoder, decoder)
 
     def save_pretrained(self, path: str | Path, **kwargs) -> None:
         """``kwargs`` go to the encoder's `save_pretrained` (e.g. ``max_shard_size``)."""

@@ -91,7 +91,7 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
         (any transformers one) or the official ``load_in_4bit=True`` / ``load_in_8bit=True`` quantize the language
         model's decoder layers only (`emu2.model.quantization`).
         """
-        from .quantization import quantization_kwargs
+        from .quantization import check_loaded, quantization_kwargs
 
         kwargs = quantization_kwargs(kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -101,6 +101,8 @@ class Emu2ForCausalLM(Emu2PreTrainedModel):
                      for m in info.get("mismatched_keys", ())])
         if strict and any(problems):
             raise CheckpointMismatchError(*problems)
+        if kwargs.get("quantization_config") is not None:
+            check_loaded(model)
         return (model, info) if wants_info else model
 
     # ---------------------------------------------------------------------------------------- visual side

@@ -53,3 +53,29 @@ def test_latents_are_decoded_on_the_vae_device_when_it_sits_apart_from_the_unet(
     with _OneDevicePerOp():
         images = gen.decoder(cond, uncond, num_inference_steps=2, height=16, width=16, output_type="pt").images
     assert images.device.type == "meta" and images.shape == (1, 3, 16, 16)
+
+
+
+def test_from_pretrained_puts_the_decoder_whole_on_decoder_device(gen, tmp_path):
+    gen.save_pretrained(tmp_path)
+    pipe = Emu2GenPipeline.from_pretrained(tmp_path, device_map="cpu", decoder_device="meta")
+    assert {p.device.type for p in pipe.decoder.unet.parameters()} == {"meta"}
+    assert pipe.decoder.vae.device.type == "meta" and pipe.encoder.model.project_down.weight.device.type == "cpu"
+
+
+def test_with_a_device_map_the_decoder_follows_the_regressed_embeddings(gen, tmp_path, monkeypatch):
+    """``device_map`` splits the encoder (transformers/accelerate); by default the decoder then goes whole to the
+    device of ``project_down``, which the regressed embeddings come out of."""
+    from emu2.pipeline import Emu2Pipeline
+
+    gen.save_pretrained(tmp_path)
+    load = Emu2Pipeline.from_pretrained.__func__
+
+    def load_with_project_down_elsewhere(cls, *args, **kwargs):
+        encoder = load(cls, *args, **kwargs)
+        encoder.model.project_down.to("meta")  # as a device_map that puts the last module on a second GPU
+        return encoder
+
+    monkeypatch.setattr(Emu2Pipeline, "from_pretrained", classmethod(load_with_project_down_elsewhere))
+    pipe = Emu2GenPipeline.from_pretrained(tmp_path, device_map="cpu")
+    assert pipe.decoder.unet.device.type == "meta" and pipe.decoder.vae.device.type == "meta"
