@@ -35,7 +35,7 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
     from pathlib import Path
 
     from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
+    from transformers import AutoTokenizer, TorchAoConfig
 
     from ..eval.intervals import wilson_interval
     from ..model import Emu2ForCausalLM
@@ -58,7 +58,7 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
                 models[name] = Emu2ForCausalLM.from_pretrained(path, **kwargs)
             except QuantizationUnavailableError as error:  # e.g. this CPU's bitsandbytes kernel; the reason is kept
                 refused[name] = {"refused": str(error)}
-        special = set(Emu2Pipeline.from_pretrained(path).tokenizer.added_tokens_decoder)
+        special = set(AutoTokenizer.from_pretrained(path).added_tokens_decoder)  # the tokenizer only, no model
     # Text tokens only: image slots would need images, and the added tokens are few and special.
     text_ids = torch.tensor([i for i in range(models["fp32"].config.text_config.vocab_size) if i not in special])
     picks = torch.randint(0, len(text_ids), (sequences, length), generator=torch.Generator().manual_seed(seed))

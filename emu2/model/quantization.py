@@ -98,7 +98,7 @@ def check_loaded(model) -> None:
     if has_avx512bf16():
         raise QuantizationUnavailableError(
             f"bitsandbytes' 4-bit kernel on this CPU (AVX512-BF16) needs output sizes that are multiples of 32 and "
-            f"input sizes that are multiples of its block size (64), and "
+            "input sizes that are multiples of its block size (64), and "
             f"{len(odd)} quantized layers are not (first: {odd[0]}); keep them unquantized with "
             f"llm_int8_skip_modules={sorted({name.rsplit('.', 1)[-1] for name in odd})}, or load with "
             "load_in_8bit=True or torchao's quantization_config=TorchAoConfig(Int8WeightOnlyConfig())")
