@@ -116,13 +116,17 @@ def _bench(args) -> int:
         from .train.bench import run_train_benchmark
 
         result = run_train_benchmark()
+    elif args.what == "quantization":
+        from .bench.quantization import run as run_quantization
+
+        result = run_quantization(args.model or "shapes-large")
     elif args.what == "serve":
         from .serve.bench import run_fuzz, run_serve_scaling
 
         result = {"load": run_serve_scaling(clients=args.clients, seconds=args.seconds, torch_threads=1,
-                                            max_batch_size=args.max_batch_size)}
+                                            max_batch_size=args.max_batch_size, model_dir=args.model)}
         if args.fuzz:
-            result["fuzz"] = run_fuzz(max_examples=args.fuzz, seconds=max(args.seconds, 60))
+            result["fuzz"] = run_fuzz(max_examples=args.fuzz, seconds=max(args.seconds, 60), model_dir=args.model)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown benchmark {args.what}")
     print(json.dumps(result, indent=2 if not args.json else None))
@@ -228,11 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
 
     p = sub.add_parser("bench", help="benchmarks printing JSON (side-by-side comparisons in one run)")
-    p.add_argument("what", choices=["image-regression", "generate", "data", "train", "serve"], help="which benchmark")
+    p.add_argument("what", choices=["image-regression", "generate", "data", "train", "serve", "quantization"],
+                   help="which benchmark")
     p.add_argument("--json", action="store_true", help="compact JSON on one line")
     p.add_argument("--repeats", type=int, default=None,
                    help="image-regression: timed repeats, best kept (default 2); generate: median kept (default 3)")
     p.add_argument("--data", help="data: a shards directory (default: a small shapes world made on the fly)")
+    p.add_argument("--model", help="quantization: a model directory or a preset (default: shapes-large, random "
+                                   "weights); serve: a chat model directory (default: a random tiny-chat)")
     p.add_argument("--seconds", type=float, default=10.0, help="data/serve: seconds timed per run")
     p.add_argument("--clients", type=_int_list, default=(1, 8, 32),
                    help="serve: concurrent clients on loopback, one run per count (default: 1,8,32)")

@@ -1,17 +1,16 @@
-"""`python -m emu2.bench.quantization`: LM weight memory and output agreement of quantized loading vs fp32.
+"""`emu2 bench quantization [--model DIR|PRESET]`: LM weight memory and output agreement of quantized loading vs fp32.
 
 A model directory, or one random model of a preset saved once, is loaded in fp32, bf16, torchao int8
 weight-only, and with the official `load_in_8bit` / `load_in_4bit` keywords (bitsandbytes: LLM.int8, the fp4
 that `load_in_4bit=True` gives, and nf4; without CUDA, bitsandbytes runs on its CPU backend). For each load:
 bytes of the language model's decoder-layer weights (what quantization touches), the largest logit difference
 from fp32 relative to the largest fp32 logit, and the share of positions whose next-token argmax equals fp32's
-(and bf16's), over random token sequences. Prints JSON.
+(and bf16's), over random token sequences. A load refused here is reported with its reason; when the refusal
+names modules to keep unquantized, that load is measured as well. Prints JSON.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 
 import torch
@@ -58,6 +57,10 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
                 models[name] = Emu2ForCausalLM.from_pretrained(path, **kwargs)
             except QuantizationUnavailableError as error:  # e.g. this CPU's bitsandbytes kernel; the reason is kept
                 refused[name] = {"refused": str(error)}
+                if error.skip_modules:  # and the load its message suggests is measured too
+                    skip = {"llm_int8_skip_modules": error.skip_modules}
+                    models[f"{name}, {'/'.join(error.skip_modules)} kept unquantized"] = \
+                        Emu2ForCausalLM.from_pretrained(path, **kwargs, **skip)
         special = set(AutoTokenizer.from_pretrained(path).added_tokens_decoder)  # the tokenizer only, no model
     # Text tokens only: image slots would need images, and the added tokens are few and special.
     text_ids = torch.tensor([i for i in range(models["fp32"].config.text_config.vocab_size) if i not in special])
@@ -77,7 +80,3 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
             "argmax_agreement_vs_bf16": float((logits[name].argmax(-1) == bf16.argmax(-1)).float().mean()),
         }
     return {**report, **refused}
-
-
-if __name__ == "__main__":
-    print(json.dumps(run(*(sys.argv[1:2] or [])), indent=2))

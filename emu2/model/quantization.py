@@ -26,7 +26,13 @@ BITSANDBYTES_ON_CPU = "0.50"
 
 
 class QuantizationUnavailableError(ImportError):
-    """The requested quantization backend cannot run here; the message says what to install or use instead."""
+    """The requested quantization backend cannot run here; the message says what to install or use instead.
+
+    ``skip_modules``: when set, module names that, given as ``llm_int8_skip_modules``, make the load work here."""
+
+    def __init__(self, message: str, skip_modules: list[str] | None = None):
+        super().__init__(message)
+        self.skip_modules = skip_modules
 
 
 def quantization_kwargs(kwargs: dict) -> dict:
@@ -96,9 +102,10 @@ def check_loaded(model) -> None:
     from bitsandbytes.functional import has_avx512bf16
 
     if has_avx512bf16():
+        skip = sorted({name.rsplit(".", 1)[-1] for name in odd})
         raise QuantizationUnavailableError(
             f"bitsandbytes' 4-bit kernel on this CPU (AVX512-BF16) needs output sizes that are multiples of 32 and "
             "input sizes that are multiples of its block size (64), and "
             f"{len(odd)} quantized layers are not (first: {odd[0]}); keep them unquantized with "
-            f"llm_int8_skip_modules={sorted({name.rsplit('.', 1)[-1] for name in odd})}, or load with "
-            "load_in_8bit=True or torchao's quantization_config=TorchAoConfig(Int8WeightOnlyConfig())")
+            f"llm_int8_skip_modules={skip}, or load with "
+            "load_in_8bit=True or torchao's quantization_config=TorchAoConfig(Int8WeightOnlyConfig())", skip)
