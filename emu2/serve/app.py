@@ -579,11 +579,14 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
 
     @app.get("/healthz")
     async def healthz():
-        """Liveness: answers while the model computes (the model runs on its own thread)."""
+        """Liveness: answers while the model computes (the model runs on its own thread). With batched decoding,
+        ``decode_steps`` / ``sequence_steps`` count forwards and the answers they advanced since the start."""
+        decoder = getattr(server.worker, "decoder", None)
+        batching = {"decode_steps": decoder.decode_steps, "sequence_steps": decoder.sequence_steps} if decoder else None
         return {"status": "ok", "chat_model": server.chat_model_name if server.chat else None,
                 "image_model": server.gen_model_name if server.gen else None,
                 "chat_images": server.interleaved is not None, "model_busy": server.worker.busy,
-                "queued": server.worker.pending, "max_queue": server.limits.max_queue}
+                "queued": server.worker.pending, "max_queue": server.limits.max_queue, "batching": batching}
 
     if ui:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -4,18 +4,21 @@
     run_serve_scaling(clients=(1, 8, 32))        # the same for each client count, and the scaling targets
     run_fuzz(max_examples=25, seconds=60)        # schemathesis against /openapi.json; 5xx responses must be 0
 
-Both start the server in this process (uvicorn on a thread, 127.0.0.1, a free port) with a tiny random model
-unless given model directories, send traffic only to it, and stop by themselves: every loop is bounded in
-request count and in time.
+The load runs `emu2 serve` in a child process, as a user would (a random `tiny-chat` saved for the run unless
+given a model directory), so the clients' own Python work does not share the server's GIL; given an already
+loaded pipeline, it serves that from this process (uvicorn on a thread). The fuzzer serves in this process. Both
+send traffic only to 127.0.0.1 and stop by themselves: every loop is bounded in request count and in time.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,23 +33,17 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def _rss_mb() -> float | None:
-    """Resident memory of this process now (Linux /proc), in MiB."""
+def _memory_mb(pid: int | str = "self") -> dict:
+    """Resident memory of a process (Linux /proc): now (VmRSS) and its peak so far (VmHWM), in MiB."""
+    found = {}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = {"VmRSS:": "now", "VmHWM:": "peak"}.get(line.split(":")[0] + ":")
+            if key:
+                found[key] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
-
-
-def _peak_rss_mb() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return found
 
 
 def _png_data_url(side: int = 64) -> str:
@@ -63,111 +60,218 @@ def _load_chat(model_dir):
     return Emu2Pipeline.from_pretrained(model_dir) if model_dir else Emu2Pipeline.from_preset("tiny-chat")
 
 
+class _ServedInProcess:
+    """``pipeline`` served from this process (uvicorn on a thread): the clients share its interpreter and GIL."""
+
+    where = "this process (uvicorn on a thread)"
+
+    def __init__(self, pipeline, limits: ServeLimits, torch_threads: int | None):
+        import torch
+
+        self.app, self.torch_threads, self.threads_before = create_app(pipeline, limits=limits), torch_threads, None
+        self.thread = ServerThread(self.app)
+        self._torch = torch
+
+    def __enter__(self):
+        self.threads_before = self._torch.get_num_threads()
+        if self.torch_threads:
+            self._torch.set_num_threads(self.torch_threads)
+        self.thread.__enter__()
+        self.url = self.thread.url
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.__exit__(*exc)
+        self._torch.set_num_threads(self.threads_before)
+
+    def counters(self) -> tuple[int, int] | None:
+        decoder = getattr(self.app.state.server.worker, "decoder", None)
+        return (decoder.decode_steps, decoder.sequence_steps) if decoder else None
+
+    def memory_mb(self) -> dict:
+        return _memory_mb()
+
+
+class _ServedByChild:
+    """`emu2 serve --model DIR` in a child process on a free loopback port, as a user runs it: the clients' own
+    Python work (this process) does not hold the server's GIL, so the load measures the server alone."""
+
+    where = "a child process (emu2 serve)"
+
+    def __init__(self, model_dir: str | Path, limits: ServeLimits, torch_threads: int | None):
+        self.model_dir, self.limits, self.torch_threads = str(model_dir), limits, torch_threads
+
+    def __enter__(self):
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+
+        import httpx
+
+        with socket.socket() as probe:  # a free port; the child binds it a moment later
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "emu2.cli", "serve", "--model", self.model_dir, "--port", str(port),
+                   "--log-level", "warning",
+                   *(["--torch-threads", str(self.torch_threads)] if self.torch_threads else [])]
+        for name in ("max_queue", "max_tokens", "timeout", "max_batch_size"):
+            command += [ServeLimits.flag(name), str(getattr(self.limits, name))]
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = self._log_tail()
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"`{' '.join(command)}` did not start serving:\n{log}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    def _log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def counters(self) -> tuple[int, int] | None:
+        import httpx
+
+        batching = httpx.get(self.url + "/healthz", timeout=10, trust_env=False).json().get("batching")
+        return (batching["decode_steps"], batching["sequence_steps"]) if batching else None
+
+    def memory_mb(self) -> dict:
+        return _memory_mb(self.process.pid)
+
+
+@contextmanager
+def _served(model_dir, pipeline, limits: ServeLimits, torch_threads: int | None):
+    """A running chat server for the load: ``pipeline`` in this process, else ``model_dir`` (default: a random
+    `tiny-chat` saved for the run) in a child `emu2 serve`."""
+    if pipeline is not None:
+        with _ServedInProcess(pipeline, limits, torch_threads) as server:
+            yield server
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_dir is None:
+            _load_chat(None).save_pretrained(tmp)
+        with _ServedByChild(model_dir or tmp, limits, torch_threads) as server:
+            yield server
+
+
+def _limits(clients: int, seconds: float, max_tokens: int, max_batch_size: int | None) -> ServeLimits:
+    batching = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    return ServeLimits(max_queue=max(clients, 1), max_tokens=max(max_tokens, 1), timeout=max(60.0, 2 * seconds),
+                       **batching)
+
+
 def run_serve_benchmark(clients: int = 8, seconds: float = 10.0, max_tokens: int = 8, with_image: bool = True,
                         stream: bool = False, model_dir: str | Path | None = None,
                         max_requests: int = 100_000, pipeline=None, torch_threads: int | None = None,
                         max_batch_size: int | None = None) -> dict:
     """``clients`` concurrent clients posting chat completions for ``seconds`` (at most ``max_requests`` in all).
 
-    Returns requests/s, completion tokens/s, latency percentiles (ms), error count (any non-200), the batching
-    factor (mean answers per decode step; 1 for the serial worker), the latency of /healthz probes made during
-    the load (the event loop must stay responsive while the model computes), and memory (RSS, MiB; the server and
-    the clients share this process). ``pipeline``: an already loaded `Emu2Pipeline` to serve.
-    ``max_batch_size``: the server's (default: `ServeLimits`'; 1 decodes one request at a time).
-    ``torch_threads``: intra-op threads for the run (default: torch's); on a CPU shared with other work, 1 can be
-    many times faster than spinning threads that wait for cores.
+    The server is `emu2 serve --model model_dir` in a child process (a random `tiny-chat` when no directory is
+    given), or ``pipeline`` (an already loaded `Emu2Pipeline`) served from this process, where the clients' Python
+    work shares the server's GIL. Returns requests/s, completion tokens/s, latency percentiles (ms), error count
+    (any non-200), the batching factor (mean answers per decode step; 1 for the serial worker), the latency of
+    /healthz probes made during the load (the event loop must stay responsive while the model computes), and the
+    server's memory (RSS, MiB). ``max_batch_size``: the server's (default: `ServeLimits`'; 1 decodes one request
+    at a time). ``torch_threads``: the server's intra-op threads (default: torch's); on a CPU shared with other
+    work, 1 can be many times faster than spinning threads that wait for cores.
     """
+    limits = _limits(clients, seconds, max_tokens, max_batch_size)
+    with _served(model_dir, pipeline, limits, torch_threads) as server:
+        return _load(server, clients, seconds, max_tokens, with_image, stream, max_requests, limits) | {
+            "model": str(model_dir) if model_dir else "tiny-chat (random)", "torch_threads": torch_threads}
+
+
+def _load(server, clients, seconds, max_tokens, with_image, stream, max_requests, limits) -> dict:
+    """One timed load of ``clients`` threads against a running ``server`` (`_served`)."""
     import httpx
-    import torch
 
-    threads_before = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
-        return _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline,
-                                httpx, torch.get_num_threads(), max_batch_size)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir, max_requests, pipeline, httpx,
-                     torch_threads, max_batch_size) -> dict:
-
-    pipeline = pipeline or _load_chat(model_dir)
-    batching = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
-    limits = ServeLimits(max_queue=max(clients, 1), max_tokens=max(max_tokens, 1), timeout=max(60.0, 2 * seconds),
-                         **batching)
     content = [{"type": "text", "text": "What is in the image?"}]
     if with_image:
         content.insert(0, {"type": "image_url", "image_url": {"url": _png_data_url()}})
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream}
     latencies, statuses, tokens, health = [], Counter(), [0], []
     lock, stop = threading.Lock(), threading.Event()
-    rss = {"before": None, "peak": 0.0}
+    peak = [0.0]
+    url = server.url + "/v1/chat/completions"
+    with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
+        warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
+    before = server.memory_mb().get("now")
+    steps_before = server.counters()
+    started = time.monotonic()
+    end = started + seconds
 
-    app = create_app(pipeline, limits=limits)
-    with ServerThread(app) as server:
-        url = server.url + "/v1/chat/completions"
-        with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
-            warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
-        rss["before"] = _rss_mb()
-        decoder = getattr(app.state.server.worker, "decoder", None)
-        steps_before = (decoder.decode_steps, decoder.sequence_steps) if decoder else None
-        started = time.monotonic()
-        end = started + seconds
+    def client() -> None:
+        with httpx.Client(trust_env=False, timeout=limits.timeout) as http:
+            while time.monotonic() < end and not stop.is_set():
+                with lock:
+                    if sum(statuses.values()) >= max_requests:
+                        return
+                t0 = time.monotonic()
+                try:
+                    reply = http.post(url, json=body)
+                    status = reply.status_code
+                    used = reply.json().get("usage", {}).get("completion_tokens", 0) if (
+                        status == 200 and not stream) else 0
+                except httpx.HTTPError:
+                    status, used = "connection_error", 0
+                with lock:
+                    statuses[status] += 1
+                    tokens[0] += used
+                    if status == 200:
+                        latencies.append(time.monotonic() - t0)
 
-        def client() -> None:
-            with httpx.Client(trust_env=False, timeout=limits.timeout) as http:
-                while time.monotonic() < end and not stop.is_set():
-                    with lock:
-                        if sum(statuses.values()) >= max_requests:
-                            return
-                    t0 = time.monotonic()
-                    try:
-                        reply = http.post(url, json=body)
-                        status = reply.status_code
-                        used = reply.json().get("usage", {}).get("completion_tokens", 0) if (
-                            status == 200 and not stream) else 0
-                    except httpx.HTTPError:
-                        status, used = "connection_error", 0
-                    with lock:
-                        statuses[status] += 1
-                        tokens[0] += used
-                        if status == 200:
-                            latencies.append(time.monotonic() - t0)
+    def monitor() -> None:
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], server.memory_mb().get("now", 0.0))
+                t0 = time.monotonic()
+                try:
+                    http.get(server.url + "/healthz").raise_for_status()
+                    health.append(time.monotonic() - t0)
+                except httpx.HTTPError:
+                    pass
 
-        def monitor() -> None:
-            with httpx.Client(trust_env=False, timeout=10) as http:
-                while not stop.wait(0.05):
-                    rss["peak"] = max(rss["peak"], _rss_mb() or 0.0)
-                    t0 = time.monotonic()
-                    try:
-                        http.get(server.url + "/healthz").raise_for_status()
-                        health.append(time.monotonic() - t0)
-                    except httpx.HTTPError:
-                        pass
-
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-        watcher = threading.Thread(target=monitor, daemon=True)
-        watcher.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=seconds + limits.timeout + 5)
-        elapsed = time.monotonic() - started
-        stop.set()
-        watcher.join(timeout=5)
-        factor = 1.0
-        if decoder is not None:
-            steps = decoder.decode_steps - steps_before[0]
-            factor = round((decoder.sequence_steps - steps_before[1]) / steps, 2) if steps else None
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + limits.timeout + 5)
+    elapsed = time.monotonic() - started
+    stop.set()
+    watcher.join(timeout=5)
+    factor, steps_after = 1.0, server.counters()
+    if steps_before is not None and steps_after is not None:
+        steps = steps_after[0] - steps_before[0]
+        factor = round((steps_after[1] - steps_before[1]) / steps, 2) if steps else None
 
     requests = sum(statuses.values())
     ms = lambda v: None if v is None else round(1000 * v, 1)
+    memory = server.memory_mb()
     return {
-        "benchmark": "serve", "model": str(model_dir) if model_dir else "tiny-chat (random)",
-        "clients": clients, "seconds": round(elapsed, 2), "max_tokens": max_tokens, "with_image": with_image,
-        "stream": stream, "torch_threads": torch_threads, "max_batch_size": limits.max_batch_size,
+        "benchmark": "serve", "server": server.where, "clients": clients, "seconds": round(elapsed, 2),
+        "max_tokens": max_tokens, "with_image": with_image, "stream": stream,
+        "max_batch_size": limits.max_batch_size,
         "batching_factor": factor, "requests": requests, "ok": statuses.get(200, 0),
         "errors": requests - statuses.get(200, 0), "status_counts": {str(k): v for k, v in statuses.items()},
         "requests_per_s": round(statuses.get(200, 0) / elapsed, 2),
@@ -176,20 +280,19 @@ def _serve_benchmark(clients, seconds, max_tokens, with_image, stream, model_dir
                        "max": ms(max(latencies, default=None))},
         "healthz_under_load_ms": {"probes": len(health), "p50": ms(_percentile(health, 50)),
                                   "p99": ms(_percentile(health, 99))},
-        "rss_mb": {"before_load": rss["before"] and round(rss["before"], 1), "peak_sampled": round(rss["peak"], 1),
-                   "peak_process": round(_peak_rss_mb(), 1)},
+        "server_rss_mb": {"before_load": before and round(before, 1), "peak_sampled": round(peak[0], 1),
+                          "peak_process": round(memory.get("peak", 0.0), 1)},
     }
 
 
 def run_serve_scaling(clients=(1, 8, 32), seconds: float = 10.0, max_tokens: int = 8,
                       model_dir: str | Path | None = None, pipeline=None, torch_threads: int | None = 1,
                       max_batch_size: int | None = None) -> dict:
-    """`run_serve_benchmark` for each client count on one loaded model, in one run, checked against the scaling targets:
-    8 clients reach >= 4x the requests/s of 1 client, with p99 latency <= 3x the 1-client p50."""
-    pipeline = pipeline or _load_chat(model_dir)
-    runs = [run_serve_benchmark(clients=n, seconds=seconds, max_tokens=max_tokens, model_dir=model_dir,
-                                pipeline=pipeline, torch_threads=torch_threads, max_batch_size=max_batch_size)
-            for n in clients]
+    """One load per client count against one server (as `run_serve_benchmark`), in one run, checked against the
+    scaling targets: 8 clients reach >= 4x the requests/s of 1 client, with p99 latency <= 3x the 1-client p50."""
+    limits = _limits(max(clients), seconds, max_tokens, max_batch_size)
+    with _served(model_dir, pipeline, limits, torch_threads) as server:
+        runs = [_load(server, n, seconds, max_tokens, True, False, 100_000, limits) for n in clients]
     table = [{key: run[key] for key in ("clients", "requests_per_s", "completion_tokens_per_s", "batching_factor",
                                         "errors")} | {"p50_ms": run["latency_ms"]["p50"],
                                                       "p99_ms": run["latency_ms"]["p99"]} for run in runs]
@@ -201,7 +304,9 @@ def run_serve_scaling(clients=(1, 8, 32), seconds: float = 10.0, max_tokens: int
         latency = (eight["p99_ms"] or float("inf")) / one["p50_ms"]
         targets = {"requests_per_s_8_over_1": round(speedup, 2), "speedup_target_4x_met": speedup >= 4,
                    "p99_8_over_p50_1": round(latency, 2), "latency_target_3x_met": latency <= 3}
-    return {"benchmark": "serve-scaling", "table": table, "targets": targets, "runs": runs}
+    return {"benchmark": "serve-scaling", "model": str(model_dir) if model_dir else "tiny-chat (random)",
+            "server": server.where, "torch_threads": torch_threads, "table": table, "targets": targets,
+            "runs": runs}
 
 
 def run_fuzz(max_examples: int = 25, seconds: float = 60.0, model_dir: str | Path | None = None,

@@ -203,8 +203,10 @@ def test_concurrent_requests_are_decoded_together_with_the_answers_of_the_serial
             futures = [pool.submit(post, server, **r) for r in requests]  # beam search among them runs alone
             futures.append(pool.submit(stream_text, server, max_tokens=7))
             batched = [f.result() for f in futures]
+        health = httpx.get(server.url + "/healthz").json()["batching"]
     assert batched == serial
     assert worker.decoder.decode_steps > 0
+    assert health == {"decode_steps": worker.decoder.decode_steps, "sequence_steps": worker.decoder.sequence_steps}
 
 
 def test_a_batched_request_past_its_deadline_gets_504_and_leaves_the_batch(chat_pipeline):

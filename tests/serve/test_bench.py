@@ -14,7 +14,24 @@ def test_serve_benchmark_reports_throughput_latency_errors_and_memory(chat_pipel
     assert time.monotonic() - started < 60
     assert result["requests"] > 0 and result["errors"] == 0 and result["requests_per_s"] > 0
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
-    assert result["healthz_under_load_ms"]["probes"] > 0 and result["rss_mb"]["peak_process"] > 0
+    assert result["healthz_under_load_ms"]["probes"] > 0 and result["server_rss_mb"]["peak_process"] > 0
+
+
+@pytest.mark.slow
+def test_serve_benchmark_loads_emu2_serve_in_a_child_process_given_a_model_directory(chat_model_dir):
+    from emu2.serve.bench import run_serve_benchmark
+
+    result = run_serve_benchmark(clients=2, seconds=1, max_tokens=2, model_dir=chat_model_dir, torch_threads=1)
+    assert result["server"] == "a child process (emu2 serve)" and result["model"] == str(chat_model_dir)
+    assert result["requests"] > 0 and result["errors"] == 0 and result["batching_factor"] >= 1
+    assert result["server_rss_mb"]["peak_process"] > 0  # the child's memory, read from /proc
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_own_error(tmp_path):
+    from emu2.serve.bench import run_serve_benchmark
+
+    with pytest.raises(RuntimeError, match=r"did not start serving(.|\n)*error"):
+        run_serve_benchmark(clients=1, seconds=1, model_dir=tmp_path / "missing")
 
 
 @pytest.mark.slow
