@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,6 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+import torch
+from PIL import Image
+
+from ..pipeline import Emu2Pipeline
 from .app import ServerThread, create_app
 from .limits import ServeLimits
 
@@ -47,16 +55,12 @@ def _memory_mb(pid: int | str = "self") -> dict:
 
 
 def _png_data_url(side: int = 64) -> str:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), (200, 40, 40)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _load_chat(model_dir):
-    from ..pipeline import Emu2Pipeline
-
     return Emu2Pipeline.from_pretrained(model_dir) if model_dir else Emu2Pipeline.from_preset("tiny-chat")
 
 
@@ -66,23 +70,20 @@ class _ServedInProcess:
     where = "this process (uvicorn on a thread)"
 
     def __init__(self, pipeline, limits: ServeLimits, torch_threads: int | None):
-        import torch
-
         self.app, self.torch_threads, self.threads_before = create_app(pipeline, limits=limits), torch_threads, None
         self.thread = ServerThread(self.app)
-        self._torch = torch
 
     def __enter__(self):
-        self.threads_before = self._torch.get_num_threads()
+        self.threads_before = torch.get_num_threads()
         if self.torch_threads:
-            self._torch.set_num_threads(self.torch_threads)
+            torch.set_num_threads(self.torch_threads)
         self.thread.__enter__()
         self.url = self.thread.url
         return self
 
     def __exit__(self, *exc) -> None:
         self.thread.__exit__(*exc)
-        self._torch.set_num_threads(self.threads_before)
+        torch.set_num_threads(self.threads_before)
 
     def counters(self) -> tuple[int, int] | None:
         decoder = getattr(self.app.state.server.worker, "decoder", None)
@@ -102,13 +103,6 @@ class _ServedByChild:
         self.model_dir, self.limits, self.torch_threads = str(model_dir), limits, torch_threads
 
     def __enter__(self):
-        import socket
-        import subprocess
-        import sys
-        import tempfile
-
-        import httpx
-
         with socket.socket() as probe:  # a free port; the child binds it a moment later
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -138,8 +132,6 @@ class _ServedByChild:
         return self.log.read().decode(errors="replace")[-3000:]
 
     def __exit__(self, *exc) -> None:
-        import subprocess
-
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
@@ -149,8 +141,6 @@ class _ServedByChild:
         self.log.close()
 
     def counters(self) -> tuple[int, int] | None:
-        import httpx
-
         batching = httpx.get(self.url + "/healthz", timeout=10, trust_env=False).json().get("batching")
         return (batching["decode_steps"], batching["sequence_steps"]) if batching else None
 
@@ -200,60 +190,74 @@ def run_serve_benchmark(clients: int = 8, seconds: float = 10.0, max_tokens: int
             "model": str(model_dir) if model_dir else "tiny-chat (random)", "torch_threads": torch_threads}
 
 
+@dataclass
+class _Tally:
+    """What the clients of one load saw, shared between their threads under ``lock``."""
+
+    statuses: Counter = field(default_factory=Counter)
+    latencies: list = field(default_factory=list)
+    tokens: int = 0
+    health: list = field(default_factory=list)  # /healthz latencies during the load
+    peak_rss: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, status, used: int, seconds: float) -> None:
+        with self.lock:
+            self.statuses[status] += 1
+            self.tokens += used
+            if status == 200:
+                self.latencies.append(seconds)
+
+    @property
+    def requests(self) -> int:
+        with self.lock:  # another client may be adding a status
+            return sum(self.statuses.values())
+
+
+def _client(url: str, body: dict, tally: _Tally, end: float, max_requests: int, timeout: float) -> None:
+    """One client: post ``body`` back to back until ``end`` or ``max_requests`` in all."""
+    with httpx.Client(trust_env=False, timeout=timeout) as http:
+        while time.monotonic() < end and tally.requests < max_requests:
+            t0 = time.monotonic()
+            try:
+                reply = http.post(url, json=body)
+                status = reply.status_code
+                used = reply.json().get("usage", {}).get("completion_tokens", 0) if (
+                    status == 200 and not body["stream"]) else 0
+            except httpx.HTTPError:
+                status, used = "connection_error", 0
+            tally.record(status, used, time.monotonic() - t0)
+
+
+def _monitor(server, tally: _Tally, stop: threading.Event) -> None:
+    """Every 50 ms: the server's memory, and how long /healthz takes to answer while the model computes."""
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        while not stop.wait(0.05):
+            tally.peak_rss = max(tally.peak_rss, server.memory_mb().get("now", 0.0))
+            t0 = time.monotonic()
+            try:
+                http.get(server.url + "/healthz").raise_for_status()
+                tally.health.append(time.monotonic() - t0)
+            except httpx.HTTPError:
+                pass
+
+
 def _load(server, clients, seconds, max_tokens, with_image, stream, max_requests, limits) -> dict:
     """One timed load of ``clients`` threads against a running ``server`` (`_served`)."""
-    import httpx
-
     content = [{"type": "text", "text": "What is in the image?"}]
     if with_image:
         content.insert(0, {"type": "image_url", "image_url": {"url": _png_data_url()}})
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "stream": stream}
-    latencies, statuses, tokens, health = [], Counter(), [0], []
-    lock, stop = threading.Lock(), threading.Event()
-    peak = [0.0]
     url = server.url + "/v1/chat/completions"
     with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
         warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
-    before = server.memory_mb().get("now")
-    steps_before = server.counters()
+    tally, stop = _Tally(), threading.Event()
+    before, steps_before = server.memory_mb().get("now"), server.counters()
     started = time.monotonic()
-    end = started + seconds
-
-    def client() -> None:
-        with httpx.Client(trust_env=False, timeout=limits.timeout) as http:
-            while time.monotonic() < end and not stop.is_set():
-                with lock:
-                    if sum(statuses.values()) >= max_requests:
-                        return
-                t0 = time.monotonic()
-                try:
-                    reply = http.post(url, json=body)
-                    status = reply.status_code
-                    used = reply.json().get("usage", {}).get("completion_tokens", 0) if (
-                        status == 200 and not stream) else 0
-                except httpx.HTTPError:
-                    status, used = "connection_error", 0
-                with lock:
-                    statuses[status] += 1
-                    tokens[0] += used
-                    if status == 200:
-                        latencies.append(time.monotonic() - t0)
-
-    def monitor() -> None:
-        with httpx.Client(trust_env=False, timeout=10) as http:
-            while not stop.wait(0.05):
-                peak[0] = max(peak[0], server.memory_mb().get("now", 0.0))
-                t0 = time.monotonic()
-                try:
-                    http.get(server.url + "/healthz").raise_for_status()
-                    health.append(time.monotonic() - t0)
-                except httpx.HTTPError:
-                    pass
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    watcher = threading.Thread(target=monitor, daemon=True)
-    watcher.start()
-    for t in threads:
+    threads = [threading.Thread(target=_client, args=(url, body, tally, started + seconds, max_requests,
+                                                      limits.timeout), daemon=True) for _ in range(clients)]
+    watcher = threading.Thread(target=_monitor, args=(server, tally, stop), daemon=True)
+    for t in [watcher, *threads]:
         t.start()
     for t in threads:
         t.join(timeout=seconds + limits.timeout + 5)
@@ -265,23 +269,20 @@ def _load(server, clients, seconds, max_tokens, with_image, stream, max_requests
         steps = steps_after[0] - steps_before[0]
         factor = round((steps_after[1] - steps_before[1]) / steps, 2) if steps else None
 
-    requests = sum(statuses.values())
-    ms = lambda v: None if v is None else round(1000 * v, 1)
-    memory = server.memory_mb()
+    ok, ms = tally.statuses.get(200, 0), lambda v: None if v is None else round(1000 * v, 1)
     return {
         "benchmark": "serve", "server": server.where, "clients": clients, "seconds": round(elapsed, 2),
         "max_tokens": max_tokens, "with_image": with_image, "stream": stream,
-        "max_batch_size": limits.max_batch_size,
-        "batching_factor": factor, "requests": requests, "ok": statuses.get(200, 0),
-        "errors": requests - statuses.get(200, 0), "status_counts": {str(k): v for k, v in statuses.items()},
-        "requests_per_s": round(statuses.get(200, 0) / elapsed, 2),
-        "completion_tokens_per_s": round(tokens[0] / elapsed, 1) if not stream else None,
-        "latency_ms": {"p50": ms(_percentile(latencies, 50)), "p99": ms(_percentile(latencies, 99)),
-                       "max": ms(max(latencies, default=None))},
-        "healthz_under_load_ms": {"probes": len(health), "p50": ms(_percentile(health, 50)),
-                                  "p99": ms(_percentile(health, 99))},
-        "server_rss_mb": {"before_load": before and round(before, 1), "peak_sampled": round(peak[0], 1),
-                          "peak_process": round(memory.get("peak", 0.0), 1)},
+        "max_batch_size": limits.max_batch_size, "batching_factor": factor, "requests": tally.requests, "ok": ok,
+        "errors": tally.requests - ok, "status_counts": {str(k): v for k, v in tally.statuses.items()},
+        "requests_per_s": round(ok / elapsed, 2),
+        "completion_tokens_per_s": round(tally.tokens / elapsed, 1) if not stream else None,
+        "latency_ms": {"p50": ms(_percentile(tally.latencies, 50)), "p99": ms(_percentile(tally.latencies, 99)),
+                       "max": ms(max(tally.latencies, default=None))},
+        "healthz_under_load_ms": {"probes": len(tally.health), "p50": ms(_percentile(tally.health, 50)),
+                                  "p99": ms(_percentile(tally.health, 99))},
+        "server_rss_mb": {"before_load": before and round(before, 1), "peak_sampled": round(tally.peak_rss, 1),
+                          "peak_process": round(server.memory_mb().get("peak", 0.0), 1)},
     }
 
 
