@@ -57,7 +57,9 @@ def _save_shards(state: dict[str, torch.Tensor], out: Path, pattern: str, index_
 
 def official_hf_config(model) -> dict:
     """The ``config.json`` of the official HF repos (BAAI/Emu2, Emu2-Chat, Emu2-Gen ``multimodal_encoder``: the
-    remote-code `EmuConfig`, LLaMA fields at the top level plus ``vision_config``) for ``model``'s sizes."""
+    remote-code `EmuConfig`, LLaMA fields at the top level plus ``vision_config``) for ``model``'s sizes.
+
+    Long because it writes the official file's fields one per line, in its order."""
     from ..model.kind import model_kind
 
     config, text, vision = model.config, model.config.text_config, model.config.vision_config

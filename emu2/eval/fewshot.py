@@ -120,6 +120,39 @@ def _prompt_with_images(record: EvalRecord, support: Sequence[EvalRecord], indic
     return prompt, images
 
 
+def _checked_shots(records: Sequence[EvalRecord], shots: Sequence[int]) -> list[int]:
+    """``shots`` sorted and deduplicated; raises on negative shot counts or duplicate record ids."""
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("record ids must be unique; found duplicates such as "
+                         f"{next(i for i in ids if ids.count(i) > 1)!r}")
+    shots = sorted({int(k) for k in shots})
+    if not shots or shots[0] < 0:
+        raise ValueError(f"shots must be non-negative integers; got {shots}")
+    return shots
+
+
+def _select_examples(selector, todo: dict[int, list], visuals: dict, max_shot: int) -> dict[str, list[int]]:
+    """For each query of ``todo`` that needs examples (k > 0): the indices of its ``max_shot`` examples."""
+    query_ids = list({r.id: None for k, records in todo.items() if k > 0 for r in records})
+    if not query_ids:
+        return {}
+    query_images = [visuals[rid][0] if visuals[rid] else None for rid in query_ids]
+    return dict(zip(query_ids, selector.select(query_ids, query_images, max_shot)))
+
+
+def _keep_answers(k, records, prompts, generated, example_ids, postprocess, finished: dict, out_file) -> None:
+    """Store the ``k``-shot answers of ``records`` in ``finished`` and, when writing, one JSON line each."""
+    for record, prompt, raw, used in zip(records, prompts, generated, example_ids):
+        finished[(k, record.id)] = postprocess(raw)
+        if out_file is not None:
+            row = {"shot": k, "id": record.id, "prediction": finished[(k, record.id)], "raw": raw,
+                   "examples": used, "prompt": prompt}
+            out_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if out_file is not None:
+        out_file.flush()
+
+
 def run_fewshot(
     records: Sequence[EvalRecord],
     support_records: Sequence[EvalRecord],
@@ -155,13 +188,7 @@ def run_fewshot(
     Most of its length is the arguments above; the loop is one pass over batches and shot counts that skips
     what ``out_jsonl`` already holds and writes each answer as it comes, so an interrupted run loses nothing.
     """
-    ids = [r.id for r in records]
-    if len(set(ids)) != len(ids):
-        raise ValueError("record ids must be unique; found duplicates such as "
-                         f"{next(i for i in ids if ids.count(i) > 1)!r}")
-    shots = sorted({int(k) for k in shots})
-    if not shots or shots[0] < 0:
-        raise ValueError(f"shots must be non-negative integers; got {shots}")
+    shots = _checked_shots(records, shots)
     max_shot = shots[-1]
     if max_shot > 0 and selector is None:
         selector = RandomSelector([r.id for r in support_records], seed=seed)
@@ -183,35 +210,22 @@ def run_fewshot(
                 continue
             needed = {r.id: r for k in shots for r in todo[k]}
             visuals = {rid: load_visuals(r) for rid, r in needed.items()}
-            selections: dict[str, list[int]] = {}
-            query_ids = list({r.id: None for k in shots if k > 0 for r in todo[k]})
-            if query_ids:
-                query_images = [visuals[rid][0] if visuals[rid] else None for rid in query_ids]
-                chosen = selector.select(query_ids, query_images, max_shot)
-                selections = dict(zip(query_ids, chosen))
+            selections = _select_examples(selector, todo, visuals, max_shot)
             example_visuals: dict[int, list[Image.Image]] = {}
             for k in shots:
                 if not todo[k]:
                     continue
                 prompts, images, example_ids = [], [], []
-                for record in todo[k]:
+                for record in todo[k]:  # the k-shot examples: the last k of the max_shot selection
                     indices = selections[record.id][max_shot - k:] if k else []
                     prompt, prompt_images = _prompt_with_images(record, support_records, indices, prompt_fn,
                                                                 visuals[record.id], example_visuals, load_visuals)
-                    prompts.append(prompt)
-                    images.append(prompt_images)
+                    prompts, images = prompts + [prompt], images + [prompt_images]
                     example_ids.append([support_records[i].id for i in indices])
                 generated = answer_fn(prompts, images)
                 if len(generated) != len(prompts):
                     raise ValueError(f"answer_fn returned {len(generated)} answers for {len(prompts)} prompts")
-                for record, prompt, raw, used in zip(todo[k], prompts, generated, example_ids):
-                    finished[(k, record.id)] = postprocess(raw)
-                    if out_file is not None:
-                        row = {"shot": k, "id": record.id, "prediction": finished[(k, record.id)], "raw": raw,
-                               "examples": used, "prompt": prompt}
-                        out_file.write(json.dumps(row, ensure_ascii=False) + "\n")
-                if out_file is not None:
-                    out_file.flush()
+                _keep_answers(k, todo[k], prompts, generated, example_ids, postprocess, finished, out_file)
                 progress.update(len(prompts))
     finally:
         progress.close()

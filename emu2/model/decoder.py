@@ -237,6 +237,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         Returns:
             `StableDiffusionPipelineOutput(images, nsfw_content_detected)`: the safety checker's flag per image
             (None without a checker); the tuple ``(images, nsfw_content_detected)`` when ``return_dict`` is False.
+
+        Long because, as every diffusers pipeline's ``__call__``, it runs the numbered sampling steps in one place.
         """
         # 0. Default size from the UNet, as diffusers pipelines do.
         height = height or self.unet.config.sample_size * self.vae_scale_factor

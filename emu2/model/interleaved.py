@@ -168,85 +168,136 @@ def iter_interleaved(
         generator: the random generator for sampling (on the model's device, as torch.multinomial needs).
         output_logits: keep the raw logits of every token chosen by the LM head (``InterleavedSequence.logits``).
     """
-    cfg = model.config
-    device = input_ids.device
-    B, L = input_ids.shape
-    Q = cfg.n_query
-    eos = cfg.text_config.eos_token_id if eos_token_id is None else eos_token_id
-    pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else eos
-    if max_new_tokens < 0 or max_images < 0:
-        raise ValueError(f"max_new_tokens and max_images must be >= 0; got {max_new_tokens} and {max_images}")
-    limit = getattr(cfg.text_config, "max_position_embeddings", None)
-    longest = L + max_new_tokens + 1 + max_images * (Q + 2)
-    if limit is not None and longest > limit:
-        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) + max_images ({max_images}) x "
-                         f"{Q + 2} image positions = {longest} exceeds the model's {limit} positions; "
-                         "lower max_new_tokens or max_images, or shorten the prompt")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    processors = _processors(do_sample, temperature, top_k, top_p, logits_processor)
-    criteria = StoppingCriteriaList(stopping_criteria or [])
-    forced = _per_row(force_image_at, B)
-    # Placeholder ids are slots for visuals, never text; [IMG] is only allowed while images remain.
-    never = [cfg.image_token_id, cfg.frame_token_id]
-
-    rows = [_Row(_TEXT, forced[b], InterleavedSequence()) for b in range(B)]
-    for b, row in enumerate(rows):  # a prompt ending with [IMG] asks for an image first
-        if int(input_ids[b, -1]) == cfg.boi_token_id and max_images > 0:
-            row.mode, row.n_images = _IMAGE, 1
-
-    embed_tokens = model.get_input_embeddings()
-    lm_head = model.language_model.get_output_embeddings()
+    state = _Rows(model, input_ids, max_new_tokens=max_new_tokens, max_images=max_images,
+                  processors=_processors(do_sample, temperature, top_k, top_p, logits_processor),
+                  criteria=StoppingCriteriaList(stopping_criteria or []), force_image_at=force_image_at,
+                  eos_token_id=eos_token_id, do_sample=do_sample, generator=generator, output_logits=output_logits)
     decoder = model.language_model.get_decoder()
     image_features, frame_features = model._visual_features(images, frames, image_features, frame_features)
     step_input = model.embed(input_ids, image_features, frame_features)  # (B, L, D)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = attention_mask
-    cache = DynamicCache(config=cfg.text_config)
-    all_ids = input_ids
-    generated = input_ids.new_zeros(B, 0)
-
+    mask, cache = attention_mask, DynamicCache(config=model.config.text_config)
     while True:
         hidden = decoder(inputs_embeds=step_input, attention_mask=mask, position_ids=positions,
                          cache=cache, use_cache=True).last_hidden_state[:, -1]  # (B, D)
-        text_rows = [b for b, r in enumerate(rows) if r.mode == _TEXT]
-        image_rows = [b for b, r in enumerate(rows) if r.mode == _IMAGE]
-        chosen = {}
-        if text_rows:
-            raw = lm_head(hidden).float()  # (B, V)
-            scores = raw.clone()
-            scores[:, never] = float("-inf")
-            for b in text_rows:
-                if rows[b].n_images >= max_images:
-                    scores[b, cfg.boi_token_id] = float("-inf")
-            scores = processors(all_ids, scores)
-            if do_sample:
-                picks = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-            else:
-                picks = scores.argmax(-1)
-            for b in text_rows:
-                row = rows[b]
-                if row.n_text in row.forced and row.n_images < max_images:
-                    chosen[b] = cfg.boi_token_id
-                elif row.n_text >= max_new_tokens:
-                    row.mode, row.out.finish_reason = _DONE, "length"
-                    continue
-                else:
-                    chosen[b] = int(picks[b])
-                if output_logits:
-                    row.logits.append(raw[b].cpu())
-        regressed = model.project_down(hidden[image_rows]) if image_rows else None  # (len, Dv)
+        next_embeds, events = state.step(hidden)
+        yield from events
+        if state.done:
+            return state.results()
+        step_input = next_embeds[:, None]
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
 
-        # Each row's element at the next position: its id in the record, and its input embedding.
-        next_ids = torch.full((B,), pad, dtype=input_ids.dtype, device=device)
-        next_embeds = embed_tokens(next_ids).clone()  # (B, D); overwritten below for image slots
+
+class _Rows:
+    """Every row's state in one `iter_interleaved` call, and what each step feeds next.
+
+    `step(hidden)` takes the LM's last hidden state ``(B, D)`` of the step just run: it chooses the text rows'
+    tokens, takes the image rows' regressed embeddings, and returns the next position's input embeddings
+    ``(B, D)`` with the events (text tokens, finished images) that step produced.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, *, max_new_tokens: int, max_images: int,
+                 processors: LogitsProcessorList, criteria: StoppingCriteriaList, force_image_at: Collection,
+                 eos_token_id: int | None, do_sample: bool, generator: torch.Generator | None,
+                 output_logits: bool):
+        cfg = self.cfg = model.config
+        B, L = input_ids.shape
+        Q = cfg.n_query
+        if max_new_tokens < 0 or max_images < 0:
+            raise ValueError(f"max_new_tokens and max_images must be >= 0; got {max_new_tokens} and {max_images}")
+        limit = getattr(cfg.text_config, "max_position_embeddings", None)
+        longest = L + max_new_tokens + 1 + max_images * (Q + 2)
+        if limit is not None and longest > limit:
+            raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) + max_images ({max_images}) x "
+                             f"{Q + 2} image positions = {longest} exceeds the model's {limit} positions; "
+                             "lower max_new_tokens or max_images, or shorten the prompt")
+        self.model, self.max_new_tokens, self.max_images = model, max_new_tokens, max_images
+        self.processors, self.criteria, self.do_sample, self.generator = processors, criteria, do_sample, generator
+        self.output_logits = output_logits
+        self.eos = cfg.text_config.eos_token_id if eos_token_id is None else eos_token_id
+        self.pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else self.eos
+        # Placeholder ids are slots for visuals, never text; [IMG] is only allowed while images remain.
+        self.never = [cfg.image_token_id, cfg.frame_token_id]
+        self.embed_tokens = model.get_input_embeddings()
+        self.lm_head = model.language_model.get_output_embeddings()
+        forced = _per_row(force_image_at, B)
+        self.rows = [_Row(_TEXT, forced[b], InterleavedSequence()) for b in range(B)]
+        for b, row in enumerate(self.rows):  # a prompt ending with [IMG] asks for an image first
+            if int(input_ids[b, -1]) == cfg.boi_token_id and max_images > 0:
+                row.mode, row.n_images = _IMAGE, 1
+        self.all_ids = input_ids  # (B, L + T): what the logits processors see
+        self.generated = input_ids.new_zeros(B, 0)  # (B, T): what the stopping criteria see
+
+    @property
+    def done(self) -> bool:
+        return all(r.mode == _DONE for r in self.rows)
+
+    def step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[InterleavedEvent]]:
+        image_rows = [b for b, r in enumerate(self.rows) if r.mode == _IMAGE]
+        chosen = self._choose_text(hidden)
+        regressed = self.model.project_down(hidden[image_rows]) if image_rows else None  # (len, Dv)
+        next_ids, next_embeds, events = self._next_elements(image_rows, regressed, chosen)
+        live = [b for b, r in enumerate(self.rows) if r.mode != _DONE or b in chosen]
+        for b in live:
+            self.rows[b].out.token_ids.append(int(next_ids[b]))
+        self.generated = torch.cat([self.generated, next_ids[:, None]], dim=1)
+        self.all_ids = torch.cat([self.all_ids, next_ids[:, None]], dim=1)
+        texted = [e.row for e in events if e.token is not None]
+        if texted and len(self.criteria):
+            stop = self.criteria(self.generated, None)
+            for b in texted:
+                if bool(stop[b]):
+                    self.rows[b].mode, self.rows[b].out.finish_reason = _DONE, "stop"
+        return next_embeds, events
+
+    def _choose_text(self, hidden: torch.Tensor) -> dict[int, int]:
+        """The next token of each text row (``[IMG]`` where an image is forced); rows out of tokens end."""
+        rows, cfg = self.rows, self.cfg
+        text_rows = [b for b, r in enumerate(rows) if r.mode == _TEXT]
+        if not text_rows:
+            return {}
+        raw = self.lm_head(hidden).float()  # (B, V)
+        scores = raw.clone()
+        scores[:, self.never] = float("-inf")
+        for b in text_rows:
+            if rows[b].n_images >= self.max_images:
+                scores[b, cfg.boi_token_id] = float("-inf")
+        scores = self.processors(self.all_ids, scores)
+        if self.do_sample:
+            picks = torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
+        else:
+            picks = scores.argmax(-1)
+        chosen = {}
+        for b in text_rows:
+            row = rows[b]
+            if row.n_text in row.forced and row.n_images < self.max_images:
+                chosen[b] = cfg.boi_token_id
+            elif row.n_text >= self.max_new_tokens:
+                row.mode, row.out.finish_reason = _DONE, "length"
+                continue
+            else:
+                chosen[b] = int(picks[b])
+            if self.output_logits:
+                row.logits.append(raw[b].cpu())
+        return chosen
+
+    def _next_elements(self, image_rows: list[int], regressed: torch.Tensor | None, chosen: dict[int, int]):
+        """Each row's element at the next position: its id ``(B,)`` in the record, its input embedding
+        ``(B, D)``, and the events: an image row's embedding (an image ends after Q), ``[/IMG]`` after an
+        image, a text row's chosen token."""
+        cfg, rows, Q = self.cfg, self.rows, self.cfg.n_query
+        next_ids = torch.full((len(rows),), self.pad, dtype=self.all_ids.dtype, device=self.all_ids.device)
+        next_embeds = self.embed_tokens(next_ids).clone()  # overwritten below for image slots
         events = []
         for i, b in enumerate(image_rows):
             row = rows[b]
             row.image.append(regressed[i])
             row.slot += 1
             next_ids[b] = cfg.image_token_id
-            next_embeds[b] = model.project_up(regressed[i]).to(next_embeds.dtype)
+            next_embeds[b] = self.model.project_up(regressed[i]).to(next_embeds.dtype)
             if row.slot == Q:  # the last slot's input goes in next; its output would be [/IMG], which is fed
                 image = torch.stack(row.image)
                 row.out.parts.append(image)
@@ -255,46 +306,30 @@ def iter_interleaved(
         for b, row in enumerate(rows):
             if row.mode == _CLOSE and b not in image_rows:
                 next_ids[b] = cfg.eoi_token_id
-                next_embeds[b] = embed_tokens(next_ids[b])
+                next_embeds[b] = self.embed_tokens(next_ids[b])
                 row.mode = _TEXT
         for b, token in chosen.items():
             row = rows[b]
             next_ids[b] = token
-            next_embeds[b] = embed_tokens(next_ids[b])
+            next_embeds[b] = self.embed_tokens(next_ids[b])
             if token == cfg.boi_token_id:
                 row.mode, row.n_images = _IMAGE, row.n_images + 1
                 row.forced.discard(row.n_text)
-            elif token == eos:
+            elif token == self.eos:
                 row.mode, row.out.finish_reason = _DONE, "eos"
             else:
                 row.add_text(token)
                 events.append(InterleavedEvent(b, token=token))
-                if row.n_text >= max_new_tokens and row.n_text not in row.forced:
+                if row.n_text >= self.max_new_tokens and row.n_text not in row.forced:
                     row.mode, row.out.finish_reason = _DONE, "length"  # no step for a token never chosen
+        return next_ids, next_embeds, events
 
-        live = [b for b, r in enumerate(rows) if r.mode != _DONE or b in chosen]
-        for b in live:
-            rows[b].out.token_ids.append(int(next_ids[b]))
-        generated = torch.cat([generated, next_ids[:, None]], dim=1)
-        all_ids = torch.cat([all_ids, next_ids[:, None]], dim=1)
-        texted = [e.row for e in events if e.token is not None]
-        if texted and len(criteria):
-            stop = criteria(generated, None)
-            for b in texted:
-                if bool(stop[b]):
-                    rows[b].mode, rows[b].out.finish_reason = _DONE, "stop"
-        for event in events:
-            yield event
-        if all(r.mode == _DONE for r in rows):
-            break
-        step_input = next_embeds[:, None]
-        positions = positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-
-    for row in rows:
-        if output_logits:
-            row.out.logits = torch.stack(row.logits) if row.logits else torch.zeros(0, lm_head.out_features)
-    return [row.out for row in rows]
+    def results(self) -> list[InterleavedSequence]:
+        for row in self.rows:
+            if self.output_logits:
+                row.out.logits = (torch.stack(row.logits) if row.logits
+                                  else torch.zeros(0, self.lm_head.out_features))
+        return [row.out for row in self.rows]
 
 
 def generate_interleaved(model, input_ids: torch.Tensor, *args,

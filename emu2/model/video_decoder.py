@@ -135,6 +135,8 @@ class Emu2VideoDecoderPipeline(DiffusionPipeline):
             negative_frame_embeds: (B or 1, F or 1, Q, Dv) unconditional embeddings, needed when guidance > 1.
             latents: (B, C, F, height / vae_scale_factor, width / vae_scale_factor) standard-normal noise,
                 before ``init_noise_sigma`` scaling.
+
+        Long because, as every diffusers pipeline's ``__call__``, it runs the numbered sampling steps in one place.
         """
         # 0-1. Sizes and input checks.
         height = height or self.unet.config.sample_size * self.vae_scale_factor

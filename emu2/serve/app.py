@@ -173,6 +173,30 @@ class Emu2Server:
     # -------------------------------------------------------------------------------------------- chat
     def prepare_chat(self, request: ChatCompletionRequest) -> tuple[ChatPrompt, DecodingSettings]:
         """Validate a chat request against the limits and write its prompt (decodes images: run off the loop)."""
+        settings, lim = self._decoding_settings(request), self.limits
+        images_wanted = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content)
+                            for m in request.messages)
+        if images_wanted > lim.max_images:
+            raise APIError(400, f"the messages hold {images_wanted} images, more than {lim.max_images} "
+                                "(server limit --max-images)", "messages", "too_many_images")
+        videos_wanted = sum(isinstance(m.content, list) and sum(p.type in ("video_url", "video") for p in m.content)
+                            for m in request.messages)
+        if videos_wanted > lim.max_videos:
+            raise APIError(400, f"the messages hold {videos_wanted} videos, more than {lim.max_videos} "
+                                "(server limit --max-videos)", "messages", "too_many_videos")
+        system, turns = self._conversation(request)
+        try:
+            prompt = self.chat.build_prompt(turns, system=system, grounding=bool(request.grounding))
+        except P.PromptError as error:
+            raise APIError(400, str(error), "messages", "invalid_prompt") from None
+        if prompt.num_tokens > lim.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {prompt.num_tokens} tokens (each image counts its visual slots), "
+                                f"more than {lim.max_prompt_tokens} (server limit --max-prompt-tokens)",
+                           "messages", "context_length_exceeded")
+        return prompt, settings
+
+    def _decoding_settings(self, request: ChatCompletionRequest) -> DecodingSettings:
+        """The request's decoding parameters, checked against the limits and against each other."""
         lim = self.limits
         max_tokens = (request.max_tokens or request.max_completion_tokens
                       or min(lim.default_max_tokens, lim.max_tokens))
@@ -201,17 +225,11 @@ class Emu2Server:
         if request.stream and (n > 1 or num_beams > 1):
             raise APIError(400, "stream: true needs n = 1 and num_beams = 1 (beam search knows its answer only "
                                 "at the end); drop stream for beam search", "stream", "invalid_stream")
+        return settings
 
-        images_wanted = sum(isinstance(m.content, list) and sum(p.type == "image_url" for p in m.content)
-                            for m in request.messages)
-        if images_wanted > lim.max_images:
-            raise APIError(400, f"the messages hold {images_wanted} images, more than {lim.max_images} "
-                                "(server limit --max-images)", "messages", "too_many_images")
-        videos_wanted = sum(isinstance(m.content, list) and sum(p.type in ("video_url", "video") for p in m.content)
-                            for m in request.messages)
-        if videos_wanted > lim.max_videos:
-            raise APIError(400, f"the messages hold {videos_wanted} videos, more than {lim.max_videos} "
-                                "(server limit --max-videos)", "messages", "too_many_videos")
+    def _conversation(self, request: ChatCompletionRequest) -> tuple[str, list[list]]:
+        """The system message (the official one unless the request has its own) and the turns, user first and
+        last; consecutive messages of one speaker read as one turn."""
         system_parts, turns, roles = [], [], []
         for i, message in enumerate(request.messages):
             items = self._content_items(message.content, f"messages[{i}].content")
@@ -229,16 +247,7 @@ class Emu2Server:
         if not roles or roles[0] != "user" or roles[-1] != "user":
             raise APIError(400, "the conversation must start and end with a user message (system messages may "
                                 "come first)", "messages", "invalid_conversation")
-        system = "\n".join(system_parts) if system_parts else P.CHAT_SYSTEM_MESSAGE
-        try:
-            prompt = self.chat.build_prompt(turns, system=system, grounding=bool(request.grounding))
-        except P.PromptError as error:
-            raise APIError(400, str(error), "messages", "invalid_prompt") from None
-        if prompt.num_tokens > lim.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {prompt.num_tokens} tokens (each image counts its visual slots), "
-                                f"more than {lim.max_prompt_tokens} (server limit --max-prompt-tokens)",
-                           "messages", "context_length_exceeded")
-        return prompt, settings
+        return "\n".join(system_parts) if system_parts else P.CHAT_SYSTEM_MESSAGE, turns
 
     def _content_items(self, content, param: str) -> list:
         if content is None:
@@ -522,7 +531,9 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
                allowed_dir: str | Path | None = None, ui: bool = False, chat_model_name: str = "emu2-chat",
                gen_model_name: str = "emu2-gen", decoder=None) -> FastAPI:
     """The FastAPI app serving an `Emu2Pipeline` (chat) and/or an `Emu2GenPipeline` (images); ``decoder`` (an
-    `Emu2VisualDecoderPipeline`, default the Emu2-Gen one) draws the images of chat answers that ask for them."""
+    `Emu2VisualDecoderPipeline`, default the Emu2-Gen one) draws the images of chat answers that ask for them.
+
+    Long because it declares every route, each a few lines handing the request to `Emu2Server`, where the work is."""
     server = Emu2Server(chat_pipeline, gen_pipeline, limits, allowed_dir, chat_model_name, gen_model_name, decoder)
     # No /docs or /redoc: their pages load Swagger UI / ReDoc from a CDN and are blank offline (see `docs`).
     app = FastAPI(title="emu2", version="0.1.0", lifespan=_lifespan, docs_url=None, redoc_url=None,
