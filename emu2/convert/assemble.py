@@ -201,7 +201,6 @@ def assemble_init(
     `AssemblyError` when a source's sizes differ from the preset's and `CheckpointMismatchError` naming the tensors
     a source lacks (or, for the LLaMA, has in excess). Nothing is written before every check has passed.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
     from transformers import AutoConfig
 
     from ..model import Emu2ForCausalLM
@@ -243,14 +242,7 @@ def assemble_init(
         return value.to(dtype=dtype, copy=True)  # a copy: mmap-ed views may share storage
 
     # 5. Write shard by shard (the layout `save_pretrained` writes), then config and tokenizer.
-    out.mkdir(parents=True, exist_ok=True)
-    meta_state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in expected.items()}
-    split = split_torch_state_dict_into_shards(meta_state, max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: tensor(k) for k in keys}, str(out / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_shards(out, expected, dtype, max_shard_size, tensor)
     config.dtype = dtype
     config.architectures = [Emu2ForCausalLM.__name__]
     config.save_pretrained(out)
@@ -258,6 +250,21 @@ def assemble_init(
     return AssemblyReport(out=out, image_size=config.vision_config.image_size, tokenizer_from=tokenizer_from,
                           new_token_rows=config.text_config.vocab_size - llm_config.vocab_size,
                           dropped_visual=sorted(dropped_visual), dropped_other=dict(dropped_other))
+
+
+def _write_shards(out: Path, shapes: dict, dtype: torch.dtype, max_shard_size, tensor) -> None:
+    """safetensors shards of at most ``max_shard_size`` (and their index when there are several) in ``out``,
+    each shard's tensors made by ``tensor(key)`` only when that shard is written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta_state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in shapes.items()}
+    split = split_torch_state_dict_into_shards(meta_state, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: tensor(k) for k in keys}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _vision_sources(eva: _LazyTensors, expected: dict, vision: Path):

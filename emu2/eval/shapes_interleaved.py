@@ -162,7 +162,6 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
     ``"seconds_per_document"`` and ``"examples"`` (the first captions and what they parsed to).
     """
     import torch
-    from transformers import StopStringCriteria
 
     from ..data.shapes.render import render_scene
     from ..data.shapes.world import World
@@ -178,13 +177,7 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
     prompts = [story_prompt(world, rng, context_pairs, size) for _ in range(documents)]
 
     # 1. The next caption, text only, up to and including its full stop.
-    full_stop = StopStringCriteria(base_pipe.tokenizer, ["."])
-    captions = []
-    for start in range(0, documents, batch_size):
-        answers = base_pipe.generate_interleaved(prompts[start:start + batch_size], max_images=0,
-                                                 max_new_tokens=max_caption_tokens, stopping_criteria=[full_stop],
-                                                 **generate_kwargs)
-        captions += ["".join(p for p in parts if isinstance(p, str)).strip() for parts in answers]
+    captions = _next_captions(base_pipe, prompts, batch_size, max_caption_tokens, generate_kwargs)
     parsed = [parse_caption(text) for text in captions]
     kept = [i for i, attributes in enumerate(parsed) if attributes is not None]
 
@@ -218,6 +211,20 @@ def evaluate_interleaved_consistency(base_pipe, decoder, data_dir: str | Path, d
     results["seconds_per_document"] = round((time.perf_counter() - started) / documents, 4)
     results["examples"] = [{"caption": captions[i], "parsed": parsed[i]} for i in range(min(5, documents))]
     return results
+
+
+def _next_captions(base_pipe, prompts: list, batch_size: int, max_tokens: int, generate_kwargs: dict) -> list[str]:
+    """The caption each story prompt continues with: text only, up to and including its full stop."""
+    from transformers import StopStringCriteria
+
+    full_stop = StopStringCriteria(base_pipe.tokenizer, ["."])
+    captions = []
+    for start in range(0, len(prompts), batch_size):
+        answers = base_pipe.generate_interleaved(prompts[start:start + batch_size], max_images=0,
+                                                 max_new_tokens=max_tokens, stopping_criteria=[full_stop],
+                                                 **generate_kwargs)
+        captions += ["".join(p for p in parts if isinstance(p, str)).strip() for parts in answers]
+    return captions
 
 
 def _empty() -> dict:

@@ -80,6 +80,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _bench_config(preset: str, steps: int, batch_size: int, seq_len: int, precision: str) -> TrainConfig:
+    """A stage-1 run of ``preset`` on synthetic rows of ``seq_len`` tokens with one regressed image each."""
+    return TrainConfig(
+        stage="stage1", output_dir="bench", steps=steps, mixed_precision=precision,
+        model=ModelSection(preset=preset), log=LogSection(progress=False, tensorboard=False),
+        optim=OptimSection(lr={g: 1e-5 for g in GROUPS}),
+        data=DataSection(streams={"synthetic": StreamSection(batch_size, [])},
+                         synthetic=SyntheticSection(seq_len=seq_len, images=1, regress=True)),
+    )
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_memory_kind": "cuda max_memory_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "process peak RSS so far (includes earlier presets)"}
+
+
 def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batch_size: int = 4,
                         seq_len: int = 256, warmup_steps: int = 1) -> dict:
     """Time ``steps`` optimizer steps (after ``warmup_steps``) per preset; returns a JSON-ready dict."""
@@ -93,13 +112,7 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
                     "mixed_precision": precision, "torch_threads": torch.get_num_threads()}
     accelerator = None
     for preset in presets:
-        config = TrainConfig(
-            stage="stage1", output_dir="bench", steps=steps + warmup_steps, mixed_precision=precision,
-            model=ModelSection(preset=preset), log=LogSection(progress=False, tensorboard=False),
-            optim=OptimSection(lr={g: 1e-5 for g in GROUPS}),
-            data=DataSection(streams={"synthetic": StreamSection(batch_size, [])},
-                             synthetic=SyntheticSection(seq_len=seq_len, images=1, regress=True)),
-        )
+        config = _bench_config(preset, steps + warmup_steps, batch_size, seq_len, precision)
         accelerator = accelerator or _accelerator(config)
         device = accelerator.device
         if cuda:
@@ -122,13 +135,8 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
         seconds = time.perf_counter() - start
         flops = sum(training_flops(emu2_config, b) for w in windows[warmup_steps:] for b in w)
         entry = {"params": params, "tokens_per_s": tokens / seconds, "step_seconds": seconds / steps,
-                 "model_flops_per_step": flops / steps, "achieved_flops_per_s": flops / seconds}
-        if cuda:
-            entry.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
-                         peak_memory_kind="cuda max_memory_allocated")
-        else:
-            entry.update(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         peak_memory_kind="process peak RSS so far (includes earlier presets)")
+                 "model_flops_per_step": flops / steps, "achieved_flops_per_s": flops / seconds,
+                 **_peak_memory(device)}
         report["presets"][preset] = entry
         del model, optimizer, batches, windows
         accelerator.free_memory()

@@ -353,6 +353,28 @@ def _strip_optional(hint):
     return hint
 
 
+def _build_dataclass(hint, value, path: str, where: str):
+    """The dataclass ``hint`` from the mapping ``value``: unknown keys (with the closest known one) and missing
+    required keys are errors."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {path or 'the top level'} must be a mapping, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(hint)}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        raise ConfigError(f"{where}: unknown key {'.'.join(filter(None, [path, str(unknown[0])]))!r}"
+                          + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"))
+    types_ = typing.get_type_hints(hint)
+    kwargs = {}
+    for key, f in fields.items():
+        sub = f"{path}.{key}" if path else key
+        if key in value:
+            kwargs[key] = _build(types_[key], value[key], sub, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {sub!r}")
+    return hint(**kwargs)
+
+
 def _build(hint, value, path: str, where: str):
     """Type-check ``value`` against ``hint`` and build dataclasses; errors name the dotted path."""
     name = path or "the top level"
@@ -371,23 +393,7 @@ def _build(hint, value, path: str, where: str):
                 errors.append(str(exn))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {name}: {value!r} fits none of {hint}")
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
-        fields = {f.name: f for f in dataclasses.fields(hint)}
-        unknown = [k for k in value if k not in fields]
-        if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
-            raise ConfigError(f"{where}: unknown key {'.'.join(filter(None, [path, str(unknown[0])]))!r}"
-                              + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"))
-        types_ = typing.get_type_hints(hint)
-        kwargs = {}
-        for key, f in fields.items():
-            sub = f"{path}.{key}" if path else key
-            if key in value:
-                kwargs[key] = _build(types_[key], value[key], sub, where)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required key {sub!r}")
-        return hint(**kwargs)
+        return _build_dataclass(hint, value, path, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {name} must be a list, got {value!r}")

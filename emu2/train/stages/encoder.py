@@ -156,6 +156,25 @@ def _attribute_loss(visual, heads: AttributeHeads, pool, batch_size: int, genera
             + heads(tokens[half:], pooled[half:], second, SHAPE_LABELS))
 
 
+def _trained_modules(config: TrainConfig, model, vocab_size: int, device):
+    """The objectives' heads, what checkpoints hold (``visual`` + heads, on ``device``) and their AdamW, with
+    the recipe's ``optim.lr.visual``, betas, eps and weight decay."""
+    weights, vision, n_query = config.encoder, model.config.vision_config, model.config.n_query
+    heads = nn.ModuleDict({"captions": CaptionContrast(vocab_size, n_query, vision.width,
+                                                       caption_words=weights.caption_words > 0)})
+    if weights.attributes:
+        heads["attributes"] = AttributeHeads(n_query, vision.width)
+    lr = config.optim.lr.get("visual")
+    if lr is None:
+        raise ValueError("stage: encoder needs optim.lr.visual")
+    trained = nn.ModuleDict({"visual": model.visual, "heads": heads}).to(device)
+    groups = [{"params": list(model.visual.parameters()), "group": "visual"},
+              {"params": list(heads.parameters()), "group": "heads"}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+                                  weight_decay=config.optim.weight_decay)
+    return heads, trained, optimizer
+
+
 def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """``stage: encoder``: pre-training of ``visual`` with the recipe's ``encoder`` objectives: contrastive and
     caption words on the image-caption pairs, and (shapes world) supervised attributes of rendered scenes.
@@ -183,19 +202,8 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
                          f"{sorted(config.data.streams)}")
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
-    vision, n_query = model.config.vision_config, model.config.n_query
-    heads = nn.ModuleDict({"captions": CaptionContrast(len(tokenizer), n_query, vision.width,
-                                                       caption_words=weights.caption_words > 0)})
-    if weights.attributes:
-        heads["attributes"] = AttributeHeads(n_query, vision.width)
-    lr = config.optim.lr.get("visual")
-    if lr is None:
-        raise ValueError("stage: encoder needs optim.lr.visual")
-    trained = nn.ModuleDict({"visual": model.visual, "heads": heads}).to(device)  # what checkpoints hold
-    groups = [{"params": list(model.visual.parameters()), "group": "visual"},
-              {"params": list(heads.parameters()), "group": "heads"}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
-                                  weight_decay=config.optim.weight_decay)
+    n_query = model.config.n_query
+    heads, trained, optimizer = _trained_modules(config, model, len(tokenizer), device)
     streams = build_data(config, model.config, tokenizer) if uses_captions else None
     sampling = StageSampling(config.seed, streams)  # its generator draws the rendered scenes and their views
     pool = _attribute_pool(config, model) if weights.attributes else None
