@@ -41,7 +41,7 @@ def write_damaged_pair_shards(root: Path, image_size: int = 20) -> Path:
     from PIL import Image
 
     from emu2.data.kinds import ImageTextPair
-    from emu2.data.shards import encode_record
+    from emu2.data.records import encode_record
 
     def pair(i: int) -> dict:
         image = Image.new("RGB", (image_size, image_size), (30 * i % 256, 90, 160))

@@ -2,7 +2,8 @@
 
 * `sequence`: `SequenceConfig`, `Sample`, `collate`, `SequenceBuilder`, `draw_box_image` (the one layout).
 * `kinds`: the sample kinds of the paper (records) and `build_sample(record, tokenizer, config, rng)`.
-* `shards` / `mixing`: shard layouts, `ShardDataset`, `make_dataloader`, `Source`, weighted mixing, resume.
+* `records`: the shard layout of each kind; `read_shard`, `decode_record`, `encode_record`.
+* `shards` / `mixing`: `ShardDataset`, `Augmentation`, `make_dataloader`, `Source`, weighted mixing, resume.
 * `convert`: LAION/CapsFusion, MMC4, GRIT, LLaVA and InstructPix2Pix to shards.
 * `boxes`: the official box-mask images of grounded generation (`draw_box_image` in pixels).
 * `shapes`: the procedural shapes world (``python -m emu2.data.shapes --out DIR``).

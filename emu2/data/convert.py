@@ -1,4 +1,4 @@
-"""Converters from the public formats of the paper's data to our shard layouts (`emu2.data.shards`).
+"""Converters from the public formats of the paper's data to our shard layouts (`emu2.data.records`).
 
 | function                   | input                                                         | kind written          |
 |----------------------------|---------------------------------------------------------------|-----------------------|
@@ -27,7 +27,7 @@ from PIL import Image
 
 from emu2 import processing as P
 from emu2.data import kinds as K
-from emu2.data.shards import encode_record
+from emu2.data.records import encode_record
 
 _TAR = {"mtime": 0, "user": "emu2", "group": "emu2", "mode": 0o444}
 IMAGE_KEYS = ("image", "path", "file", "filepath", "url", "URL", "image_url")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.shards import DataError, ResumableLoader, ShardDataset, decode_record
+from ..data.records import DataError, decode_record
+from ..data.shards import ResumableLoader, ShardDataset
 from .train_decoder import crops_to_batch, random_scale_and_crop
 
 

@@ -19,7 +19,7 @@ from emu2.data.convert import (
     convert_mmc4,
     convert_pairs,
 )
-from emu2.data.shards import decode_record, read_shard
+from emu2.data.records import decode_record, read_shard
 
 from .conftest import make_image
 

@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from emu2.data.kinds import ImageTextPair
-    from emu2.data.shards import encode_record
+    from emu2.data.records import encode_record
     from emu2.pipeline import Emu2Pipeline
 
     root = tmp_path_factory.mktemp("decoder-full-scale")

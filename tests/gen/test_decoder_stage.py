@@ -136,7 +136,7 @@ def test_video_decoder_stage_accumulates_micro_batches(world, tmp_path):
 def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
     from collections import Counter
 
-    from emu2.data.shards import decode_record, read_shard
+    from emu2.data.records import decode_record, read_shard
     from emu2.train.stages.decoder import _clip_tensor
 
     shard = next((world / "data" / "train").glob("video_pair-*.tar"))

@@ -2,7 +2,7 @@
 
 Output (``out``):
   ``dataset.json``                       manifest: seed, image size, splits -> kind -> shard pattern and count
-  ``train/<kind>-000000.tar`` ...        every sample kind (`emu2.data.shards` layouts)
+  ``train/<kind>-000000.tar`` ...        every sample kind (`emu2.data.records` layouts)
   ``val/<kind>-000000.tar``              the training distribution, other samples
   ``heldout_combos/<kind>-...tar``       scenes of held-out (shape, colour) combinations only
   ``heldout_formats/interleaved-...tar`` few-shot documents in attribute formats never used in training
@@ -26,7 +26,7 @@ import webdataset as wds
 from emu2.data.kinds import KINDS
 from emu2.data.shapes.tasks import ShapesMaker, make_episode
 from emu2.data.shapes.world import World
-from emu2.data.shards import encode_record
+from emu2.data.records import encode_record
 
 TRAIN_KINDS = tuple(KINDS)  # every kind
 HELDOUT_KINDS = {

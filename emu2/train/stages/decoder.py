@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ...data.shards import DataError, decode_record
+from ...data.records import DataError, decode_record
 from ...gen.decoder_shards import DecoderImageShards, decoder_image_loader
 from ...gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
 from ...gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
@@ -48,7 +48,7 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[l
     (``samples``, ``skipped.<reason>``, ``read_errors``): unreadable shards and samples are skipped and counted,
     as the data layer does."""
     from ...data.mixing import expand_urls
-    from ...data.shards import read_shard
+    from ...data.records import read_shard
 
     records: list = []
     stats: Counter = Counter()
