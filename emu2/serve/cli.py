@@ -50,10 +50,11 @@ def load_chat_pipeline(args):
 
 
 def load_gen_pipeline(path, args):
-    from .generation import load_generation_pipeline
+    """An Emu2-Gen directory (``encoder/`` + ``decoder/``) on ``--device`` in ``--dtype``."""
+    from ..gen.pipeline import Emu2GenPipeline
 
     device, dtype = _device_and_dtype(args)
-    return load_generation_pipeline(path, dtype=dtype, device=device)
+    return Emu2GenPipeline.from_pretrained(path, dtype=dtype).to(device)
 
 
 def open_image(path: str | Path):

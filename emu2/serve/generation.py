@@ -18,7 +18,6 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -174,17 +173,6 @@ class ImageGenerator:
             images.append(out.image)
             emit("image", out.image)
         return images
-
-
-def load_generation_pipeline(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
-    """An Emu2-Gen directory (``encoder/`` + ``decoder/``, see `Emu2GenPipeline.from_pretrained`)."""
-    from ..gen.pipeline import Emu2GenPipeline
-
-    pipeline = Emu2GenPipeline.from_pretrained(path, dtype=dtype)
-    if device is not None:
-        pipeline.encoder.model.to(device)
-        pipeline.decoder.to(device)
-    return pipeline
 
 
 def png_base64(image: Image.Image) -> str:
