@@ -119,7 +119,7 @@ class _ServedByChild:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log = self._log_tail()
                 self.__exit__(None, None, None)
-                raise RuntimeError(f"`{' '.join(command)}` did not start serving:\n{log}")
+                raise ChildProcessError(f"`{' '.join(command)}` did not start serving:\n{log}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2, trust_env=False).status_code == 200:
                     return self

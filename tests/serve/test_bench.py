@@ -30,7 +30,7 @@ def test_serve_benchmark_loads_emu2_serve_in_a_child_process_given_a_model_direc
 def test_a_server_that_cannot_start_is_reported_with_its_own_error(tmp_path):
     from emu2.serve.bench import run_serve_benchmark
 
-    with pytest.raises(RuntimeError, match=r"did not start serving(.|\n)*error"):
+    with pytest.raises(ChildProcessError, match=r"did not start serving(.|\n)*error"):
         run_serve_benchmark(clients=1, seconds=1, model_dir=tmp_path / "missing")
 
 
