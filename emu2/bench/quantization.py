@@ -72,11 +72,13 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
     positions = reference.shape[0] * reference.shape[1]
     for name, loaded in models.items():
         agree = int((logits[name].argmax(-1) == reference.argmax(-1)).sum())
+        agree_bf16 = int((logits[name].argmax(-1) == bf16.argmax(-1)).sum())
         report[name] = {
             "lm_layer_weights_MiB": round(lm_layer_bytes(loaded) / 2**20, 1),
             "max_logit_diff_rel": float((logits[name] - reference).abs().max() / reference.abs().max()),
             "argmax_agreement": agree / positions,
             "argmax_agreement_ci95": [round(v, 4) for v in wilson_interval(agree, positions)],
-            "argmax_agreement_vs_bf16": float((logits[name].argmax(-1) == bf16.argmax(-1)).float().mean()),
+            "argmax_agreement_vs_bf16": agree_bf16 / positions,
+            "argmax_agreement_vs_bf16_ci95": [round(v, 4) for v in wilson_interval(agree_bf16, positions)],
         }
     return {**report, **refused}
