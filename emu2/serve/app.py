@@ -591,9 +591,11 @@ def create_app(chat_pipeline=None, gen_pipeline=None, limits: ServeLimits | None
     @app.get("/healthz")
     async def healthz():
         """Liveness: answers while the model computes (the model runs on its own thread). With batched decoding,
-        ``decode_steps`` / ``sequence_steps`` count forwards and the answers they advanced since the start."""
+        ``decode_steps`` / ``sequence_steps`` count forwards and the answers they advanced since the start, and
+        ``prefix_tokens_reused`` the system-message tokens not prefilled again."""
         decoder = getattr(server.worker, "decoder", None)
-        batching = {"decode_steps": decoder.decode_steps, "sequence_steps": decoder.sequence_steps} if decoder else None
+        batching = {"decode_steps": decoder.decode_steps, "sequence_steps": decoder.sequence_steps,
+                    "prefix_tokens_reused": decoder.prefix_tokens_reused} if decoder else None
         return {"status": "ok", "chat_model": server.chat_model_name if server.chat else None,
                 "image_model": server.gen_model_name if server.gen else None,
                 "chat_images": server.interleaved is not None, "model_busy": server.worker.busy,

@@ -36,6 +36,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..processing import USER
 from .chat import (
     Answer,
     ChatEngine,
@@ -179,6 +180,11 @@ class BatchDecoder:
         self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token, 0 for left padding
         self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
         self.decode_steps = self.sequence_steps = 0
+        # The keys and values of the last system-message prefix prefilled (see `_reuse_prefix`); its tokens saved.
+        self.prefix_cache: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.prefix_tokens_reused = 0
+        user = engine.tokenizer.convert_tokens_to_ids(USER) if USER in engine.tokenizer.get_vocab() else None
+        self.user_id = user
 
     @property
     def active(self) -> int:
@@ -217,16 +223,57 @@ class BatchDecoder:
         features = self.model.encode_image(batch["images"]) if batch["images"] is not None else None
         frame_features = (self.model.encode_image(batch["frames"], self.model.config.v_query)
                           if batch["frames"] is not None else None)
-        embeds = self.model.embed(batch["input_ids"], features, frame_features)
-        mask = batch["attention_mask"]
+        prefix = self._shared_prefix(batch["input_ids"], batch["attention_mask"])
+        cache, ids, mask = self._reuse_prefix(prefix, batch["input_ids"], batch["attention_mask"])
+        embeds = self.model.embed(ids, features, frame_features)
         # As transformers generate: positions count real tokens; padding gets a harmless 1.
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache = DynamicCache(config=self.language_model.config)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, mask.shape[1] - ids.shape[1]:]
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if prefix is not None and prefix not in self.prefix_cache:  # keep its keys and values for the next joins
+            start = int((mask[0] == 0).sum())  # row 0's padding, then its prefix
+            self.prefix_cache.clear()  # one system message at a time: the common case, and bounded memory
+            self.prefix_cache[prefix] = [(k[:1, :, start:start + len(prefix)].clone(),
+                                          v[:1, :, start:start + len(prefix)].clone()) for k, v, *_ in cache]
         new = [_Sequence(r, self.engine, device) for r in requests]
         self._stack(cache, mask, mask.long().sum(-1), new)
         self._advance(range(self.active - len(new), self.active), logits.float())
+
+    def _reuse_prefix(self, prefix: tuple[int, ...] | None, ids: torch.Tensor, mask: torch.Tensor):
+        """``(cache, ids, mask)`` to prefill. When every prompt of the group starts with ``prefix`` (the system
+        message, see `_shared_prefix`) and its keys and values are in `prefix_cache` (kept from an earlier join),
+        only the rest of each prompt is prefilled: ``ids (B, L - P)`` are the prompts without it, still
+        left-padded, and ``mask (B, L)`` holds the prefix's P columns first, so the padding sits between prefix
+        and rest, which the attention mask and the positions account for. Otherwise an empty cache and the inputs
+        unchanged. The causal mask makes the prefix's keys and values the same in every prompt it starts."""
+        layers = self.prefix_cache.get(prefix) if prefix is not None else None
+        if layers is None:
+            return DynamicCache(config=self.language_model.config), ids, mask
+        P, B = len(prefix), ids.shape[0]
+        self.prefix_tokens_reused += P * B
+        starts = (mask == 0).long().sum(-1).tolist()  # each row's padding, then its prefix
+        rest = torch.stack([torch.cat([torch.arange(n), torch.arange(n + P, ids.shape[1])]) for n in starts])
+        rest = rest.to(ids.device)
+        cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in layers],
+                             config=self.language_model.config)
+        return cache, ids.gather(1, rest), torch.cat([mask.new_ones(B, P), mask.gather(1, rest)], dim=1)
+
+    def _shared_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...] | None:
+        """The token ids before and including the first ``[USER]`` when every row has the same ones and some
+        tokens follow them; None otherwise (base models, different system messages)."""
+        if self.user_id is None:
+            return None
+        prefix = None
+        for row, real in zip(ids.tolist(), mask.bool().tolist()):
+            tokens = [t for t, r in zip(row, real) if r]
+            if self.user_id not in tokens:
+                return None
+            end = tokens.index(self.user_id) + 1
+            if prefix is None:
+                prefix = tuple(tokens[:end])
+            if tuple(tokens[:end]) != prefix or end >= len(tokens):
+                return None
+        return prefix
 
     def _stack(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, new: list[_Sequence]):
         """Append rows to the running batch, left-padding the shorter cache so that every row ends at the step."""

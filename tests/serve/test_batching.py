@@ -62,6 +62,25 @@ def test_batched_greedy_answers_equal_answers_decoded_alone(engine, prompts):
     assert decoder.batching_factor > 1
 
 
+def test_the_shared_system_message_is_prefilled_once_and_the_answers_stay_those_decoded_alone(engine, prompts):
+    settings = DecodingSettings(max_new_tokens=10)
+    alone = [engine.answer(p, settings)[0] for p in prompts]
+    decoder = BatchDecoder(engine)
+    pairs = [collect(engine, p, settings) for p in prompts]
+    decoder.join([pairs[0][0], pairs[1][0]])  # the prefix is prefilled here, once for both
+    assert decoder.prefix_tokens_reused == 0 and len(decoder.prefix_cache) == 1
+    (prefix,) = decoder.prefix_cache
+    run_to_end(decoder, [r for r, _ in pairs[2:]])  # ...and reused by each later join
+    assert decoder.prefix_tokens_reused == 2 * len(prefix)
+    assert [o["result"][0].text for _, o in pairs] == [a.text for a in alone]
+    # A system message of its own (here: none) is not the cached prefix: prefilled whole, with the same answer.
+    own = engine.build_prompt([["Hi"]], system=None)
+    request, outcome = collect(engine, own, settings)
+    run_to_end(decoder, [request])
+    assert decoder.prefix_tokens_reused == 2 * len(prefix)
+    assert outcome["result"][0].text == engine.answer(own, settings)[0].text
+
+
 def test_an_answer_that_reaches_max_tokens_leaves_the_batch_and_the_others_continue(engine, prompts):
     short, long = DecodingSettings(max_new_tokens=2), DecodingSettings(max_new_tokens=10)
     decoder = BatchDecoder(engine)
@@ -206,7 +225,8 @@ def test_concurrent_requests_are_decoded_together_with_the_answers_of_the_serial
         health = httpx.get(server.url + "/healthz").json()["batching"]
     assert batched == serial
     assert worker.decoder.decode_steps > 0
-    assert health == {"decode_steps": worker.decoder.decode_steps, "sequence_steps": worker.decoder.sequence_steps}
+    assert health == {"decode_steps": worker.decoder.decode_steps, "sequence_steps": worker.decoder.sequence_steps,
+                      "prefix_tokens_reused": worker.decoder.prefix_tokens_reused}
 
 
 def test_a_batched_request_past_its_deadline_gets_504_and_leaves_the_batch(chat_pipeline):
