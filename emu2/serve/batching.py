@@ -177,14 +177,13 @@ class BatchDecoder:
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.sequences: list[_Sequence] = []
         self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token, 0 for left padding
+        self.mask: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token, 0 for padding
         self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
         self.decode_steps = self.sequence_steps = 0
         # The keys and values of the last system-message prefix prefilled (see `_reuse_prefix`); its tokens saved.
         self.prefix_cache: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.prefix_tokens_reused = 0
-        user = engine.tokenizer.convert_tokens_to_ids(USER) if USER in engine.tokenizer.get_vocab() else None
-        self.user_id = user
+        self.user_id = engine.tokenizer.convert_tokens_to_ids(USER) if USER in engine.tokenizer.get_vocab() else None
 
     @property
     def active(self) -> int:
