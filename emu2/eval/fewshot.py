@@ -141,6 +141,17 @@ def _select_examples(selector, todo: dict[int, list], visuals: dict, max_shot: i
     return dict(zip(query_ids, selector.select(query_ids, query_images, max_shot)))
 
 
+def _open_predictions(out_jsonl):
+    """``(path, the answers it already holds by (shot, id), the file opened to append)``; all None or empty
+    without a predictions file."""
+    if out_jsonl is None:
+        return None, {}, None
+    path = Path(out_jsonl)
+    finished = _read_finished(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, finished, path.open("a", encoding="utf-8")
+
+
 def _keep_answers(k, records, prompts, generated, example_ids, postprocess, finished: dict, out_file) -> None:
     """Store the ``k``-shot answers of ``records`` in ``finished`` and, when writing, one JSON line each."""
     for record, prompt, raw, used in zip(records, prompts, generated, example_ids):
@@ -192,15 +203,11 @@ def run_fewshot(
     max_shot = shots[-1]
     if max_shot > 0 and selector is None:
         selector = RandomSelector([r.id for r in support_records], seed=seed)
-    out_path = None if out_jsonl is None else Path(out_jsonl)
-    finished = _read_finished(out_path)
+    out_path, finished, out_file = _open_predictions(out_jsonl)
     wanted = {(k, r.id) for k in shots for r in records}
     done_before = len(wanted & finished.keys())
     if done_before:
         logger.info("resuming: %d of %d (shot, id) items already in %s", done_before, len(wanted), out_path)
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_file = None if out_path is None else out_path.open("a", encoding="utf-8")
     progress = tqdm(total=len(wanted), initial=done_before, desc="few-shot", unit="item")
     try:
         for start in range(0, len(records), batch_size):
@@ -220,7 +227,8 @@ def run_fewshot(
                     indices = selections[record.id][max_shot - k:] if k else []
                     prompt, prompt_images = _prompt_with_images(record, support_records, indices, prompt_fn,
                                                                 visuals[record.id], example_visuals, load_visuals)
-                    prompts, images = prompts + [prompt], images + [prompt_images]
+                    prompts.append(prompt)
+                    images.append(prompt_images)
                     example_ids.append([support_records[i].id for i in indices])
                 generated = answer_fn(prompts, images)
                 if len(generated) != len(prompts):

@@ -43,15 +43,21 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def _memory_mb(pid: int | str = "self") -> dict:
     """Resident memory of a process (Linux /proc): now (VmRSS) and its peak so far (VmHWM), in MiB."""
-    found = {}
+    names, found = {"VmRSS": "now", "VmHWM": "peak"}, {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = {"VmRSS:": "now", "VmHWM:": "peak"}.get(line.split(":")[0] + ":")
-            if key:
-                found[key] = int(line.split()[1]) / 1024
+            field_name, _, value = line.partition(":")
+            if field_name in names:
+                found[names[field_name]] = int(value.split()[0]) / 1024  # kB
     except OSError:
         pass
     return found
+
+
+def _batching_counters(url: str) -> tuple[int, int] | None:
+    """The server's (decode steps, answers advanced) so far, from its /healthz; None for the serial worker."""
+    batching = httpx.get(url + "/healthz", timeout=10, trust_env=False).json().get("batching")
+    return (batching["decode_steps"], batching["sequence_steps"]) if batching else None
 
 
 def _png_data_url(side: int = 64) -> str:
@@ -84,10 +90,6 @@ class _ServedInProcess:
     def __exit__(self, *exc) -> None:
         self.thread.__exit__(*exc)
         torch.set_num_threads(self.threads_before)
-
-    def counters(self) -> tuple[int, int] | None:
-        decoder = getattr(self.app.state.server.worker, "decoder", None)
-        return (decoder.decode_steps, decoder.sequence_steps) if decoder else None
 
     def memory_mb(self) -> dict:
         return _memory_mb()
@@ -139,10 +141,6 @@ class _ServedByChild:
             self.process.kill()
             self.process.wait()
         self.log.close()
-
-    def counters(self) -> tuple[int, int] | None:
-        batching = httpx.get(self.url + "/healthz", timeout=10, trust_env=False).json().get("batching")
-        return (batching["decode_steps"], batching["sequence_steps"]) if batching else None
 
     def memory_mb(self) -> dict:
         return _memory_mb(self.process.pid)
@@ -197,6 +195,7 @@ class _Tally:
     statuses: Counter = field(default_factory=Counter)
     latencies: list = field(default_factory=list)
     tokens: int = 0
+    requests: int = 0  # every answer, 200 or not
     health: list = field(default_factory=list)  # /healthz latencies during the load
     peak_rss: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -204,14 +203,10 @@ class _Tally:
     def record(self, status, used: int, seconds: float) -> None:
         with self.lock:
             self.statuses[status] += 1
+            self.requests += 1
             self.tokens += used
             if status == 200:
                 self.latencies.append(seconds)
-
-    @property
-    def requests(self) -> int:
-        with self.lock:  # another client may be adding a status
-            return sum(self.statuses.values())
 
 
 def _client(url: str, body: dict, tally: _Tally, end: float, max_requests: int, timeout: float) -> None:
@@ -252,7 +247,7 @@ def _load(server, clients, seconds, max_tokens, with_image, stream, max_requests
     with httpx.Client(trust_env=False, timeout=limits.timeout) as warm:
         warm.post(url, json=body).raise_for_status()  # first call pays one-off costs
     tally, stop = _Tally(), threading.Event()
-    before, steps_before = server.memory_mb().get("now"), server.counters()
+    before, steps_before = server.memory_mb().get("now"), _batching_counters(server.url)
     started = time.monotonic()
     threads = [threading.Thread(target=_client, args=(url, body, tally, started + seconds, max_requests,
                                                       limits.timeout), daemon=True) for _ in range(clients)]
@@ -264,7 +259,7 @@ def _load(server, clients, seconds, max_tokens, with_image, stream, max_requests
     elapsed = time.monotonic() - started
     stop.set()
     watcher.join(timeout=5)
-    factor, steps_after = 1.0, server.counters()
+    factor, steps_after = 1.0, _batching_counters(server.url)
     if steps_before is not None and steps_after is not None:
         steps = steps_after[0] - steps_before[0]
         factor = round((steps_after[1] - steps_before[1]) / steps, 2) if steps else None
