@@ -168,13 +168,18 @@ class EncoderSection:
     classification view of image-text pre-training), which rewards every attribute a caption names, not only
     those that tell a batch's captions apart. ``attributes`` (shapes world only): supervised attribute labels of
     ``attribute_pool`` procedurally rendered scenes of the dataset's world (`emu2.data.shapes.supervision`), the
-    stand-in for the pre-training EVA-CLIP brings.
+    stand-in for the pre-training EVA-CLIP brings. ``word_projection`` (with ``attributes``): when the stage ends,
+    set the projection into the language model (``project_up``, which the stage does not train) by least squares so
+    that each pooled embedding lands on the sum of the input embeddings of the words naming what lies under it (its
+    object's shape and colour, or its background colour and "background"); the stand-in for CLIP's alignment of
+    image and text, so that stage 1 starts with visual embeddings the language model can already read as words.
     """
 
     contrastive: float = 1.0
     caption_words: float = 0.0
     attributes: float = 0.0
     attribute_pool: int = 6000
+    word_projection: bool = False
 
 
 @dataclass
@@ -504,6 +509,8 @@ def validate(config: TrainConfig) -> None:
                         f"{e.contrastive}, caption_words={e.caption_words}, attributes={e.attributes}")
     if e.attribute_pool <= 0:
         problems.append(f"encoder.attribute_pool must be positive, got {e.attribute_pool}")
+    if e.word_projection and not e.attributes:
+        problems.append("encoder.word_projection needs encoder.attributes > 0: the fit reads the attribute labels")
     if config.stage != "encoder" and e != EncoderSection():
         problems.append(f"encoder: the section is read by stage: encoder only, not stage: {config.stage}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:

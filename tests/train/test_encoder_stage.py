@@ -38,8 +38,61 @@ def test_encoder_stage_trains_only_the_vision_encoder_and_writes_a_model_directo
     assert result["loss"] < result["first_loss"]
     after = Emu2Pipeline.from_pretrained(tmp_path / "enc").model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("visual.") for k in changed)
+    # The recipe's word_projection sets the projection by a fit at the end; nothing else outside visual moves.
+    assert config.encoder.word_projection and "project_up.weight" in changed
+    assert changed - {"project_up.weight"} and all(k.startswith("visual.") for k in changed - {"project_up.weight"})
     assert "visual.patch_embed.proj.weight" in changed or any("blocks" in k for k in changed)
+
+
+def test_without_word_projection_the_projection_is_left_as_it_was(shapes_dir, tmp_path):
+    config = tiny_config("shapes-encoder", tmp_path / "enc", shapes_dir, batch_size=8,
+                         overrides=["steps=2", "encoder.word_projection=false", "encoder.attribute_pool=32"])
+    before = Emu2Pipeline.from_preset("tiny-chat", seed=config.seed).model.project_up.weight
+    train(config)
+    assert torch.equal(Emu2Pipeline.from_pretrained(tmp_path / "enc").model.project_up.weight, before)
+
+
+def test_word_projection_maps_pooled_embeddings_onto_the_words_for_what_lies_under_them(shapes_dir):
+    """The fit is least squares: it lands each pooled embedding nearer the sum of its words' input embeddings
+    (object: shape + colour; empty: background colour + "background") than the random projection did."""
+    from emu2.data.shapes.supervision import LABEL_WORDS, AttributePool
+    from emu2.data.shapes.world import World
+    from emu2.train.stages.encoder import fit_word_projection
+
+    pipe = Emu2Pipeline.from_preset("tiny-chat", seed=0)
+    model, tokenizer, n_query = pipe.model, pipe.tokenizer, pipe.model.config.n_query
+    vision = model.config.vision_config
+    pool = AttributePool(World.from_seed(0), vision.image_size, vision.grid_size, size=48, seed=0,
+                         pooled=int(n_query ** 0.5))
+    table = model.get_input_embeddings().weight.detach()
+
+    def word(w):
+        return table[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].mean(0)
+
+    def error():
+        with torch.no_grad():
+            got = model.project_up(model.visual.encode_image(pool.images, n_query)).reshape(-1, table.shape[1])
+        shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
+        background = pool.labels["background"].repeat_interleave(n_query)
+        want = torch.stack([word(LABEL_WORDS["cell_shape"][s - 1]) + word(LABEL_WORDS["cell_colour"][c - 1]) if s
+                            else word(LABEL_WORDS["background"][b]) + word("background")
+                            for s, c, b in zip(shape.tolist(), colour.tolist(), background.tolist())])
+        return float(((got - want) ** 2).sum())
+
+    before = error()
+    r2 = fit_word_projection(model, tokenizer, pool, n_query)
+    assert 0 < r2 <= 1
+    assert error() < 0.9 * before
+
+
+def test_word_projection_needs_the_attribute_labels(shapes_dir, tmp_path):
+    import pytest
+
+    from emu2.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="word_projection needs encoder.attributes"):
+        tiny_config("shapes-encoder", tmp_path / "enc", shapes_dir, batch_size=8,
+                    overrides=["encoder.attributes=0", "encoder.contrastive=1.0", "encoder.word_projection=true"])
 
 
 def test_caption_word_loss_marks_exactly_the_tokens_the_caption_contains():

@@ -125,7 +125,8 @@ def damaged_source(stage: str, world, root) -> str:
 
 def damaged_config(stage: str, world, root, out, *overrides):
     stream = {"lm": "pairs", "encoder": "pairs", "decoder": "images", "video-decoder": "clips"}[stage]
-    extra = ["encoder.contrastive=1.0", "encoder.attributes=0.0"] if stage == "encoder" else []
+    extra = (["encoder.contrastive=1.0", "encoder.attributes=0.0", "encoder.word_projection=false"]
+             if stage == "encoder" else [])
     if stage == "video-decoder":
         extra.append("decoder.num_frames=2")  # frames of the cut shard's clips
     return stage_config(stage, world, out, f"data.streams.{stream}.sources=[{damaged_source(stage, world, root)}]",

@@ -47,6 +47,8 @@ PATCH_LABELS = ("patch_shape", "patch_colour")  # per patch of the trunk's grid
 CELL_LABELS = ("cell_shape", "cell_colour")  # per pooled embedding
 SHAPE_LABELS = ("shape", "patch_shape", "cell_shape")  # scored on the colourless view
 GLOBAL_LABELS = ("count", "size", "position", "background")  # read from the pooled embeddings
+# The words naming each class of the labels (patch and cell labels: class k > 0 is word k - 1).
+LABEL_WORDS = {"cell_shape": SHAPES, "cell_colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 
 
 def patch_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:

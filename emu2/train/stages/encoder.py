@@ -126,6 +126,45 @@ def _attribute_pool(config: TrainConfig, model) -> object:
                          size=config.encoder.attribute_pool, seed=config.seed, pooled=math.isqrt(model.config.n_query))
 
 
+def _word_vectors(model, tokenizer, words) -> torch.Tensor:
+    """``words`` -> (len(words), D): the mean input embedding of each word's pieces, as it is written after a
+    space inside a caption."""
+    table = model.get_input_embeddings().weight.detach()
+    return torch.stack([table[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].mean(0) for w in words])
+
+
+@torch.no_grad()
+def fit_word_projection(model, tokenizer, pool, n_query: int, ridge: float = 1.0) -> float:
+    """Set ``model.project_up`` (Dv -> D, no bias) by ridge regression so that each of the ``n_query`` pooled
+    embeddings of the pool's renders maps to the sum of the input embeddings of the words for what lies under it:
+    its object's shape and colour, or, where no object is, its background colour and the word "background".
+    Returns the fit's R^2 over all the pool's embeddings.
+
+    Why: the language model reads words; stage 1 then starts from visual embeddings it can attend to and copy
+    from as it does from words, instead of from a random projection (measured: docs/training-notes.md)."""
+    from emu2.data.shapes.supervision import LABEL_WORDS
+
+    weight = model.project_up.weight
+    features = torch.cat([model.visual.encode_image(pool.images[i:i + 256].to(weight.device), n_query).double()
+                          for i in range(0, len(pool), 256)])  # (N, Q, Dv)
+    x = features.reshape(-1, features.shape[-1])
+    shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
+    background = pool.labels["background"].repeat_interleave(n_query)
+    words = {k: _word_vectors(model, tokenizer, v).double() for k, v in LABEL_WORDS.items()}
+    objects = words["cell_shape"][(shape - 1).clamp(min=0)] + words["cell_colour"][(colour - 1).clamp(min=0)]
+    empty = words["background"][background] + _word_vectors(model, tokenizer, ["background"]).double()
+    target = torch.where((shape > 0).unsqueeze(1).to(objects.device), objects, empty).to(x.device)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    solution = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (Dv, D)
+    weight.copy_(solution.T.to(weight.dtype))
+    residual = ((x @ solution - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    return float(1 - residual)
+
+
+def _report_word_projection(r2: float, embeddings: int) -> None:
+    print(f"[encoder] project_up fitted to the words of {embeddings:,} pooled embeddings: R^2 {r2:.3f}", flush=True)
+
+
 def _caption_losses(visual, head: CaptionContrast, batch: dict, weights, n_query: int, accelerator):
     """(contrastive, caption-word) losses of a stage-1 pairs batch; an objective of weight 0 gives 0."""
     device = accelerator.device
@@ -236,6 +275,8 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
 
     def save_output(out: Path) -> None:
         model.eval()
+        if weights.word_projection:
+            _report_word_projection(fit_word_projection(model, tokenizer, pool, n_query), len(pool) * n_query)
         Emu2Pipeline(model, tokenizer).save_pretrained(out)
 
     stage = Stage(accelerator, trained, optimizer, build_scheduler(optimizer, config), step, save_output,
