@@ -43,4 +43,4 @@ for i in range(0, len(rows), 8):
 for attribute, hits in sorted(right.items()):
     low, high = wilson_interval(sum(hits), len(hits))
     print(f"{attribute}: {sum(hits)}/{len(hits)} = {100 * sum(hits) / len(hits):.1f} % [{100 * low:.1f}, {100 * high:.1f}]")
-    print("  gold -> answer, first 8 queries (2 episodes):", "; ".join(shown[attribute][:8]))
+    print("  gold -> answer, first 8 queries:", "; ".join(shown[attribute][:8]))

@@ -1,6 +1,6 @@
 """Does the projection still map each pooled embedding to the words for what it shows? For 500 new training-split
-renders (the encoder stage's label layout), each pooled embedding is projected (`project_up`) and matched to the
-LM's input embeddings of the colour and shape words (object cells) and background colours (empty cells) by dot
+renders of the seed-0 world (the quickstart's; the encoder stage's label layout), each pooled embedding is
+projected (`project_up`) and matched to the LM's input embeddings of the colour and shape words (object cells) and background colours (empty cells) by dot
 product; prints the share matched correctly. The encoder stage fits the projection this way
 (`encoder.word_projection`); later stages train it on, and this says how much of the fit is left.
 
@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 from emu2.data.shapes.supervision import LABEL_WORDS, AttributePool
 from emu2.data.shapes.world import World
 from emu2.pipeline import Emu2Pipeline
-from emu2.train.stages.encoder import _word_vectors
+from emu2.train.stages.encoder import word_vectors
 
 for directory in sys.argv[1:]:
     pipe = Emu2Pipeline.from_pretrained(directory)
@@ -29,13 +29,14 @@ for directory in sys.argv[1:]:
         features = model.visual.encode_image(pool.images, n_query)
         projected = model.project_up(features.to(model.project_up.weight.dtype)).flatten(0, 1)  # (500*Q, D)
     shape = pool.labels["cell_shape"].reshape(-1)
+    objects = shape > 0
+    background = pool.labels["background"].repeat_interleave(n_query)
+    # (the words' table, each embedding's class, which embeddings) per label; cell classes k > 0 name word k - 1
+    labels = {"cell_colour": (pool.labels["cell_colour"].reshape(-1) - 1, objects),
+              "cell_shape": (shape - 1, objects), "background": (background, ~objects)}
     scores = {}
-    for key in ("cell_colour", "cell_shape"):
-        label = pool.labels[key].reshape(-1)
-        words = _word_vectors(model, pipe.tokenizer, LABEL_WORDS[key])
-        scores[key] = ((projected[label > 0] @ words.T).argmax(1) == label[label > 0] - 1).float().mean().item()
-    background = pool.labels["background"].repeat_interleave(n_query)[shape == 0]
-    words = _word_vectors(model, pipe.tokenizer, LABEL_WORDS["background"])
-    scores["background"] = ((projected[shape == 0] @ words.T).argmax(1) == background).float().mean().item()
+    for key, (label, cells) in labels.items():
+        words = word_vectors(model, pipe.tokenizer, LABEL_WORDS[key])
+        scores[key] = ((projected[cells] @ words.T).argmax(1) == label[cells]).float().mean().item()
     print(directory, {k: f"{100 * v:.1f} %" for k, v in scores.items()},
           f"projection norm {projected.norm(dim=1).mean():.2f}")

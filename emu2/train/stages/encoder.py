@@ -126,7 +126,7 @@ def _attribute_pool(config: TrainConfig, model) -> object:
                          size=config.encoder.attribute_pool, seed=config.seed, pooled=math.isqrt(model.config.n_query))
 
 
-def _word_vectors(model, tokenizer, words) -> torch.Tensor:
+def word_vectors(model, tokenizer, words) -> torch.Tensor:
     """``words`` -> (len(words), D): the mean input embedding of each word's pieces, as it is written after a
     space inside a caption."""
     table = model.get_input_embeddings().weight.detach()
@@ -150,9 +150,9 @@ def fit_word_projection(model, tokenizer, pool, n_query: int, ridge: float = 1.0
     x = features.reshape(-1, features.shape[-1])
     shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
     background = pool.labels["background"].repeat_interleave(n_query)
-    words = {k: _word_vectors(model, tokenizer, v).double() for k, v in LABEL_WORDS.items()}
+    words = {k: word_vectors(model, tokenizer, v).double() for k, v in LABEL_WORDS.items()}
     objects = words["cell_shape"][(shape - 1).clamp(min=0)] + words["cell_colour"][(colour - 1).clamp(min=0)]
-    empty = words["background"][background] + _word_vectors(model, tokenizer, ["background"]).double()
+    empty = words["background"][background] + word_vectors(model, tokenizer, ["background"]).double()
     target = torch.where((shape > 0).unsqueeze(1).to(objects.device), objects, empty).to(x.device)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     solution = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (Dv, D)
