@@ -109,16 +109,20 @@ def decoder_unet_config(
     attention: Sequence[bool] | None = None,
     layers_per_block: int = 1,
     in_channels: int = 3,
+    spatial_conditioning: bool = False,
 ) -> dict:
     """A small SDXL-shaped UNet (text_time conditions, cross-attention on the visual embeddings).
 
     ``attention[i]``: whether level i has (self + cross) attention; default every level but the first, as SD.
-    The mid block always has it.
+    The mid block always has it. ``in_channels``: the channels denoised (3 in pixel space, else the VAE's);
+    ``spatial_conditioning`` adds ``vision_width`` input channels for the embeddings laid out on their grid
+    (`emu2.model.decoder.unet_input`).
     """
     time_dim, n = 32, len(channels)
     attention = _attention_levels(attention, n)
     return {
-        "sample_size": sample_size, "in_channels": in_channels, "out_channels": in_channels,
+        "sample_size": sample_size, "out_channels": in_channels,
+        "in_channels": in_channels + (vision_width if spatial_conditioning else 0),
         "layers_per_block": layers_per_block, "block_out_channels": list(channels),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],

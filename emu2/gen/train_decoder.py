@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from ..model.decoder import pixels_to_latents, unet_input
+
 
 @dataclass
 class DecoderTrainingConfig:
@@ -146,8 +148,6 @@ def encode_to_latents(
     """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents; in pixel space (``vae=None``) the pixels, averaged
     over ``pixel_scale`` x ``pixel_scale`` blocks (`emu2.model.decoder.pixels_to_latents`)."""
     if vae is None:
-        from ..model.decoder import pixels_to_latents
-
         return pixels_to_latents(pixel_values, pixel_scale)
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator)
     if vae.config.get("shift_factor") is not None:
@@ -214,8 +214,11 @@ def decoder_loss(
     )
     added = {"text_embeds": embeds.mean(dim=1), "time_ids": time_ids}
 
+    spatial = bool(getattr(pipeline_parts, "spatial_conditioning", False))
+
     def predict(noisy, timesteps):
-        return unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+        return unet(unet_input(noisy, embeds, spatial), timesteps, encoder_hidden_states=embeds,
+                    added_cond_kwargs=added).sample
 
     return diffusion_loss(
         pipeline_parts, latents, predict, noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -82,6 +83,39 @@ def latents_to_pixels(latents: torch.Tensor, pixel_scale: int = 1) -> torch.Tens
     )
 
 
+def embedding_map(embeds: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Spatial conditioning: (B, Q, Dv) embeddings of a sqrt(Q) x sqrt(Q) grid of image regions in row-major
+    order (what `Emu2VisionEncoder.pool` makes) -> (B, Dv, height, width), each region's embedding repeated over
+    the UNet cells it covers. Concatenated to the UNet's input, it tells the UNet where each embedding lies,
+    which cross-attention alone cannot (keys carry no position unless the encoder mixed one in)."""
+    batch, q, width_v = embeds.shape
+    side = math.isqrt(q)
+    if side * side != q:
+        raise ValueError(f"spatial conditioning needs a square number of embeddings per image, got {q}")
+    grid = embeds.transpose(1, 2).reshape(batch, width_v, side, side)
+    return F.interpolate(grid, size=(height, width), mode="nearest")
+
+
+def unet_input(sample: torch.Tensor, embeds: torch.Tensor, spatial_conditioning: bool) -> torch.Tensor:
+    """What the UNet denoises: ``sample`` (B, C, h, w), with the `embedding_map` of ``embeds`` (B, Q, Dv)
+    appended as Dv more channels when the decoder is spatially conditioned."""
+    if not spatial_conditioning:
+        return sample
+    grid = embedding_map(embeds, sample.shape[-2], sample.shape[-1]).to(sample)
+    return torch.cat([sample, grid], dim=1)
+
+
+def check_spatial_conditioning(unet_config, spatial_conditioning: bool) -> None:
+    """A spatially conditioned UNet takes the latents plus the embeddings (Dv = ``cross_attention_dim``)."""
+    want = unet_config.out_channels + (unet_config.cross_attention_dim if spatial_conditioning else 0)
+    if unet_config.in_channels != want:
+        raise ValueError(
+            f"the UNet takes {unet_config.in_channels} input channels but spatial_conditioning="
+            f"{bool(spatial_conditioning)} needs {want} ({unet_config.out_channels} latent channels"
+            + (f" + {unet_config.cross_attention_dim} embedding channels)" if spatial_conditioning else ")")
+        )
+
+
 def decode_to_images(vae: AutoencoderKL | None, latents: torch.Tensor, pixel_scale: int = 1) -> torch.Tensor:
     """(N, C, h, w) final latents -> (N, 3, H, W) images in [0, 1] (pixel space: the latents, enlarged by
     ``pixel_scale``)."""
@@ -141,15 +175,19 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
     ``original_size`` (saved in ``model_index.json``): the SDXL size condition used when a call gives none; None
     means the official (1024, 1024). A decoder trained on images of another size records its own, so sampling
     conditions it as it was trained.
+    ``spatial_conditioning`` (saved in ``model_index.json``; the official decoder has none): the UNet also takes
+    the embeddings laid out on their grid as extra input channels (`unet_input`), so its ``in_channels`` is the
+    latent channels plus Dv and its ``out_channels`` the latent channels.
     """
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
 
     def __init__(self, unet, scheduler, vae=None, safety_checker=None, feature_extractor=None, pixel_scale: int = 1,
-                 original_size: Sequence[int] | None = None):
+                 original_size: Sequence[int] | None = None, spatial_conditioning: bool = False):
         super().__init__()
         check_pixel_scale(vae, pixel_scale)
+        check_spatial_conditioning(unet.config, spatial_conditioning)
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
@@ -158,7 +196,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
         )
         self.register_to_config(pixel_scale=int(pixel_scale),
-                                original_size=None if original_size is None else [int(v) for v in original_size])
+                                original_size=None if original_size is None else [int(v) for v in original_size],
+                                spatial_conditioning=bool(spatial_conditioning))
 
     @classmethod
     def from_configs(
@@ -168,6 +207,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         scheduler_config: Mapping | None = None,
         dtype: torch.dtype | None = None,
         pixel_scale: int = 1,
+        spatial_conditioning: bool = False,
     ) -> Emu2VisualDecoderPipeline:
         """Randomly initialised pipeline from config dicts (diffusers kwargs, like cases.json
         ``gen_configs``). ``vae_config=None`` gives pixel-space diffusion; ``scheduler_config=None`` the
@@ -176,7 +216,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         unet = UNet2DConditionModel.from_config(dict(unet_config))
         vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config is not None else None
         scheduler = EulerDiscreteScheduler.from_config(dict(scheduler_config or OFFICIAL_SCHEDULER_CONFIG))
-        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale)
+        pipe = cls(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale,
+                   spatial_conditioning=spatial_conditioning)
         return pipe.to(dtype=dtype) if dtype not in (None, torch.float32) else pipe
 
     @property
@@ -187,6 +228,15 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
     @property
     def pixel_scale(self) -> int:
         return int(self.config.get("pixel_scale", 1))
+
+    @property
+    def spatial_conditioning(self) -> bool:
+        return bool(self.config.get("spatial_conditioning", False))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of what is denoised (the UNet's output; its input adds Dv with spatial conditioning)."""
+        return int(self.unet.config.out_channels)
 
     @property
     def denoising_device(self) -> torch.device:
@@ -272,7 +322,8 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         # 5. Denoise.
         def predict(model_input, t):
             return self.unet(
-                model_input, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+                unet_input(model_input, encoder_hidden_states, self.spatial_conditioning), t,
+                encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
             ).sample
 
         latents = guided_denoising(self, latents, predict, guidance_scale, generator, callback_on_step_end,
@@ -322,7 +373,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
         if latents is not None:
-            shape = (prompt_embeds.shape[0], self.unet.config.in_channels, height // factor, width // factor)
+            shape = (prompt_embeds.shape[0], self.latent_channels, height // factor, width // factor)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape} for this call, got {tuple(latents.shape)}")
         if output_type not in OUTPUT_TYPES:
@@ -356,7 +407,7 @@ class Emu2VisualDecoderPipeline(DiffusionPipeline):
         """-> (B, C, h, w) initial latents times the scheduler's init_noise_sigma (which depends on set_timesteps)."""
         if latents is None:
             factor = self.vae_scale_factor
-            shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+            shape = (batch_size, self.latent_channels, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents.to(device=device, dtype=dtype)
         return latents * (scheduler or self.scheduler).init_noise_sigma

@@ -210,6 +210,8 @@ class DecoderSection:
     encoder_image_size: int | None = None  # the encoder's input size, checked against model.init_from's
     min_image_size: int = 0  # images whose short side is smaller are skipped (A.3.1)
     gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass (SDXL at 1024 px)
+    spatial_conditioning: bool = False  # a UNet from scratch also takes the embeddings laid out on their grid as
+    # input channels (`emu2.model.decoder.unet_input`), so it knows where each one lies; the official has none
     # (video)
     num_frames: int | None = None  # frames per clip (null: every frame of the first clip)
     n_query: int | None = None  # embeddings per frame (null: the model's v_query, what Emu2 regresses per frame)
@@ -218,7 +220,7 @@ class DecoderSection:
 
 # What only one of the two decoder stages reads.
 _IMAGE_DECODER_ONLY = ("unet_init", "vae", "max_scale", "cache_embeddings", "max_images", "streaming",
-                       "encoder_image_size", "min_image_size", "gradient_checkpointing")
+                       "encoder_image_size", "min_image_size", "gradient_checkpointing", "spatial_conditioning")
 _VIDEO_DECODER_ONLY = ("num_frames", "n_query", "max_clips")
 
 
@@ -553,6 +555,9 @@ def _decoder_problems(config: TrainConfig) -> list[str]:
         problems.append("decoder.streaming reads each image once, as it comes: set decoder.cache_embeddings: false")
     if d.cache_embeddings and d.max_scale != 1.0:
         problems.append("decoder.cache_embeddings needs decoder.max_scale: 1.0 (random crops change the input)")
+    if d.spatial_conditioning and d.unet_init is not None:
+        problems.append("decoder.spatial_conditioning builds a UNet from scratch with more input channels; a "
+                        "pretrained decoder.unet_init takes latents only: drop one of them")
     if d.attention is not None and len(d.attention) != len(d.channels):
         problems.append(f"decoder.attention has {len(d.attention)} levels, decoder.channels {len(d.channels)}")
     return problems

@@ -282,11 +282,13 @@ def _stage_decoder(opts: DecoderSection, vision_width: int, size: int):
     else:
         unet = UNet2DConditionModel.from_config(decoder_unet_config(
             vision_width, size // factor, opts.channels, opts.attention,
-            opts.layers_per_block, in_channels=channels))
+            opts.layers_per_block, in_channels=channels, spatial_conditioning=opts.spatial_conditioning))
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     scheduler = EulerDiscreteScheduler.from_config(decoder_scheduler_config(opts.scheduler))
-    return Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale), reinitialised
+    pipe = Emu2VisualDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae, pixel_scale=pixel_scale,
+                                     spatial_conditioning=opts.spatial_conditioning)
+    return pipe, reinitialised
 
 
 def _stage_vae(opts: DecoderSection) -> AutoencoderKL | None:
