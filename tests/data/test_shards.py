@@ -13,8 +13,8 @@ import webdataset as wds
 from emu2 import processing as P
 from emu2.data import kinds as K
 from emu2.data.mixing import Source, expand_urls, sources_from_manifest
-from emu2.data.sequence import IGNORE_INDEX
 from emu2.data.records import encode_record
+from emu2.data.sequence import IGNORE_INDEX
 from emu2.data.shards import Augmentation, ShardDataset, make_dataloader
 
 from ..conftest import cut_before_sample, write_converted_pair_shard

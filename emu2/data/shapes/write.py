@@ -24,9 +24,9 @@ from pathlib import Path
 import webdataset as wds
 
 from emu2.data.kinds import KINDS
+from emu2.data.records import encode_record
 from emu2.data.shapes.tasks import ShapesMaker, make_episode
 from emu2.data.shapes.world import World
-from emu2.data.records import encode_record
 
 TRAIN_KINDS = tuple(KINDS)  # every kind
 HELDOUT_KINDS = {
