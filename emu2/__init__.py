@@ -9,7 +9,6 @@ for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
-
 class _BitsandbytesWithoutHub:
     """diffusers imports bitsandbytes (the optional ``emu2[quant]``) whenever it is installed, and bitsandbytes, on
     a CPU with AVX512-BF16, fetches a matmul kernel from the Hugging Face Hub at import: a network call (a download
@@ -36,17 +35,16 @@ class _BitsandbytesWithoutHub:
             def exec_offline(module):
                 from huggingface_hub import constants
 
-                loggers = [_logging.getLogger(n) for n in ("bitsandbytes", "kernels")]
-                saved = constants.HF_HUB_OFFLINE, [log.level for log in loggers]
-                constants.HF_HUB_OFFLINE = True
-                for log in loggers:
-                    log.setLevel(_logging.ERROR)
+                levels = {name: _logging.getLogger(name).level for name in ("bitsandbytes", "kernels")}
+                offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+                for name in levels:
+                    _logging.getLogger(name).setLevel(_logging.ERROR)
                 try:
                     exec_module(module)
                 finally:
-                    constants.HF_HUB_OFFLINE = saved[0]
-                    for log, level in zip(loggers, saved[1]):
-                        log.setLevel(level)
+                    constants.HF_HUB_OFFLINE = offline
+                    for name, level in levels.items():
+                        _logging.getLogger(name).setLevel(level)
 
             spec.loader.exec_module = exec_offline
         return spec

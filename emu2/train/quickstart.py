@@ -40,7 +40,7 @@ from .quickstart_report import EVAL_GUIDANCE, evaluate_quickstart, write_report_
 # Generation follows the decoder's steps (measured, text-to-image / autoencoded background: 159 steps 5.5 / 40.5 %,
 # 297 steps 32.5 / 89 %, 384 steps 71 / 100 %), while few-shot accuracy stayed at 4-8 % with 68 to 189 stage-2
 # steps; so the decoder's share is larger than stage 2's share would suggest. Emu2-Gen's regression reads the
-# caption only after some 400 steps (before, it predicts the same first embedding whatever the prompt), so its
+# caption only after a few hundred steps (before, it predicts the same first embedding whatever the prompt), so its
 # share comes from stage 2's and chat's (docs/training-notes.md, "Emu2-Gen reads the caption late").
 STAGES = (
     ("lm", "shapes-lm", None, 0.80),  # 0.80 / 1.80 of the training window: 44 %
