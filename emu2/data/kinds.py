@@ -60,12 +60,15 @@ class InterleavedDocument:
 
     ``image_position``: "random" (paper A.1: before or after its sentence, p=0.5), "before" or "after" (for
     documents whose text refers to the image next to it, such as few-shot episodes).
+    ``unscored``: indices of ``texts`` the model reads but the loss does not score (a sentence nothing before it
+    can predict, e.g. the first answer that uses a made-up word).
     """
 
     texts: list[str]
     images: list[Image.Image]
     image_text_index: list[int]
     image_position: str = "random"
+    unscored: tuple[int, ...] = ()
     kind = "interleaved"
 
 
@@ -100,10 +103,13 @@ class GroundedPair:
 @dataclass
 class Text:
     """Language-only data. ``context``: text before ``text`` that the loss does not score (the part of a document
-    nothing earlier can predict, e.g. the first telling of a list that ``text`` repeats); empty for plain text."""
+    nothing earlier can predict, e.g. the first telling of a list that ``text`` repeats); empty for plain text.
+    ``unscored``: ``(start, end)`` character spans of ``text`` that are read but not scored, for such parts
+    inside it."""
 
     text: str
     context: str = ""
+    unscored: tuple[tuple[int, int], ...] = ()
     kind = "text"
 
 
@@ -215,12 +221,14 @@ def _build_video_pair(record: VideoTextPair, b: SequenceBuilder, config: Sequenc
 
 
 def _build_document(texts: Sequence[str], visuals: Sequence, text_index: Sequence[int], position: str,
-                    add_visual, b: SequenceBuilder, config: SequenceConfig, rng: random.Random, kind: str) -> Sample:
-    """Shared by MMC4 and storyboard documents: N visuals with their sentences, each before/after its text."""
+                    add_visual, b: SequenceBuilder, config: SequenceConfig, rng: random.Random, kind: str,
+                    unscored: Sequence[int] = ()) -> Sample:
+    """Shared by MMC4 and storyboard documents: N visuals with their sentences, each before/after its text;
+    the sentences in ``unscored`` are read, not scored."""
     if len(visuals) != len(text_index):
         raise SequenceError(f"{kind}: {len(visuals)} visuals but {len(text_index)} matched text indices")
-    if any(not 0 <= j < len(texts) for j in text_index):
-        raise SequenceError(f"{kind}: a matched text index is outside the {len(texts)} sentences")
+    if any(not 0 <= j < len(texts) for j in [*text_index, *unscored]):
+        raise SequenceError(f"{kind}: a matched or unscored text index is outside the {len(texts)} sentences")
     order = sorted(range(len(visuals)), key=lambda i: (text_index[i], i))
     first_text = 0
     if len(order) > config.document_images:
@@ -242,7 +250,7 @@ def _build_document(texts: Sequence[str], visuals: Sequence, text_index: Sequenc
             previous_was_text = False
         sentence = clean_text(texts[j]).strip()
         if sentence:
-            b.add_text((" " if previous_was_text else "") + sentence, target=True)
+            b.add_text((" " if previous_was_text else "") + sentence, target=j not in unscored)
             previous_was_text = True
         for i in after:
             add_visual(visuals[i], regress)
@@ -253,7 +261,7 @@ def _build_document(texts: Sequence[str], visuals: Sequence, text_index: Sequenc
 def _build_interleaved(record: InterleavedDocument, b: SequenceBuilder, config: SequenceConfig,
                        rng: random.Random) -> Sample:
     return _build_document(record.texts, record.images, record.image_text_index, record.image_position,
-                           lambda im, t: b.add_image(im, target=t), b, config, rng, record.kind)
+                           lambda im, t: b.add_image(im, target=t), b, config, rng, record.kind, record.unscored)
 
 
 def _build_video_document(record: VideoDocument, b: SequenceBuilder, config: SequenceConfig,
@@ -302,12 +310,25 @@ def _build_grounded(record: GroundedPair, b: SequenceBuilder, config: SequenceCo
     return b.finish(record.kind, end_is_target=True)
 
 
+def _text_parts(text: str, unscored: Sequence[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """``text`` cut at its unscored character spans: (part, scored) in order."""
+    parts, cursor = [], 0
+    for start, end in sorted((int(a), int(b)) for a, b in unscored):
+        if not cursor <= start < end <= len(text):
+            raise SequenceError(f"text: unscored span ({start}, {end}) is outside the text or overlaps another")
+        parts += [(text[cursor:start], True), (text[start:end], False)]
+        cursor = end
+    return [*parts, (text[cursor:], True)]
+
+
 def _build_text(record: Text, b: SequenceBuilder, config: SequenceConfig, rng: random.Random) -> Sample:
+    parts = _text_parts(record.text, record.unscored)
     if record.context:  # read, not scored; one space between it and the scored text
         b.add_text(clean_text(record.context).rstrip() + " ", target=False)
-        b.add_text(clean_text(record.text).strip(), target=True)
-    else:
-        b.add_text(clean_text(record.text), target=True)
+        parts[0] = (parts[0][0].lstrip(), parts[0][1])
+        parts[-1] = (parts[-1][0].rstrip(), parts[-1][1])
+    for part, scored in parts:
+        b.add_text(clean_text(part), target=scored)
     return b.finish(record.kind, end_is_target=True)
 
 

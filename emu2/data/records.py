@@ -7,10 +7,10 @@ Shard layout (one tar member per field, ``<key>.<field>``; keys hold no dots). I
 |-----------------------|---------------------------------------------------------------------------------------|
 | `pair`, `text_to_image` | ``jpg``/``png`` image, ``txt`` caption (the img2dataset layout)                     |
 | `video_pair`          | ``txt`` caption, frames ``0.jpg`` .. ``K.jpg``                                          |
-| `interleaved`         | ``json`` {"texts": [...], "image_text_index": [j per image], "image_position"?}, images ``0.jpg``.. |
+| `interleaved`         | ``json`` {"texts": [...], "image_text_index": [j per image], "image_position"?, "unscored"?: [j]}, images ``0.jpg``.. |
 | `video_interleaved`   | ``json`` {"texts": [...], "clips": [{"frames": n, "text_index": j}], ...}, frames of all clips ``0.jpg``.. |
 | `grounded`            | ``jpg``/``png`` image, ``json`` {"caption": str, "objects": [{"span": [s, e], "boxes": [[x1, y1, x2, y2]]}]} |
-| `text`                | ``txt``                                                                               |
+| `text`                | ``txt``; optional ``context.txt`` (read before it, not scored) and ``json`` {"unscored": [[start, end]]} |
 | `chat`                | ``json`` {"messages": [user, assistant, ...], "system"?}, images ``0.jpg``.. then video frames |
 | `edit`                | ``json`` {"instruction": str}, ``0.jpg`` source, ``1.jpg`` edited                       |
 | `grounded_generation` | as `grounded`, plus optional object images ``0.png``.. (one per object)                 |
@@ -176,12 +176,15 @@ def decode_record(kind: str, sample: dict) -> K.Record:
         if kind == "video_pair":
             return K.VideoTextPair(frames=_numbered_images(sample), text=_text(sample))
         if kind == "text":
-            return K.Text(_text(sample), _text(sample, "context.txt") if "context.txt" in sample else "")
+            unscored = _json(sample).get("unscored", []) if "json" in sample else []
+            return K.Text(_text(sample), _text(sample, "context.txt") if "context.txt" in sample else "",
+                          tuple((int(a), int(b)) for a, b in unscored))
         value = _json(sample)
         if kind == "interleaved":
             return K.InterleavedDocument(list(value["texts"]), _numbered_images(sample),
                                          [int(j) for j in value["image_text_index"]],
-                                         value.get("image_position", "random"))
+                                         value.get("image_position", "random"),
+                                         tuple(int(j) for j in value.get("unscored", [])))
         if kind == "video_interleaved":
             frames, clips, index = _numbered_images(sample), [], []
             for clip in value["clips"]:
@@ -263,10 +266,14 @@ def encode_record(record: K.Record, key: str, meta: dict | None = None) -> dict:
         out["txt"] = record.text
         if record.context:
             out["context.txt"] = record.context
+        if record.unscored:
+            doc = {"unscored": [list(span) for span in record.unscored]}
     elif isinstance(record, K.InterleavedDocument):
         numbered(record.images)
         doc = {"texts": record.texts, "image_text_index": record.image_text_index,
                "image_position": record.image_position}
+        if record.unscored:
+            doc["unscored"] = list(record.unscored)
     elif isinstance(record, K.VideoDocument):
         numbered([f for clip in record.clips for f in clip])
         doc = {"texts": record.texts, "image_position": record.image_position,

@@ -135,16 +135,24 @@ def answer_nll(pipe, prompts: Sequence[str], answers: Sequence[str], images: tor
     return out
 
 
-def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 16) -> dict:
-    """Whether the language model copies (the induction that binding a new label word needs): text-only lists of
-    6-14 fresh nonce words followed by their exact repeat. Only the repeat is scored: its next-token accuracy
-    (teacher-forced argmax) and mean NLL (nats/token). Without copying the repeat is unpredictable (accuracy near
-    0); a model that copies gets it right from its second token on.
+def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 16, words: str = "made-up") -> dict:
+    """Whether the language model copies (the induction that binding a new label word needs): text-only word lists
+    followed by their exact repeat. Only the repeat is scored: its next-token accuracy (teacher-forced argmax) and
+    mean NLL (nats/token). Without copying the repeat is unpredictable (accuracy near 0); a model that copies gets
+    it right from its second token on.
+
+    ``words``: "made-up" (lists of 6-14 fresh syllable words, `nonce_word`) or "held-out" (4-8 of the held-out
+    split's label words, never in training: a model that copies only the pieces it was taught to copy fails them).
     """
-    from ..data.shapes.tasks import nonce_word
+    from ..data.shapes.tasks import HELDOUT_LABEL_WORDS, nonce_word
 
     rng = random.Random(seed)
-    lists = [" ".join(nonce_word(rng) for _ in range(rng.randint(6, 14))) + "." for _ in range(sequences)]
+    if words == "made-up":
+        lists = [" ".join(nonce_word(rng) for _ in range(rng.randint(6, 14))) + "." for _ in range(sequences)]
+    elif words == "held-out":
+        lists = [" ".join(rng.sample(HELDOUT_LABEL_WORDS, rng.randint(4, 8))) + "." for _ in range(sequences)]
+    else:
+        raise ValueError(f'words must be "made-up" or "held-out", not {words!r}')
     hits = total = 0
     nll = 0.0
     for start in range(0, sequences, batch_size):

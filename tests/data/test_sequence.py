@@ -183,6 +183,27 @@ def test_language_only_context_is_read_but_not_scored(tokenizer, config):
     assert scored == [*whole[-repeat:], 2]  # only the repeat (and the end of text) is supervised
 
 
+def test_language_only_unscored_spans_are_read_but_not_scored(tokenizer, config):
+    text = "red: dax. blue: wug. red: dax."
+    sample = build(K.Text(text, unscored=((0, 4), (5, 9), (10, 20))), tokenizer, config)
+    assert sample.input_ids.tolist() == [1, *text_ids(tokenizer, text), 2]  # tokenised as if written in one piece
+    scored = [t for t in sample.labels.tolist() if t != IGNORE_INDEX]
+    assert tokenizer.decode(scored[:-1]).split() == ["red:", "dax."] and scored[-1] == 2  # the last example
+    with pytest.raises(SequenceError, match="unscored span"):
+        build(K.Text(text, unscored=((0, 40),)), tokenizer, config)
+
+
+def test_document_sentences_marked_unscored_are_read_but_not_scored(tokenizer, config):
+    doc = K.InterleavedDocument(["a dax.", "a wug.", "a dax."], [make_image(k) for k in range(3)], [0, 1, 2],
+                                "before", unscored=(0, 1))
+    sample = build(doc, tokenizer, config)
+    scored = [t for t in sample.labels.tolist() if t != IGNORE_INDEX]
+    assert tokenizer.decode(scored[:-1]).strip() == "a dax." and scored[-1] == 2
+    assert sample.image_is_target == [True] * 3  # the images are regressed as in any stage-2 document
+    with pytest.raises(SequenceError, match="unscored text index"):
+        build(replace(doc, unscored=(3,)), tokenizer, config)
+
+
 # ---------------------------------------------------------------------------------------------------- chat
 def test_chat_supervises_only_answers_and_their_eos(chat_tokenizer, config):
     messages = [f"{P.IMAGE_PLACEHOLDER}what is it?", "a red square", "how many?", "3"]

@@ -223,6 +223,39 @@ def test_text_fewshot_documents_describe_each_scene_then_answer_in_one_hidden_fo
     assert seen == {"attributes", "labels", "vqa"}
 
 
+def test_only_answers_the_document_already_predicts_are_scored():
+    # The first use of a made-up label word and the first example of an attribute format are read, not scored:
+    # nothing before them predicts them. Every later answer is scored, and so is every VQA answer.
+    from emu2.data.shapes.tasks import ShapesMaker
+
+    maker = ShapesMaker(World.from_seed(0), 16)
+    checked = set()
+    for seed in range(80):
+        doc, meta = maker.fewshot_document(random.Random(seed), "train")
+        if meta["task"] == "labels":
+            firsts = [k for k, t in enumerate(doc.texts) if t not in doc.texts[:k]]
+            assert doc.unscored == tuple(firsts)
+        elif meta["task"] == "attributes":
+            assert doc.unscored == (0,)
+        else:
+            assert doc.unscored == ()
+        checked.add(meta["task"])
+
+        # the text version: each example is "<scene description>: <answer>."; descriptions are never scored
+        record, meta = maker.text_fewshot_document(random.Random(seed), "train")
+        scored, cursor = "", 0
+        for start, end in record.unscored:
+            scored, cursor = scored + record.text[cursor:start], end
+        scored += record.text[cursor:]
+        answers = [e.split(": ", 1)[1].removesuffix(".") + "." for e in record.text.split(". ")]
+        if meta["task"] == "labels":
+            expected = [a for k, a in enumerate(answers) if a in answers[:k]]
+        else:
+            expected = answers[1:] if meta["task"] == "attributes" else answers
+        assert scored.split() == " ".join(expected).split()
+    assert checked == {"attributes", "labels", "vqa"}
+
+
 def test_kind_counts_change_one_kind_and_reject_unknown_kinds(tmp_path):
     from emu2.data.shapes import write_shapes
 

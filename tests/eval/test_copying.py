@@ -1,9 +1,10 @@
-"""`copy_accuracy`: the language model's copying (induction), scored on the repeat of nonce-word lists only."""
+"""`copy_accuracy`: the language model's copying (induction), scored on the repeat of word lists only."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from emu2.eval.shapes import copy_accuracy
@@ -30,6 +31,21 @@ def test_a_model_that_predicts_the_next_token_scores_one_and_a_shifted_one_score
 
     pipe.model.forward = oracle(2, vocab)  # off by one position: only the aligned targets may count
     assert copy_accuracy(pipe, sequences=8, batch_size=4)["copy_accuracy"] < 0.2
+
+
+def test_held_out_label_words_are_copied_from_lists_of_those_words_only():
+    from emu2.data.shapes.tasks import HELDOUT_LABEL_WORDS
+
+    pipe = Emu2Pipeline.from_preset("tiny")
+    seen = []
+    pipe.encode = lambda texts, **kw: seen.extend(texts) or Emu2Pipeline.encode(pipe, texts, **kw)
+    pipe.model.forward = oracle(1, pipe.model.config.text_config.vocab_size)
+    assert copy_accuracy(pipe, sequences=8, batch_size=4, words="held-out")["copy_accuracy"] == 1.0
+    for text in seen:
+        first, repeat = text[: len(text) // 2], text[len(text) // 2 + 1:]
+        assert first == repeat and set(first.rstrip(".").split()) <= set(HELDOUT_LABEL_WORDS)
+    with pytest.raises(ValueError, match="made-up"):
+        copy_accuracy(pipe, words="nonce")
 
 
 def test_a_random_model_does_not_copy():

@@ -14,6 +14,8 @@ model's pre-training stand-in (kind `text` only, mostly documents that teach cop
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +51,7 @@ HELDOUT_LABEL_WORDS = ("florp", "tazzle", "woog", "prell", "zindle", "krum", "sp
 # Training documents mostly use fresh nonce words (consonant-vowel syllables), so the only way to predict a
 # label is to copy it from the document's own examples (an induction task), never to recall a memorised word.
 NONCE_WORD_PROB = 0.75
+PIECE_WORD_PROB = 0.5  # share of made-up words drawn from the tokenizer's pieces rather than syllables
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "dr", "gl", "kr", "sn", "tr")
 _VOWELS = ("a", "e", "i", "o", "u", "oo", "ai")
 _CODAS = ("", "n", "m", "p", "k", "x", "sh", "rb", "g", "ll")
@@ -193,20 +196,50 @@ def nonce_word(rng: random.Random) -> str:
             return word
 
 
-def training_label_words(rng: random.Random, n: int) -> list[str]:
-    """``n`` distinct label words for a training document: fresh nonce words, or the fixed training list."""
+@functools.cache
+def tokenizer_pieces() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(word-initial, word-internal) all-letter pieces of the packaged shapes tokenizer's vocabulary."""
+    vocab = json.loads((P.SHAPES_TOKENIZER / "tokenizer.json").read_text())["model"]["vocab"]
+    letters = [piece.removeprefix("\u2581") for piece in vocab]
+    initial = sorted(w for p, w in zip(vocab, letters) if p.startswith("\u2581") and w.isalpha() and w.islower())
+    inner = sorted(p for p in vocab if p.isalpha() and p.islower())
+    return tuple(initial), tuple(inner)
+
+
+def piece_word(rng: random.Random) -> str:
+    """A made-up word of 2-3 pieces drawn uniformly from the tokenizer's vocabulary, never a held-out label word.
+
+    The syllables of `nonce_word` are a few hundred of the 1,024 pieces; a model taught to copy only those copied
+    98 % of a list of them but 80 % of the held-out words' pieces ("orp" of "florp" was never copied in training),
+    and wrote 6 % of such lists whole. Words of any pieces teach copying every piece."""
+    initial, inner = tokenizer_pieces()
+    while True:
+        word = rng.choice(initial) + "".join(rng.choice(inner) for _ in range(rng.randint(1, 2)))
+        if not any(h in word for h in HELDOUT_LABEL_WORDS) and word not in LABEL_WORDS:
+            return word
+
+
+def made_up_word(rng: random.Random, pieces: bool) -> str:
+    """A fresh word for a training document: syllables (`nonce_word`), or with ``pieces`` half the time any
+    pieces of the tokenizer (`piece_word`)."""
+    return piece_word(rng) if pieces and rng.random() < PIECE_WORD_PROB else nonce_word(rng)
+
+
+def training_label_words(rng: random.Random, n: int, pieces: bool = True) -> list[str]:
+    """``n`` distinct label words for a training document: fresh made-up words, or the fixed training list."""
     if rng.random() >= NONCE_WORD_PROB:
         return rng.sample(LABEL_WORDS, n)
     words: list[str] = []
     while len(words) < n:
-        if (word := nonce_word(rng)) not in words:
+        if (word := made_up_word(rng, pieces)) not in words:
             words.append(word)
     return words
 
 
-def sample_task(world: World, rng: random.Random, split: str) -> Task:
+def sample_task(world: World, rng: random.Random, split: str, pieces: bool = True) -> Task:
     """A task for a document of ``split``: training tasks for train/val/heldout_combos (held-out scenes for the
-    latter), held-out formats for heldout_formats, held-out label words for heldout_labels."""
+    latter), held-out formats for heldout_formats, held-out label words for heldout_labels. ``pieces``: made-up
+    label words may be any pieces of the tokenizer (`made_up_word`)."""
     scene_split = "heldout" if split == "heldout_combos" else "train"
     if split == "heldout_formats":
         name = "attributes"
@@ -222,7 +255,7 @@ def sample_task(world: World, rng: random.Random, split: str) -> Task:
         options = _label_values(world, attribute, scene_split)
         values = rng.sample(options, min(len(options), rng.randint(2, 3)))
         words = (rng.sample(HELDOUT_LABEL_WORDS, len(values)) if split == "heldout_labels"
-                 else training_label_words(rng, len(values)))
+                 else training_label_words(rng, len(values), pieces))
         template = rng.choice(LABEL_TEMPLATES)
         # the label vocabulary is part of the answer format: held-out words make a format unseen in training
         return Task(name, f"labels:{attribute}|{template}|{','.join(sorted(words))}", scene_split,
@@ -230,6 +263,24 @@ def sample_task(world: World, rng: random.Random, split: str) -> Task:
                     label_map=dict(zip(values, words)), label_template=template)
     style = rng.choice(VQA_STYLES)
     return Task(name, f"vqa:{style}", scene_split, vqa_style=style)
+
+
+def unpredictable_examples(task: Task, answers: list[str]) -> tuple[int, ...]:
+    """Indices of a task document's examples whose answer nothing before it in the document predicts: the first
+    example of an attribute format (the format is shown there first) and the first use of each label word. The
+    loss reads them, not scores them: scored, they teach the model to invent a made-up word or a format where it
+    should copy one from its context, and a new word the model invented is what it wrote instead of the
+    held-out label words (docs/training-notes.md, "Made-up words are read, not scored")."""
+    if task.name == "attributes":
+        return (0,) if answers else ()
+    if task.name != "labels":
+        return ()
+    seen, first = set(), []
+    for k, answer in enumerate(answers):
+        if answer not in seen:
+            seen.add(answer)
+            first.append(k)
+    return tuple(first)
 
 
 def written_box(box: tuple[float, float, float, float]) -> tuple[float, ...]:
@@ -325,6 +376,8 @@ class ShapesMaker:
     image_size: int = 64
     video_frames: int = 8
     clip_frames: int = 4
+    # Made-up words may be any pieces of the packaged tokenizer; False for the corpus that tokenizer is learnt from.
+    piece_words: bool = True
 
     def make(self, kind: str, rng: random.Random, split: str) -> tuple[K.Record, dict]:
         if split not in SPLITS:
@@ -393,18 +446,21 @@ class ShapesMaker:
 
     def fewshot_document(self, rng: random.Random, split: str, examples: int | None = None):
         """A document following one hidden task: each image followed by its answer (image_position "before")."""
-        task = sample_task(self.world, rng, split)
-        scenes, texts = [], []
+        task = sample_task(self.world, rng, split, self.piece_words)
+        scenes, texts, answers = [], [], []
         for _ in range(examples or rng.randint(4, 8)):
             if EXACT_REPEAT_PROB and scenes and rng.random() < EXACT_REPEAT_PROB:
                 earlier = rng.randrange(len(scenes))
                 scenes.append(scenes[earlier])
                 texts.append(texts[earlier])
+                answers.append(answers[earlier])
                 continue
             scene, prompt, answer = task.example(self.world, rng)
             scenes.append(scene)
             texts.append(example_text(prompt, answer))
-        doc = K.InterleavedDocument(texts, [self.render(s) for s in scenes], list(range(len(texts))), "before")
+            answers.append(answer)
+        doc = K.InterleavedDocument(texts, [self.render(s) for s in scenes], list(range(len(texts))), "before",
+                                    unpredictable_examples(task, answers))
         return doc, task_meta(task, scenes)
 
     def grounded(self, rng, split):
@@ -448,21 +504,25 @@ class ShapesMaker:
         """A language-only in-context document: the hidden tasks of `fewshot_document` with each image replaced
         by a sentence describing its scene ("a small red star in the top left on white: [red, 1]."). It lets the
         language model learn to infer a task from examples (what a pretrained LLM brings to Emu2) from text."""
-        task = sample_task(self.world, rng, "heldout_combos" if split == "heldout" else "train")
-        scenes, texts = [], []
-        for _ in range(rng.randint(4, 12)):
-            scene, prompt, answer = task.example(self.world, rng)
+        task = sample_task(self.world, rng, "heldout_combos" if split == "heldout" else "train", self.piece_words)
+        scenes, text, unscored = [], "", []
+        examples = [task.example(self.world, rng) for _ in range(rng.randint(4, 12))]
+        first = unpredictable_examples(task, [answer for _, _, answer in examples])
+        for k, (scene, prompt, answer) in enumerate(examples):
             scenes.append(scene)
             g = scene.groups[0]
+            text += " " if text else ""
             description = f"{describe(g)} in the {scene.position(g)} on {scene.background}:"
-            texts.append(f"{description} {example_text(prompt, answer)}")
-        return K.Text(" ".join(texts)), task_meta(task, scenes)
+            # the description stands for the image: read, never scored (as an image is given, not written)
+            start, text = len(text), text + f"{description} {example_text(prompt, answer)}"
+            unscored.append((start, len(text) if k in first else start + len(description)))
+        return K.Text(text, unscored=tuple(unscored)), task_meta(task, scenes)
 
     def recall_document(self, rng: random.Random):
         """Made-up words bound to attribute values, then asked again in another order ("dax is red. wug is
         two. ... wug is two."): predicting the second half needs looking the words up in the first, the context."""
         values = list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS.values()) + list(BACKGROUNDS) + list(SIZES)
-        words = training_label_words(rng, rng.randint(3, 6))
+        words = training_label_words(rng, rng.randint(3, 6), self.piece_words)
         binding = {w: rng.choice(values) for w in words}
         template = rng.choice(("{w} is {v}.", "{w} means {v}.", "{w}: {v}.", "the {w} is {v}."))
         queries = [rng.choice(words) for _ in range(rng.randint(3, 8))]
@@ -477,7 +537,8 @@ class ShapesMaker:
         lesson in induction, the mechanism a label word new to the model is copied by (what pretrained LLMs
         bring). Most of the document is repeats, so most of its tokens teach copying."""
         known = list(COLOURS) + list(SHAPES) + list(SIZES)
-        words = [rng.choice(known) if rng.random() < 0.15 else nonce_word(rng) for _ in range(rng.randint(3, 8))]
+        words = [rng.choice(known) if rng.random() < 0.15 else made_up_word(rng, self.piece_words)
+                 for _ in range(rng.randint(3, 8))]
         listed = " ".join(words) + "."
         repeats = [rng.choice(REPEAT_INTROS) + listed for _ in range(rng.randint(2, 3))]
         # the first telling is context (nothing predicts made-up words); the loss scores the repeats

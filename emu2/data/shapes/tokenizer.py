@@ -51,7 +51,8 @@ def shapes_corpus(seed: int = 0, samples_per_kind: int = SAMPLES_PER_KIND) -> It
     from emu2.data.shapes.tasks import ShapesMaker
     from emu2.data.shapes.world import World
 
-    maker = ShapesMaker(World.from_seed(seed), image_size=16, video_frames=2)  # images are drawn, not read
+    # images are drawn, not read; made-up words are syllables only (piece words come from this tokenizer)
+    maker = ShapesMaker(World.from_seed(seed), image_size=16, video_frames=2, piece_words=False)
     jobs = [("train", kind) for kind in KINDS] + [("lm", "text")]
     yield from (P.CHAT_SYSTEM_MESSAGE, P.SHORT_ANSWER_SYSTEM_MESSAGE)
     for split, kind in jobs:
