@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast where the GPU or CPU (AVX512-BF16/AMX) runs bf16 natively, else fp32")
     p.add_argument("--no-lm-stage", dest="lm_stage", action="store_false",
                    help="skip the language model's pre-training on text before stage 1 (it teaches copying, which "
-                        "in-context learning needs; up to 1,800 steps in 44 %% of the training time, ~6.5 minutes on "
+                        "in-context learning needs; up to 1,500 steps in 44 %% of the training time, ~6.5 minutes on "
                         "2 CPU cores)")
     p.set_defaults(func=_quickstart)
     add_data_parser(sub)

@@ -28,13 +28,12 @@ from .quickstart_report import EVAL_GUIDANCE, evaluate_quickstart, write_report_
 
 # (stage, recipe, init_from stage, share of the training budget)
 # The LM stage (the stand-in for LLaMA) teaches copying, the induction in-context learning rests on; without it
-# the model does not bind new label words. Copying comes with a phase change after 900-1,500 LM steps, and copying
-# any piece of the vocabulary (the held-out label words' too) by 1,800, so the stage's share is large enough for
-# its recipe's 1,800 steps on the 2-core dev machine (0.2 s a step of an 884-s training window) and its steps are
-# capped there: on that machine the stages after it get what they got when it ran a fixed number of steps. On a
-# CPU 1.7x slower (0.45 s a step, measured), a fixed 1,800 steps would take 13 of the 20 minutes; the share keeps
-# time for every stage there, and the LM stops short of its recipe's steps (the run says so). It runs first, so
-# the other shares are of what it leaves.
+# the model does not bind new label words. Copying comes with a phase change after 1,000-1,500 LM steps, so the
+# stage's share is large enough for its recipe's 1,500 steps on the 2-core dev machine (385 s of an 884-s
+# training window) and its steps are capped there: on that machine the stages after it get what they got when
+# it ran a fixed number of steps. On a CPU 1.7x slower (0.45 s a step, measured), a fixed 1,500 steps would take
+# 11 of the 20 minutes; the share keeps time for every stage there, and the LM stops short of its recipe's steps
+# (the run says so). It runs first, so the other shares are of what it leaves.
 # The encoder stage (the stand-in for EVA-CLIP) trains only the vision side of the LM stage's output: a random
 # ViT learns colours from stage-1 captioning alone far too slowly, and shape and count hardly at all; perception
 # is upstream of every other stage (docs/quickstart-results.md).
@@ -125,7 +124,7 @@ def short_lm_note(steps: int, recipe_steps: int) -> str | None:
     if steps >= recipe_steps:
         return None
     return (f"[quickstart] note: the LM stage reached {steps} of its recipe's {recipe_steps:,} steps in its share "
-            f"of the budget; copying, which in-context learning rests on, comes between steps 900 and 1,800. A "
+            f"of the budget; copying, which in-context learning rests on, comes between steps 1,000 and 1,500. A "
             f"larger --budget gives it more.")
 
 
