@@ -223,12 +223,16 @@ def test_text_fewshot_documents_describe_each_scene_then_answer_in_one_hidden_fo
     assert seen == {"attributes", "labels", "vqa"}
 
 
-def test_only_answers_the_document_already_predicts_are_scored():
+def test_only_answers_the_document_already_predicts_are_scored(monkeypatch):
     # The first use of a made-up label word and the first example of an attribute format are read, not scored:
     # nothing before them predicts them. Every later answer is scored, and so is every VQA answer.
-    from emu2.data.shapes.tasks import ShapesMaker
+    import emu2.data.shapes.tasks as tasks
 
     maker = ShapesMaker(World.from_seed(0), 16)
+    assert tasks.UNSCORED_UNPREDICTABLE  # the recipe's setting; off, nothing is unscored
+    monkeypatch.setattr(tasks, "UNSCORED_UNPREDICTABLE", False)
+    assert all(maker.fewshot_document(random.Random(i), "train")[0].unscored == () for i in range(10))
+    monkeypatch.setattr(tasks, "UNSCORED_UNPREDICTABLE", True)
     checked = set()
     for seed in range(80):
         doc, meta = maker.fewshot_document(random.Random(seed), "train")
@@ -251,6 +255,30 @@ def test_only_answers_the_document_already_predicts_are_scored():
             expected = answers[:1] if meta["task"] == "attributes" else []
         assert unscored == expected
     assert checked == {"attributes", "labels", "vqa"}
+
+
+def test_piece_words_are_made_of_tokenizer_pieces_and_never_held_out(monkeypatch):
+    import emu2.data.shapes.tasks as tasks
+    from emu2 import processing as P
+
+    tokenizer = P.load_tokenizer(P.SHAPES_TOKENIZER)
+    initial, inner = tasks.tokenizer_pieces()
+    assert "▁" + initial[0] in tokenizer.get_vocab() and inner[0] in tokenizer.get_vocab()
+    rng = random.Random(0)
+    words = [tasks.piece_word(rng) for _ in range(3000)]
+    assert not any(h in w for w in words for h in HELDOUT_LABEL_WORDS) and not set(words) & set(tasks.LABEL_WORDS)
+    assert all(any(w.startswith(p) for p in initial) for w in words)
+    # drawn uniformly over the vocabulary, they use far more of its pieces than the syllable words do
+    pieces = {p for w in words for p in tokenizer.tokenize(w)}
+    syllables = {p for _ in range(3000) for p in tokenizer.tokenize(tasks.nonce_word(rng))}
+    assert len(pieces) > 1.5 * len(syllables)
+    maker = ShapesMaker(World.from_seed(0), 16)
+    plain = [maker.repeat_document(random.Random(i))[1]["label_words"] for i in range(50)]
+    monkeypatch.setattr(tasks, "PIECE_WORD_PROB", 0.5)
+    mixed = [maker.repeat_document(random.Random(i))[1]["label_words"] for i in range(50)]
+    assert plain != mixed
+    off = ShapesMaker(World.from_seed(0), 16, piece_words=False)  # the tokenizer's own corpus: syllables only
+    assert [off.repeat_document(random.Random(i))[1]["label_words"] for i in range(50)] == plain
 
 
 def test_kind_counts_change_one_kind_and_reject_unknown_kinds(tmp_path):
