@@ -266,14 +266,11 @@ def encode_record(record: K.Record, key: str, meta: dict | None = None) -> dict:
         out["txt"] = record.text
         if record.context:
             out["context.txt"] = record.context
-        if record.unscored:
-            doc = {"unscored": [list(span) for span in record.unscored]}
+        doc = {"unscored": [list(span) for span in record.unscored]} if record.unscored else {}
     elif isinstance(record, K.InterleavedDocument):
         numbered(record.images)
         doc = {"texts": record.texts, "image_text_index": record.image_text_index,
-               "image_position": record.image_position}
-        if record.unscored:
-            doc["unscored"] = list(record.unscored)
+               "image_position": record.image_position, **({"unscored": list(record.unscored)} if record.unscored else {})}
     elif isinstance(record, K.VideoDocument):
         numbered([f for clip in record.clips for f in clip])
         doc = {"texts": record.texts, "image_position": record.image_position,
