@@ -56,7 +56,7 @@ def _convert(args) -> int:
     from .convert.gen import is_official_gen, load_official_gen
     from .convert.official import load_official
     from .model.kind import PRESET_KINDS, record_model_kind
-    from .pipeline import Emu2Pipeline
+    from .pipelines.emu2 import Emu2Pipeline
     from .processing import load_tokenizer, preset_tokenizer
 
     config = Emu2Config.from_preset(args.preset)
@@ -92,7 +92,7 @@ def _init(args) -> int:
         print(report.summary())
         return 0
 
-    from .pipeline import Emu2Pipeline
+    from .pipelines.emu2 import Emu2Pipeline
 
     pipe = Emu2Pipeline.from_preset(args.preset, seed=args.seed)
     pipe.model.to(dtypes[args.dtype or "fp32"])

@@ -1,9 +1,9 @@
 """The one learning-rate schedule of every training stage: linear warm-up, then cosine, linear or no decay.
 
 Paper 2.2.2 (language-model stages) and Table 6 (visual decoder) both warm the rate up linearly and then decay it;
-one definition serves the recipe stages (`emu2.train.optim.build_scheduler`) and the stand-alone decoder loop
-(`emu2.gen.train_decoder`), so a recipe and a hand-written run with the same numbers follow the same rates. It sits
-below every package (pure torch) so that both can import it.
+one definition serves every recipe stage (`emu2.train.optim.build_scheduler`) and a hand-written loop alike, so
+both follow the same rates for the same numbers. It sits below every package (pure torch) so that any can import
+it.
 """
 
 from __future__ import annotations

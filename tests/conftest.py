@@ -26,7 +26,7 @@ def write_tiny_world(root: Path, image_size: int = 16) -> Path:
     """A shapes world of ``image_size`` px (8 samples of every kind, one shard each) in ``root/data`` and a random
     tiny model in ``root/encoder``, the decoder stages' frozen encoder. Returns ``root``."""
     from emu2.data.shapes import write_shapes
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     write_shapes(root / "data", seed=0, num_train=8, num_val=0, num_heldout=0, num_episodes=0,
                  image_size=image_size, shard_size=8, processes=1)

@@ -14,7 +14,7 @@ from emu2.config import Emu2Config
 from emu2.convert.assemble import AssemblyError, assemble_init
 from emu2.convert.official import CheckpointMismatchError, official_key
 from emu2.model import Emu2ForCausalLM
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 LLAMA_VOCAB = 32000
 EVA_IMAGE_SIZE = 28  # the tiny preset says 56: the checkpoint's grid decides, as EVA-CLIP's 224 vs Emu2's 448

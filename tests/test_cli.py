@@ -22,7 +22,7 @@ def test_inspect_counts_official_presets_without_memory(capsys, preset, total, v
 
 
 def test_init_writes_model_and_tokenizer(tmp_path):
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     main(["init", "--preset", "tiny", "--out", str(tmp_path)])
     assert (tmp_path / "config.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
@@ -53,7 +53,7 @@ def emu2(*args, env=None):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     Emu2Pipeline.from_preset("tiny").save_pretrained(path)
     return path

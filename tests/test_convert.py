@@ -10,7 +10,7 @@ from emu2.cli import main
 from emu2.config import Emu2Config
 from emu2.convert.official import CheckpointMismatchError, load_official
 from emu2.model import Emu2ForCausalLM
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def _gen_state(pipe):
 def test_gen_directory_round_trips_through_the_official_native_file(tmp_path):
     """ours -> official native Gen file (multimodal_encoder.*, unet.*, vae.*) -> ours, with one command each way;
     the decoder's sizes are read from the file, its head counts from the official conf/diffusion_config layout."""
-    from emu2.gen.pipeline import Emu2GenPipeline, tiny_decoder_config
+    from emu2.pipelines.gen import Emu2GenPipeline, tiny_decoder_config
 
     Emu2GenPipeline.from_preset("tiny").save_pretrained(tmp_path / "ours")
     original = Emu2GenPipeline.from_pretrained(tmp_path / "ours")
@@ -131,7 +131,7 @@ def test_gen_directory_round_trips_through_the_official_native_file(tmp_path):
 
 def test_gen_directory_round_trips_through_the_official_hf_layout(tmp_path):
     """ours -> BAAI/Emu2-Gen diffusers layout (multimodal_encoder/, unet/, vae/, scheduler/, tokenizer/) -> ours."""
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     Emu2GenPipeline.from_preset("tiny").save_pretrained(tmp_path / "ours")
     assert main(["convert", str(tmp_path / "ours"), "--to", "official-hf", "--out", str(tmp_path / "hf")]) == 0

@@ -52,7 +52,7 @@ def _vocab(state):
 
 
 def _export(name, vision_cfg, llama, tmp_path):
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     state = read_official_state_dict(FIXTURE / f"{name}.safetensors")
     model = load_official(state, config_from_official(vision_cfg, llama, _vocab(state)), dtype=torch.float32)
@@ -118,7 +118,7 @@ def test_hf_gen_export_writes_the_encoder_config_and_the_official_model_index(ca
 def test_hf_export_refuses_a_model_the_official_code_cannot_build(tmp_path):
     """The official EVA-CLIP has a patch-embedding convolution only: a conv-stem encoder has no official
     config, so the export stops with the reason instead of writing a directory the official code would misread."""
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     Emu2Pipeline.from_preset("shapes").save_pretrained(tmp_path / "ours")
     with pytest.raises(SystemExit, match="emu2: error: .*stem"):

@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, SuppressTokensLogitsProcessor
 from emu2.config import Emu2Config
 from emu2.model import Emu2ForCausalLM
 from emu2.model.interleaved import InterleavedImage, generate_interleaved
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 BOS, EOS, BOI, EOI, IMG = 1, 2, 32001, 32002, 32003
 PROMPT = [BOS, 450, 4996, 17354]
@@ -178,7 +178,7 @@ def test_stop_string_ends_the_answer_before_it(pipe):
 # ------------------------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def gen_dir(tmp_path_factory):
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     path = tmp_path_factory.mktemp("tiny-gen")
     Emu2GenPipeline.from_preset("tiny").save_pretrained(path)

@@ -6,14 +6,15 @@ node. A node may import only from nodes in lower layers, which rules out cycles:
 
     0  config, processing,  presets, the tokenizer/chat-template/image-input conventions and the one learning-rate
        lr_schedule          schedule of every training stage: no emu2 imports
-    1  model                nn modules (Emu2ForCausalLM, EVA ViT, diffusion decoders)
-    2  pipeline             the Emu2Pipeline over model + processing
-    3  data                 sequence layout, shards, converters, the shapes world, box-mask images
-    4  gen                  Emu2-Gen pipeline, decoder training steps, generation metrics
-    5  convert, eval        official checkpoints in and out (LM and Gen); few-shot evaluation, RICES, probes
-    6  train                the runner and every recipe stage (LM, encoder, image/video decoder), quickstart
-    7  serve, bench         the HTTP server; throughput benchmarks
-    8  cli                  ``emu2 ...`` verbs
+    1  model                nn modules and their tensor-level parts: Emu2ForCausalLM and its generation loops, the
+                            EVA ViT, diffusion-decoder helpers and configs, quantized loading
+    2  data                 sequence layout, shards, converters, the shapes world, box-mask images, decoder crops
+    3  pipelines            one loader and call each: Emu2 / Emu2-Chat, Emu2-Gen, the image and video decoders
+    4  convert, eval        official and third-party formats in and out (LM, Gen, SDXL parts); few-shot
+                            evaluation, RICES, probes, image metrics
+    5  train                the runner and every recipe stage (LM, encoder, image/video decoder), quickstart
+    6  serve, bench         the HTTP server; throughput benchmarks
+    7  cli                  ``emu2 ...`` verbs
 
 A name with a leading underscore is private to its node: importing one (or a private module) from another node
 is refused too, so each node's public surface is what its docstring and ``__all__`` describe.
@@ -30,9 +31,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emu2"
 LAYERS = [
     {"config", "processing", "lr_schedule"},
     {"model"},
-    {"pipeline"},
     {"data"},
-    {"gen"},
+    {"pipelines"},
     {"convert", "eval"},
     {"train"},
     {"serve", "bench"},
@@ -100,9 +100,9 @@ def test_the_layers_name_every_node_of_the_package():
 
 
 def test_the_import_reader_sees_function_level_and_relative_imports():
-    # emu2.cli imports its verbs inside functions; emu2.pipeline imports the model with a relative import.
+    # emu2.cli imports its verbs inside functions; emu2.pipelines imports the model with relative imports.
     edges = {(i.source, i.target) for i in emu2_imports()}
-    assert ("cli", "train") in edges and ("pipeline", "model") in edges
+    assert ("cli", "train") in edges and ("pipelines", "model") in edges
 
 
 def test_packages_import_only_from_lower_layers():

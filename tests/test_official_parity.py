@@ -153,8 +153,8 @@ def test_chat_generation_ids_match(cases, chat, chat_tokenizer, expected):
 def gen(cases):
     pytest.importorskip("diffusers")
     from emu2.convert.gen import load_official_gen_decoder
-    from emu2.gen.pipeline import Emu2GenPipeline
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     state = read_official_state_dict(FIXTURE / "gen.safetensors")
     configs = cases["gen_configs"]
@@ -219,7 +219,7 @@ def _encoder_config(cases):
 def converted_gen(cases, tmp_path_factory):
     """The native Gen file -> our Gen directory (one call) -> `Emu2GenPipeline.from_pretrained`."""
     from emu2.convert.gen import load_official_gen
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     tmp = tmp_path_factory.mktemp("gen")
     _write_diffusion_config(tmp / "diffusion_config", cases["gen_configs"])
@@ -283,7 +283,7 @@ def test_hf_gen_layout_converts_to_a_gen_directory_with_official_images(cases, h
     """Official HF `DiffusionPipeline.from_pretrained(BAAI/Emu2-Gen)` reads each part from its subfolder; our
     converter reads the same folders into one Gen directory."""
     from emu2.convert.gen import load_official_gen
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     load_official_gen(hf_gen_folder, _encoder_config(cases)).save_pretrained(tmp_path)
     pipe = Emu2GenPipeline.from_pretrained(tmp_path)
@@ -303,7 +303,7 @@ def test_native_checkpoint_round_trips_bit_identical(cases, tmp_path, name, visi
     """Official native `from_pretrained` loads the file with strict=True: what we export must carry exactly its
     key names (rotary inv_freq buffers included) and tensors."""
     from emu2.convert.export import export_official
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     official = read_official_state_dict(FIXTURE / f"{name}.safetensors")
     model = _load(name, cases[vision])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.processing import PromptError
 
 

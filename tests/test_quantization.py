@@ -7,7 +7,7 @@ import torch
 
 from emu2.model import Emu2ForCausalLM
 from emu2.model import quantization as Q
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 
 @pytest.fixture(scope="module")

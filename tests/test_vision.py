@@ -72,7 +72,7 @@ def test_conv_stem_needs_a_power_of_two_patch():
 
 
 def test_encoder_options_survive_a_save_and_load(tmp_path):
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     pipe = Emu2Pipeline.from_preset("shapes")
     vision = pipe.model.config.vision_config

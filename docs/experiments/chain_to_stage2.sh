@@ -13,7 +13,7 @@ emu2 train shapes-stage2 output_dir=$O/stage2 $common model.init_from=$O/stage1 
 python - "$O/stage2" "$D" <<'PY'
 import json, sys
 from emu2.eval.shapes import copy_accuracy, evaluate_fewshot, fewshot_table
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines import Emu2Pipeline
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 scores = evaluate_fewshot(pipe, sys.argv[2])
 print(fewshot_table(scores))

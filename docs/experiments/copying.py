@@ -14,7 +14,7 @@ import torch
 torch.set_num_threads(2)
 from emu2.data.shapes.tasks import HELDOUT_LABEL_WORDS
 from emu2.eval.shapes import copy_accuracy
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 
 def whole_lists(pipe, lists):

@@ -19,8 +19,8 @@ torch.set_num_threads(2)
 from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.world import World, layout
 from emu2.eval.shapes_generation import attribute_accuracy
-from emu2.model.decoder import Emu2VisualDecoderPipeline
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.processing import preprocess_images
 
 model = Emu2Pipeline.from_pretrained(sys.argv[1]).model.eval()

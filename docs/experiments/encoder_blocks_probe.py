@@ -45,7 +45,7 @@ if os.environ.get("VIEW") == "colour":
     SUP.shape_view = lambda images, generator=None: images
 from emu2.data.shapes.render import render_scene
 from emu2.eval import probe as P
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.train.config import load_config
 from emu2.train import train
 

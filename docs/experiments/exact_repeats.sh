@@ -26,7 +26,7 @@ fi
 $PY - "$D" "$P" <<'PY'
 import json, sys
 from emu2.eval.shapes import copy_accuracy, evaluate_fewshot
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines import Emu2Pipeline
 root, prob = sys.argv[1], sys.argv[2]
 pipe = Emu2Pipeline.from_pretrained(f"{root}/s2rep{prob}")
 print(json.dumps({"copy": copy_accuracy(pipe), "fewshot": evaluate_fewshot(pipe, f"{root}/data")}))

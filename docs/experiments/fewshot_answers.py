@@ -5,7 +5,7 @@ import json, sys
 from pathlib import Path
 from PIL import Image
 import emu2.eval.shapes as S
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.data.shapes import fewshot_prompt
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 root = Path(sys.argv[2]) / "eval"

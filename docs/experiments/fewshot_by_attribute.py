@@ -20,7 +20,7 @@ from PIL import Image
 import emu2.eval.shapes as S
 from emu2.data.shapes import fewshot_prompt
 from emu2.eval.intervals import wilson_interval
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 root, shots = Path(sys.argv[2]) / "eval", int(sys.argv[3])

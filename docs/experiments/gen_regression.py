@@ -22,7 +22,7 @@ torch.set_num_threads(2)
 from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.tasks import caption
 from emu2.data.shapes.world import World
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 path, data, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 64
 pipe = Emu2Pipeline.from_pretrained(path)

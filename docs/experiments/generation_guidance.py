@@ -12,9 +12,9 @@ import torch
 
 torch.set_num_threads(2)
 from emu2.eval.shapes_generation import evaluate_generation
-from emu2.gen.pipeline import Emu2GenPipeline
-from emu2.model.decoder import Emu2VisualDecoderPipeline
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.gen import Emu2GenPipeline
+from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.train.quickstart_report import EVAL_DENOISING_STEPS
 
 gen_dir, decoder_dir, data, items, *scales = sys.argv[1:]

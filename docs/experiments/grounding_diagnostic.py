@@ -13,7 +13,7 @@ from emu2 import processing as P
 from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.world import World, describe
 from emu2.eval.metrics import box_iou
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 tok = pipe.tokenizer

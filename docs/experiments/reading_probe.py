@@ -22,7 +22,7 @@ from emu2 import processing as P
 from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.world import BACKGROUNDS, CELL_NAMES, COLOURS, SHAPES, World, describe
 from emu2.eval.intervals import with_interval
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 data, n, models = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 manifest = json.loads((data / "dataset.json").read_text())

@@ -21,7 +21,7 @@ import torch
 from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.tasks import caption
 from emu2.data.shapes.world import World
-from emu2.gen.pipeline import Emu2GenPipeline
+from emu2.pipelines.gen import Emu2GenPipeline
 
 
 def main(run: Path, n: int) -> dict:

@@ -23,7 +23,7 @@ done
 $PY - "$D" <<'PY'
 import json, sys
 from emu2.eval.shapes import copy_accuracy, evaluate_fewshot
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines import Emu2Pipeline
 root = sys.argv[1]
 out = {f"copy_{n}": copy_accuracy(Emu2Pipeline.from_pretrained(f"{root}/{n}")) for n in ("lm", "s1base", "s1low", "s2base", "s2low")}
 out.update({f"fewshot_{n}": evaluate_fewshot(Emu2Pipeline.from_pretrained(f"{root}/{n}"), f"{root}/data") for n in ("s2base", "s2low")})

@@ -17,7 +17,7 @@ from emu2.data.shapes.tasks import example_text, sample_task
 from emu2.data.shapes.world import World, describe
 from emu2.eval.intervals import with_interval
 from emu2.eval.shapes import ANSWER_STOPS, _cut_answer, _normal
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 episodes = int(sys.argv[2]) if len(sys.argv) > 2 else 40

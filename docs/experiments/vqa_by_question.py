@@ -20,7 +20,7 @@ from emu2.data.shapes.tasks import VQA_QUESTIONS, attribute_value
 from emu2.data.shapes.world import World
 from emu2.eval.intervals import wilson_interval
 from emu2.eval.shapes import _chat, _cut_answer, _normal
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 model, data = sys.argv[1], Path(sys.argv[2])
 items = int(sys.argv[3]) if len(sys.argv) > 3 else 96

@@ -16,7 +16,7 @@ import torch
 torch.set_num_threads(2)
 from emu2.data.shapes.supervision import LABEL_WORDS, AttributePool
 from emu2.data.shapes.world import World
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.train.stages.encoder import word_vectors
 
 for directory in sys.argv[1:]:

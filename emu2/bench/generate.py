@@ -27,10 +27,10 @@ PROMPT = "a large red circle in the top left of the picture, on a white backgrou
 
 
 def _model(seed: int = 0):
-    from ..gen.pipeline import Emu2GenPipeline, tiny_decoder_config
     from ..model import Emu2ForCausalLM
-    from ..model.decoder import Emu2VisualDecoderPipeline
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
+    from ..pipelines.gen import Emu2GenPipeline, tiny_decoder_config
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
     from ..processing import load_tokenizer
     from .regression import bench_config
 
@@ -116,7 +116,7 @@ def run(repeats: int = 3, shots: int = 12, gen=None) -> dict:
     on ``gen`` (an `Emu2GenPipeline`; default the benchmark's 512-wide, 8-layer model with a 32x32-latent UNet)."""
     from PIL import Image
 
-    from ..gen.pipeline import DEFAULT_STEPS
+    from ..pipelines.gen import DEFAULT_STEPS
     from ..processing import preprocess_images
     from .regression import official_recompute_regression
 

@@ -39,7 +39,7 @@ def run(model: str = "shapes-large", sequences: int = 4, length: int = 64, seed:
     from ..eval.intervals import wilson_interval
     from ..model import Emu2ForCausalLM
     from ..model.quantization import QuantizationUnavailableError
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
 
     fp32 = {"dtype": torch.float32}
     loads = {"fp32": fp32, "bf16": {"dtype": torch.bfloat16},

@@ -158,8 +158,8 @@ def _decoder_state(decoder) -> dict[str, torch.Tensor]:
 def export_official(source: str | Path, out: str | Path, to: str, max_shard_size: str | int = "10GB") -> list[Path]:
     """Write the model directory ``source`` (an `Emu2Pipeline` or `Emu2GenPipeline` directory) in the official
     layout ``to`` ("official-native" or "official-hf") under ``out``; returns the files written."""
-    from ..gen.pipeline import Emu2GenPipeline
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     if to not in FORMATS:
         raise ValueError(f"unknown official format {to!r}; choose one of {FORMATS}")

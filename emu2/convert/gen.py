@@ -28,7 +28,7 @@ from ..config import Emu2Config
 from .official import load_official, read_official_state_dict
 
 if TYPE_CHECKING:  # diffusers loads on first use: importing emu2.convert stays light
-    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ def load_official_gen(
     the stored dtype.
     """
     from .. import processing as P
-    from ..gen.pipeline import Emu2GenPipeline
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     path = Path(path)
     if path.is_dir():
@@ -209,7 +209,7 @@ def load_official_gen_decoder(
     dict) is given, in which case the official checker and its CLIP feature extractor are loaded too. Any missing or
     unexpected key raises a ValueError that names it.
     """
-    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     pipe = Emu2VisualDecoderPipeline.from_configs(unet_config, vae_config, scheduler_config)
     parts = {"unet": pipe.unet}
@@ -268,7 +268,8 @@ def load_diffusers_gen_decoder(
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    from ..model.decoder import OFFICIAL_SCHEDULER_CONFIG, Emu2VisualDecoderPipeline
+    from ..model.decoder import OFFICIAL_SCHEDULER_CONFIG
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     path = Path(path)
     if not (path / "unet").is_dir():

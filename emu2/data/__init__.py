@@ -6,6 +6,7 @@
 * `shards` / `mixing`: `ShardDataset`, `Augmentation`, `make_dataloader`, `Source`, weighted mixing, resume.
 * `convert`: LAION/CapsFusion, MMC4, GRIT, LLaVA and InstructPix2Pix to shards.
 * `boxes`: the official box-mask images of grounded generation (`draw_box_image` in pixels).
+* `decoder_shards`: the visual decoder's random crops with SDXL's size conditions (A.3.1), from memory or shards.
 * `shapes`: the procedural shapes world (``python -m emu2.data.shapes --out DIR``).
 * `bench`: `benchmark_pipeline` (samples/s through the whole pipeline).
 * `cli`: ``emu2 data shapes|convert`` argument parsers (importing it stays light).

@@ -12,4 +12,8 @@ Modules (import them directly; this package imports nothing heavy):
   ``rices``     retrieval-based in-context example selection (and a seeded random selector)
   ``fewshot``   the resumable few-shot runner
   ``report``    results JSON, Table 1/Table 2 style markdown and an accuracy-vs-shots plot
+  ``intervals`` 95 % confidence intervals of every figure
+  ``image_metrics``  CLIP-I / DINO / CLIP-T of generated images (sections 3.3, 3.4)
+  ``probe``, ``shapes``, ``shapes_generation``, ``shapes_interleaved``  the shapes world's evaluations: linear
+                probe of the encoder, few-shot and chat, generation, interleaved consistency
 """

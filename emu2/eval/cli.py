@@ -78,9 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def load_gen_pipeline(gen: str | Path, decoder: str | Path | None = None):
     """An `Emu2GenPipeline` from ``gen`` (encoder/ + decoder/), or from an encoder directory ``gen`` plus a
     decoder directory (``decoder``, else ``gen``'s sibling ``decoder/``, as the quickstart lays them out)."""
-    from ..gen.pipeline import Emu2GenPipeline
-    from ..model.decoder import Emu2VisualDecoderPipeline
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
+    from ..pipelines.gen import Emu2GenPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     gen = Path(gen)
     if decoder is None and (gen / "encoder").is_dir() and (gen / "decoder").is_dir():
@@ -100,7 +100,7 @@ def load_gen_pipeline(gen: str | Path, decoder: str | Path | None = None):
 
 
 def run_shapes(args) -> dict:
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
     from .shapes import evaluate_fewshot, evaluate_instructions, fewshot_table, plot_accuracy_vs_shots
     from .shapes_generation import evaluate_generation, generation_table
 
@@ -221,7 +221,7 @@ def resolve_protocol(args, model_config) -> tuple[str, list[int]]:
 
 
 def run_benchmark(args) -> dict:
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
     from . import fewshot as F
     from . import scoring
     from .report import fewshot_markdown_table, save_results

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from ..data.shapes.world import World
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m emu2.eval.probe", description=main.__doc__)
     parser.add_argument("model", help="an Emu2 model directory (any stage)")

@@ -29,7 +29,7 @@ import httpx
 import torch
 from PIL import Image
 
-from ..pipeline import Emu2Pipeline
+from ..pipelines.emu2 import Emu2Pipeline
 from .app import ServerThread, create_app
 from .limits import ServeLimits
 
@@ -322,7 +322,7 @@ def run_fuzz(max_examples: int = 25, seconds: float = 60.0, model_dir: str | Pat
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
 
-    from ..gen.pipeline import Emu2GenPipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     chat = chat_pipeline or _load_chat(model_dir)
     gen = gen_pipeline or (Emu2GenPipeline.from_pretrained(gen_model_dir) if gen_model_dir

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import StoppingCriteriaList, TextStreamer
 
 from .. import processing as P
-from ..pipeline import Emu2Pipeline
+from ..pipelines.emu2 import Emu2Pipeline
 from .queue import CancelOnEvent
 
 # Tokens that only the server may write: text holding them would break the image-slot bookkeeping.

@@ -43,7 +43,7 @@ def _device_and_dtype(args):
 
 
 def load_chat_pipeline(args):
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
 
     device, dtype = _device_and_dtype(args)
     return Emu2Pipeline.from_pretrained(args.model, dtype=dtype, device=device)
@@ -51,7 +51,7 @@ def load_chat_pipeline(args):
 
 def load_gen_pipeline(path, args):
     """An Emu2-Gen directory (``encoder/`` + ``decoder/``) on ``--device`` in ``--dtype``."""
-    from ..gen.pipeline import Emu2GenPipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     device, dtype = _device_and_dtype(args)
     return Emu2GenPipeline.from_pretrained(path, dtype=dtype).to(device)
@@ -312,7 +312,7 @@ def app_from_args(args):
     gen = load_gen_pipeline(args.gen_model, args) if args.gen_model else None
     decoder = None
     if args.decoder is not None:
-        from ..model.decoder import Emu2VisualDecoderPipeline
+        from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
         device, dtype = _device_and_dtype(args)
         try:

@@ -1,6 +1,6 @@
 """Emu2-Gen behind the server and `emu2 generate`: prompt, images and boxes -> the official input list -> images.
 
-`Emu2GenPipeline` (`emu2.gen.pipeline`) takes the official interleaved list; this module writes that list from
+`Emu2GenPipeline` (`emu2.pipelines.gen`) takes the official interleaved list; this module writes that list from
 what a request or command line holds:
 
 - text with ``[<IMG_PLH>]`` where each input image goes, or, without placeholders, the images first and then

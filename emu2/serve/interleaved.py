@@ -59,7 +59,7 @@ def _load(args):
     if args.decoder is None:
         gen = load_gen_pipeline(args.model, args)
         return gen.encoder, gen.decoder
-    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     device, dtype = _device_and_dtype(args)
     decoder = Emu2VisualDecoderPipeline.from_pretrained(args.decoder, dtype=dtype).to(device)

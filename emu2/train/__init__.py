@@ -5,7 +5,7 @@
 
 Parts: `config` (recipes, overrides), `model` (load/adjust/freeze/LoRA), `optim` (groups, schedule), `data`
 (recipe -> batches), `runner` (the one training runner), `stages` (what each stage hands it: `stages.lm`,
-`stages.encoder`, `stages.decoder`), `checkpoint` (atomic, verified, exact resume), `metrics`, `quickstart`,
+`stages.encoder`, `stages.decoder` with its step `stages.diffusion`), `checkpoint` (atomic, verified, exact resume), `metrics`, `quickstart`,
 `bench`, `cli` (``emu2 train``). Recipes: ``emu2/recipes/*.yaml`` (`recipe_names()`).
 
 The names below are imported on first use, so ``import emu2.train.cli`` does not load torch.

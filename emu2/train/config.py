@@ -201,7 +201,7 @@ class DecoderSection:
     # (image)
     unet_init: str | None = None  # local diffusers folder (SDXL-base checkout with unet/, or a UNet folder) to
     # start from; its cross-attention and pooled-embedding projections are resized to the vision width
-    # (`emu2.gen.sdxl.load_pretrained_decoder_unet`); null: a small UNet from scratch (channels, attention, ...)
+    # (`emu2.convert.sdxl.load_pretrained_decoder_unet`); null: a small UNet from scratch (channels, attention, ...)
     vae: str | None = None  # local AutoencoderKL folder for pixel_space: false (default: the vae/ of unet_init)
     max_scale: float = 1.25  # largest random up-scaling before the random crop (A.3.1; 1.0: no crops)
     cache_embeddings: bool = False  # encode every training image once up front (max_scale 1.0, not streaming)

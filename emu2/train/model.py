@@ -15,7 +15,7 @@ from torch import nn
 from emu2 import processing as P
 from emu2.model import Emu2ForCausalLM
 from emu2.model.kind import STAGE_KINDS, record_model_kind
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 from .config import TrainConfig
 from .optim import freeze_groups

@@ -262,9 +262,9 @@ def assemble_gen_directory(out: Path) -> Path:
     """``out/emu2-gen``: the Gen stage's model as ``encoder/`` and the decoder stage's UNet as ``decoder/``, the
     layout of `Emu2GenPipeline.from_pretrained`. The decoder records the size its images were trained at as its
     SDXL ``original_size`` condition (official checkpoints have none and keep the official 1024)."""
-    from ..gen.pipeline import Emu2GenPipeline
-    from ..model.decoder import Emu2VisualDecoderPipeline
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
+    from ..pipelines.gen import Emu2GenPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "decoder")
     size = json.loads((out / "data" / "dataset.json").read_text()).get("image_size", 64)

@@ -25,7 +25,7 @@ def evaluate_quickstart(out: Path, stage_names: list[str], items: int = EVAL_ITE
     from ..data.shapes.world import World
     from ..eval.probe import linear_probe
     from ..eval.shapes import copy_accuracy, evaluate_fewshot, evaluate_instructions, plot_accuracy_vs_shots
-    from ..pipeline import Emu2Pipeline
+    from ..pipelines.emu2 import Emu2Pipeline
 
     report_dir = out / "report"
     report_dir.mkdir(exist_ok=True)
@@ -44,7 +44,7 @@ def evaluate_quickstart(out: Path, stage_names: list[str], items: int = EVAL_ITE
     results["fewshot"] = evaluate_fewshot(base, out / "data")
     plot_accuracy_vs_shots(results["fewshot"], report_dir / "accuracy_vs_shots.png")
     from ..eval.shapes_interleaved import evaluate_interleaved_consistency
-    from ..model.decoder import Emu2VisualDecoderPipeline
+    from ..pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     decoder = Emu2VisualDecoderPipeline.from_pretrained(out / "emu2-gen" / "decoder")
     decoder.set_progress_bar_config(disable=True)
@@ -65,7 +65,7 @@ def evaluate_quickstart(out: Path, stage_names: list[str], items: int = EVAL_ITE
                                                     items=items)
     results["generation"] = generation_gallery(out, report_dir / "gallery.png")
     from ..eval.shapes_generation import evaluate_generation
-    from ..gen.pipeline import Emu2GenPipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     # Attribute accuracy read back from the pixels by the shapes detector (held-out scenes).
     gen = Emu2GenPipeline.from_pretrained(out / "emu2-gen")
@@ -88,7 +88,7 @@ def generation_gallery(out: Path, path: Path, rows: int = 6) -> dict:
     from ..data.shapes.render import render_scene
     from ..data.shapes.tasks import caption
     from ..data.shapes.world import World
-    from ..gen.pipeline import Emu2GenPipeline
+    from ..pipelines.gen import Emu2GenPipeline
 
     gen = Emu2GenPipeline.from_pretrained(out / "emu2-gen")
     gen.decoder.set_progress_bar_config(disable=True)

@@ -80,7 +80,7 @@ def test_the_shapes_preset_is_sized_and_numbered_for_it(tokenizer):
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused():
     from emu2.model import Emu2ForCausalLM
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     model = Emu2ForCausalLM(Emu2Config.from_preset("tiny-chat"))  # LLaMA's vocabulary
     with pytest.raises(ValueError, match="does not fit the model"):

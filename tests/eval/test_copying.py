@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emu2.eval.shapes import copy_accuracy
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 
 def oracle(shift: int, vocab: int):

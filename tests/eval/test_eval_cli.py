@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from emu2.cli import main
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_shapes_eval_writes_metrics_table_and_plot(model_dir, tmp_path):
 
 def test_shapes_eval_with_a_gen_model_adds_generation_attribute_accuracy(model_dir, tmp_path, capsys):
     from emu2.data.shapes import write_shapes
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     write_shapes(tmp_path / "data", seed=0, num_train=4, num_val=1, num_heldout=1, num_episodes=1)
     gen = Emu2GenPipeline.from_preset("tiny")

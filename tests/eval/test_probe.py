@@ -30,7 +30,7 @@ def test_probe_scenes_are_the_held_out_combinations_when_asked():
 
 
 def test_linear_probe_reports_every_attribute_of_a_model_with_an_interval():
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     model = Emu2Pipeline.from_preset("tiny").model
     result = linear_probe(model, World.from_seed(0), image_size=56, train=60, test=20)

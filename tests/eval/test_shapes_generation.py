@@ -60,7 +60,7 @@ def test_image_and_scene_counts_must_match(scenes):
 
 
 def test_evaluate_generation_end_to_end_on_a_tiny_random_pipeline(tmp_path):
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     gen = Emu2GenPipeline.from_preset("tiny")
     gen.decoder.set_progress_bar_config(disable=True)
@@ -79,7 +79,7 @@ def test_evaluate_generation_end_to_end_on_a_tiny_random_pipeline(tmp_path):
 def test_batched_evaluation_draws_the_images_item_by_item_evaluation_draws(tmp_path):
     import numpy as np
 
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     gen = Emu2GenPipeline.from_preset("tiny")
     gen.decoder.set_progress_bar_config(disable=True)

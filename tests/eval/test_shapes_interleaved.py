@@ -108,7 +108,7 @@ class WriteText(LogitsProcessor):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     gen = Emu2GenPipeline.from_preset("tiny")
     gen.decoder.set_progress_bar_config(disable=True)

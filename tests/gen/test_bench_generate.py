@@ -4,8 +4,8 @@ import pytest
 
 from emu2.bench.generate import run, twelve_shot_prompt
 from emu2.bench.regression import bench_config
-from emu2.gen.pipeline import Emu2GenPipeline
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
+from emu2.pipelines.gen import Emu2GenPipeline
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
-from emu2.gen.train_decoder import (
-    accumulated_update,
-    decoder_loss,
-    freeze_for_decoder_training,
-    prepare_decoder_batch,
-)
+from emu2.data.decoder_shards import prepare_decoder_batch
+from emu2.train.stages.diffusion import accumulated_update, decoder_loss, freeze_for_decoder_training
 
 from . import tiny
 

@@ -3,7 +3,6 @@ UNet has another cross-attention width than the encoder, its frozen VAE, and str
 varied sizes (paper 2.2.3, A.3.1)."""
 
 import json
-import random
 from collections import Counter
 
 import numpy as np
@@ -37,7 +36,7 @@ def world(tmp_path_factory):
 
     from emu2.data.kinds import ImageTextPair
     from emu2.data.records import encode_record
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     root = tmp_path_factory.mktemp("decoder-full-scale")
     torch.manual_seed(0)
@@ -80,7 +79,7 @@ def _weights(folder):
 
 
 def test_sdxl_unet_takes_the_vision_width_and_only_the_resized_projections_are_reinitialised(world):
-    from emu2.gen.sdxl import load_pretrained_decoder_unet
+    from emu2.convert.sdxl import load_pretrained_decoder_unet
 
     unet, reinitialised = load_pretrained_decoder_unet(world / "sdxl", vision_width=64, sample_size=SIZE // 2)
     expected = {k for k in _weights(world / "sdxl" / "unet")
@@ -100,9 +99,9 @@ def test_sdxl_unet_takes_the_vision_width_and_only_the_resized_projections_are_r
 
 
 def test_full_scale_stage_trains_only_the_unet_on_vae_latents_and_saves_a_pipeline_that_generates(world, tmp_path):
-    from emu2.gen.pipeline import Emu2GenPipeline
-    from emu2.model.decoder import Emu2VisualDecoderPipeline
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
+    from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     out = tmp_path / "decoder"
     result = train(_config(world, out))
@@ -139,8 +138,8 @@ def test_streamed_run_interrupted_and_resumed_equals_an_uninterrupted_one(world,
 
 
 def test_streamed_batches_carry_each_images_real_size_and_skip_bad_or_small_ones(world):
+    from emu2.data.decoder_shards import DecoderImageShards, decoder_image_loader
     from emu2.data.mixing import Source
-    from emu2.gen.decoder_shards import DecoderImageShards, decoder_image_loader
 
     source = Source("images.0.pair", "pair", str(world / "shards" / "pairs-{0..1}.tar"))
     shards = DecoderImageShards([source], SIZE, max_scale=1.25, min_image_size=16, seed=0, shuffle_buffer=1)
@@ -158,12 +157,13 @@ def test_streamed_batches_carry_each_images_real_size_and_skip_bad_or_small_ones
 
 
 def test_a_small_autoencoder_directory_serves_as_the_vae_of_a_decoder_from_scratch(world, tmp_path):
-    from emu2.gen.small_decoders import small_autoencoder_config, train_small_autoencoder
-    from emu2.model.decoder import Emu2VisualDecoderPipeline
+    from diffusers import AutoencoderKL
 
-    images = [Image.new("RGB", (SIZE, SIZE), tuple(random.Random(i).choices(range(256), k=3))) for i in range(4)]
-    vae = train_small_autoencoder(images, size=SIZE, steps=2, batch_size=4,
-                                  config=small_autoencoder_config(block_out_channels=(8, 16), norm_num_groups=4))
+    from emu2.model.decoder_configs import small_autoencoder_config
+    from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
+
+    vae = AutoencoderKL.from_config(small_autoencoder_config(block_out_channels=(8, 16), norm_num_groups=4))
+    vae.register_to_config(scaling_factor=0.7)  # the saved decoder must keep this VAE's own factor
     vae.save_pretrained(tmp_path / "small-vae")
     out = tmp_path / "decoder"
     result = train(_config(world, out, "decoder.unet_init=null", f"decoder.vae={tmp_path / 'small-vae'}",
@@ -175,7 +175,7 @@ def test_a_small_autoencoder_directory_serves_as_the_vae_of_a_decoder_from_scrat
 
 
 def test_unet_init_may_name_the_unet_folder_itself_and_the_vae_beside_it_is_used(world, tmp_path):
-    from emu2.model.decoder import Emu2VisualDecoderPipeline
+    from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     out = tmp_path / "decoder"
     assert train(_config(world, out, f"decoder.unet_init={world / 'sdxl' / 'unet'}", "steps=1"))["finished"]
@@ -203,8 +203,8 @@ def test_latent_space_without_a_vae_says_where_to_find_one(world, tmp_path):
 
 def test_the_shard_position_of_a_streamed_run_follows_the_data_layer(world):
     """Resuming the loader from a saved state continues with exactly the batches that followed it."""
+    from emu2.data.decoder_shards import DecoderImageShards, decoder_image_loader
     from emu2.data.mixing import Source
-    from emu2.gen.decoder_shards import DecoderImageShards, decoder_image_loader
 
     def loader(state=None):
         source = Source("images.0.pair", "pair", str(world / "shards" / "pairs-{0..1}.tar"))
@@ -228,7 +228,7 @@ def test_sdxl_base_config_becomes_the_official_emu2_gen_unet_shapes():
     add_embedding.linear_1 [1280, 3328]; only the 140 cross-attention k/v projections and that layer change."""
     from diffusers import UNet2DConditionModel
 
-    from emu2.gen.sdxl import visual_embedding_unet_config
+    from emu2.convert.sdxl import visual_embedding_unet_config
 
     sdxl_base = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that differ from defaults
         "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from emu2.convert.gen import load_official_gen_decoder
-from emu2.model.decoder import images_to_uint8
+from emu2.pipelines.visual_decoder import images_to_uint8
 
 from ..conftest import FIXTURE, official_initial_latents
 

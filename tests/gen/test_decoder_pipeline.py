@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 
 from emu2.convert.gen import load_diffusers_gen_decoder, load_official_gen_decoder
-from emu2.model.decoder import Emu2VisualDecoderPipeline, images_to_uint8
+from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline, images_to_uint8
 
 from . import tiny
 

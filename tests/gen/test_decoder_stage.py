@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from emu2.gen.small_decoders import decoder_scheduler_config, video_decoder_unet_config
-from emu2.gen.train_decoder import accumulated_update, freeze_for_decoder_training
-from emu2.gen.train_video_decoder import video_decoder_loss
-from emu2.model.video_decoder import Emu2VideoDecoderPipeline
+from emu2.model.decoder_configs import decoder_scheduler_config, video_decoder_unet_config
+from emu2.pipelines.video_decoder import Emu2VideoDecoderPipeline
 from emu2.train import train
 from emu2.train.config import load_config
+from emu2.train.stages.diffusion import accumulated_update, freeze_for_decoder_training, video_decoder_loss
 
 from ..conftest import write_tiny_world
 
@@ -82,9 +81,9 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(world, tmp_path):
 def test_decoder_stage_output_autoencodes_at_the_output_size(world, tmp_path):
     from PIL import Image
 
-    from emu2.gen.pipeline import Emu2GenPipeline
-    from emu2.model.decoder import Emu2VisualDecoderPipeline
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
+    from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     out = tmp_path / "decoder"
     train(_image_config(world, out, "decoder.scheduler.prediction_type=v_prediction", "decoder.snr_gamma=5"))

@@ -9,7 +9,7 @@ it does not run real multi-GPU kernels.
 import pytest
 from PIL import Image
 
-from emu2.gen.pipeline import Emu2GenPipeline
+from emu2.pipelines.gen import Emu2GenPipeline
 
 from ..test_model import _OneDevicePerOp
 
@@ -66,7 +66,7 @@ def test_from_pretrained_puts_the_decoder_whole_on_decoder_device(gen, tmp_path)
 def test_with_a_device_map_the_decoder_follows_the_regressed_embeddings(gen, tmp_path, monkeypatch):
     """``device_map`` splits the encoder (transformers/accelerate); by default the decoder then goes whole to the
     device of ``project_down``, which the regressed embeddings come out of."""
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     gen.save_pretrained(tmp_path)
     load = Emu2Pipeline.from_pretrained.__func__

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from emu2.gen.pipeline import Emu2GenPipeline
+from emu2.pipelines.gen import Emu2GenPipeline
 
 STEPS = dict(num_inference_steps=1)
 
@@ -144,7 +144,7 @@ def unet_calls(gen, **call):
 
 
 def test_default_sampler_is_dpm_solver_at_15_steps_and_official_is_50_euler_steps(gen):
-    from emu2.gen.pipeline import DEFAULT_STEPS
+    from emu2.pipelines.gen import DEFAULT_STEPS
 
     assert DEFAULT_STEPS == {"dpm-solver++": 15, "official": 50}
     assert unet_calls(gen) == 15

@@ -5,7 +5,7 @@ import PIL.Image
 import pytest
 import torch
 
-from emu2.gen.metrics import (
+from emu2.eval.image_metrics import (
     clip_i,
     clip_t,
     emu2_image_encoder,
@@ -74,7 +74,7 @@ def test_dino_encoder_uses_the_cls_token(tmp_path):
     images = [_noise_image(0, 40), _noise_image(1, 48)]
     features = encode(images)
     model = AutoModel.from_pretrained(tmp_path).eval()
-    from emu2.gen.metrics import IMAGENET_MEAN, IMAGENET_STD, preprocess_for_encoder
+    from emu2.eval.image_metrics import IMAGENET_MEAN, IMAGENET_STD, preprocess_for_encoder
 
     with torch.no_grad():
         cls = model(

@@ -4,9 +4,10 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-from emu2.gen.small_decoders import decoder_scheduler_config, decoder_unet_config
-from emu2.gen.train_decoder import decoder_loss
-from emu2.model.decoder import Emu2VisualDecoderPipeline, embedding_map
+from emu2.model.decoder import embedding_map
+from emu2.model.decoder_configs import decoder_scheduler_config, decoder_unet_config
+from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
+from emu2.train.stages.diffusion import decoder_loss
 
 WIDTH, Q = 16, 4  # a 2 x 2 grid of embeddings
 

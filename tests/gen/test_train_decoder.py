@@ -7,13 +7,9 @@ import PIL.Image
 import pytest
 import torch
 
-from emu2.gen.small_decoders import (
-    decoder_scheduler_config,
-    reconstruction_psnr,
-    small_autoencoder_config,
-    train_small_autoencoder,
-)
-from emu2.gen.train_decoder import (
+from emu2.data.decoder_shards import prepare_decoder_batch, random_scale_and_crop
+from emu2.model.decoder_configs import decoder_scheduler_config
+from emu2.train.stages.diffusion import (
     accumulated_update,
     decoder_loss,
     drop_conditioning,
@@ -21,8 +17,6 @@ from emu2.gen.train_decoder import (
     min_snr_weight,
     offset_noise,
     prediction_target,
-    prepare_decoder_batch,
-    random_scale_and_crop,
 )
 
 from . import tiny
@@ -162,23 +156,6 @@ def test_noise_offset_adds_a_per_channel_constant():
     assert 0 < shift.abs().max() < 0.5
 
 
-def test_small_autoencoder_learns_and_sets_its_scaling_factor():
-    images = _images(8, size=(16, 16))
-    config = small_autoencoder_config(block_out_channels=(8, 16))
-    untrained = train_small_autoencoder(images, size=16, steps=0, config=config)
-    trained = train_small_autoencoder(
-        images, size=16, steps=25, batch_size=8, learning_rate=3e-3, config=config
-    )
-    assert reconstruction_psnr(trained, images, 16) > reconstruction_psnr(untrained, images, 16) + 0.5
-    pixels = (
-        torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5
-        - 1
-    )
-    with torch.no_grad():
-        latents = trained.encode(pixels).latent_dist.mode() * trained.config.scaling_factor
-    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
-
-
 def test_prediction_targets_match_what_the_sampler_reads():
     from diffusers import EulerDiscreteScheduler
 
@@ -209,7 +186,7 @@ def test_min_snr_weights_clip_the_easy_timesteps():
 
 
 def test_pixel_scale_step_denoises_the_shrunk_crop_with_full_size_conditions():
-    from emu2.model.decoder import Emu2VisualDecoderPipeline
+    from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     torch.manual_seed(0)
     pipe = Emu2VisualDecoderPipeline.from_configs(

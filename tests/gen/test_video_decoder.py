@@ -6,9 +6,9 @@ import sys
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from emu2.gen.train_decoder import accumulated_update, freeze_for_decoder_training
-from emu2.gen.train_video_decoder import video_decoder_loss
-from emu2.model.video_decoder import Emu2VideoDecoderPipeline, PerFrameCrossAttnProcessor
+from emu2.model.video_decoder import PerFrameCrossAttnProcessor
+from emu2.pipelines.video_decoder import Emu2VideoDecoderPipeline
+from emu2.train.stages.diffusion import accumulated_update, freeze_for_decoder_training, video_decoder_loss
 
 WIDTH, Q, FRAMES = 16, 4, 3
 
@@ -86,7 +86,7 @@ def test_video_training_step_lowers_the_loss_on_a_fixed_clip():
 
 
 def test_the_video_decoder_imports_without_the_data_layer_or_training_code():
-    script = ("import sys, emu2.model.video_decoder; "
-              "print([m for m in sys.modules if m.startswith(('emu2.data', 'emu2.gen', 'emu2.train', 'webdataset'))])")
+    script = ("import sys, emu2.pipelines.video_decoder; "
+              "print([m for m in sys.modules if m.startswith(('emu2.data', 'emu2.train', 'webdataset'))])")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

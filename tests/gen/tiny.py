@@ -1,6 +1,6 @@
 """Tiny decoder configs shared by the tests/gen tests (random weights, built in milliseconds)."""
 
-from emu2.model.decoder import Emu2VisualDecoderPipeline
+from emu2.pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
 WIDTH = 16  # Dv: cross_attention_dim
 TIME_DIM = 4

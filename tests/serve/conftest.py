@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 @pytest.fixture(scope="session")
 def chat_pipeline():
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     return Emu2Pipeline.from_preset("tiny-chat")
 
@@ -30,7 +30,7 @@ def chat_model_dir(tmp_path_factory, chat_pipeline):
 
 @pytest.fixture(scope="session")
 def gen_pipeline():
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
 
     return Emu2GenPipeline.from_preset("tiny")
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.train import train
 from emu2.train.stages.encoder import CaptionContrast
 

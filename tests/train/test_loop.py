@@ -8,7 +8,7 @@ import torch
 
 from emu2.data.sequence import collate
 from emu2.model import Emu2ForCausalLM
-from emu2.pipeline import Emu2Pipeline
+from emu2.pipelines.emu2 import Emu2Pipeline
 from emu2.train import TrainingDiverged, train
 from emu2.train.checkpoint import list_checkpoints, verify
 from emu2.train.data import build_data

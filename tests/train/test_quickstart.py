@@ -83,7 +83,7 @@ def test_the_lm_stage_stops_at_its_recipes_steps_when_its_share_would_allow_more
 def test_the_quickstart_leaves_a_gen_directory_every_verb_reads_and_says_how_to_use_it(tmp_path):
     """`emu2-gen/` = the Gen stage's model + the decoder stage's UNet, in `Emu2GenPipeline`'s layout; the decoder
     records the world's image size as its SDXL size condition (official checkpoints keep 1024)."""
-    from emu2.gen.pipeline import Emu2GenPipeline
+    from emu2.pipelines.gen import Emu2GenPipeline
     from emu2.train.quickstart import assemble_gen_directory, usage_commands
 
     tiny = Emu2GenPipeline.from_preset("tiny")

@@ -2,14 +2,14 @@
 ``stage: video-decoder`` (`train_video_decoder_stage`), paper 2.2.3 with the A.3 hyper-parameters from the recipe.
 
 Each reads the recipe's ``decoder`` section (`emu2.train.config.DecoderSection`), loads the frozen
-stage-1 encoder, builds the decoder (a small one from scratch, `emu2.gen.small_decoders`, or SDXL-base's UNet,
-`emu2.gen.sdxl`), feeds it images held in memory or streamed (`emu2.gen.decoder_shards`), and hands the runner
-(`emu2.train.runner`, through `_run_decoder`) the training step (`emu2.gen.train_decoder`); `StageSampling` holds
+stage-1 encoder, builds the decoder (a small one from scratch, `emu2.model.decoder_configs`, or SDXL-base's UNet,
+`emu2.convert.sdxl`), feeds it images held in memory or streamed (`emu2.data.decoder_shards`), and hands the
+runner (`emu2.train.runner`, through `_run_decoder`) the training step (`emu2.train.stages.diffusion`); `StageSampling` holds
 what checkpoints must restore to resume exactly.
 
 Batch sizes mean what they mean in the language-model stages: a stream's ``batch_size`` is what one optimizer
 step consumes, split into ``gradient_accumulation_steps`` equal micro-batches (`_micro_batch_sizes`) whose
-gradients add up to that of the whole batch (`emu2.gen.train_decoder.accumulated_update`).
+gradients add up to that of the whole batch (`emu2.train.stages.diffusion.accumulated_update`).
 """
 
 from __future__ import annotations
@@ -25,21 +25,15 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from ...convert.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
+from ...data.decoder_shards import DecoderImageShards, decoder_image_loader, prepare_decoder_batch
 from ...data.records import DataError, decode_record
-from ...gen.decoder_shards import DecoderImageShards, decoder_image_loader
-from ...gen.sdxl import SDXL_DOWNLOAD, load_frozen_vae, load_pretrained_decoder_unet, local_model_folder
-from ...gen.small_decoders import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
-from ...gen.train_decoder import (
-    DecoderTrainingConfig,
-    accumulated_update,
-    decoder_loss,
-    freeze_for_decoder_training,
-    prepare_decoder_batch,
-)
+from ...model.decoder_configs import decoder_scheduler_config, decoder_unet_config, video_decoder_unet_config
 from ..config import DecoderSection
 from ..data import StreamBatches, _sources, micro_batch_size
 from ..optim import build_decoder_optimizer, build_scheduler
 from ..runner import SingleProcess, Stage, StageSampling, StepReport, run_stage
+from .diffusion import DecoderTrainingConfig, accumulated_update, decoder_loss, freeze_for_decoder_training
 
 
 def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[list, Counter]:
@@ -81,7 +75,7 @@ def _micro_batch_sizes(config) -> dict[str, int]:
 
 def _stage_setup(config, opts: DecoderSection):
     """(accelerator, frozen encoder on its device, the optimisation settings)."""
-    from ...pipeline import Emu2Pipeline
+    from ...pipelines.emu2 import Emu2Pipeline
 
     accelerator = SingleProcess(config, config.stage)
     torch.manual_seed(config.seed)
@@ -264,7 +258,8 @@ def _stage_decoder(opts: DecoderSection, vision_width: int, size: int):
     SDXL's UNet (``unet_init``) or a small one from scratch, on pixels or on the frozen VAE's latents."""
     from diffusers import EulerDiscreteScheduler
 
-    from ...model.decoder import Emu2VisualDecoderPipeline, latent_scale_factor
+    from ...model.decoder import latent_scale_factor
+    from ...pipelines.visual_decoder import Emu2VisualDecoderPipeline
 
     vae, pixel_scale = _stage_vae(opts), opts.pixel_scale
     factor = latent_scale_factor(vae, pixel_scale)
@@ -305,8 +300,8 @@ def _stage_vae(opts: DecoderSection) -> AutoencoderKL | None:
             return load_frozen_vae(candidate)
     raise ValueError(
         "decoder.pixel_space is false, so the UNet learns on VAE latents, but no VAE was found: set decoder.vae to a "
-        "local AutoencoderKL folder (an SDXL-base checkout or its vae/, or a VAE saved from train_small_autoencoder "
-        "with save_pretrained), or point decoder.unet_init at a folder that has a vae/ subfolder "
+        "local AutoencoderKL folder (an SDXL-base checkout or its vae/, or any AutoencoderKL saved with "
+        "save_pretrained), or point decoder.unet_init at a folder that has a vae/ subfolder "
         f"(e.g. `{SDXL_DOWNLOAD}`)"
     )
 
@@ -326,8 +321,8 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     clips once (``n_query`` embeddings per frame, the model's v_query by default), then trains like
     `train_decoder_stage` (same loop, checkpoints and resumption). ``decoder`` options: `emu2.train.config.DecoderSection`.
     """
-    from ...gen.train_video_decoder import video_decoder_loss
-    from ...model.video_decoder import Emu2VideoDecoderPipeline
+    from ...pipelines.video_decoder import Emu2VideoDecoderPipeline
+    from .diffusion import video_decoder_loss
 
     opts = config.decoder  # validated with the recipe (emu2.train.config)
     batch_size = sum(_micro_batch_sizes(config).values())

@@ -224,7 +224,7 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
     runner (`emu2.train.runner`): checkpoints hold the encoder and its objectives' heads, so ``resume=True``
     continues exactly. The output is a full Emu2 model directory, the language model untouched.
     """
-    from ...pipeline import Emu2Pipeline
+    from ...pipelines.emu2 import Emu2Pipeline
     from ..data import build_data
     from ..model import build_model
     from ..optim import build_scheduler

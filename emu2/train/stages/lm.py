@@ -182,7 +182,7 @@ def train_lm_stage(config: TrainConfig, resume: bool = False, data=None, stop_af
 
 def save_output(accelerator, model, tokenizer, out: Path) -> None:
     """The stage output: an Emu2Pipeline directory (config, safetensors, tokenizer), LoRA merged."""
-    from emu2.pipeline import Emu2Pipeline
+    from emu2.pipelines.emu2 import Emu2Pipeline
 
     from ..checkpoint import full_model_state
 

@@ -34,8 +34,8 @@ from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from .. import processing as P
-from ..model.decoder import Emu2VisualDecoderPipeline
-from ..pipeline import Emu2Pipeline, as_batch
+from .emu2 import Emu2Pipeline, as_batch
+from .visual_decoder import Emu2VisualDecoderPipeline
 
 _NULL_IMAGE, _EMPTY_PROMPT = "[NULL_IMAGE]", ""
 SAMPLERS = ("dpm-solver++", "official")

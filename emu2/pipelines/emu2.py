@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import processing as P
-from .model import Emu2ForCausalLM
-from .model.interleaved import InterleavedImage, iter_interleaved
+from .. import processing as P
+from ..model import Emu2ForCausalLM
+from ..model.interleaved import InterleavedImage, iter_interleaved
 
 
 def as_batch(inputs) -> list:
@@ -80,7 +80,7 @@ class Emu2Pipeline:
     def from_preset(cls, name: str, seed: int = 0, **overrides) -> Emu2Pipeline:
         """Randomly initialised model of a named preset, with the packaged tokenizer its vocabulary is sized for
         (LLaMA's; the shapes world's for `shapes`)."""
-        from .config import Emu2Config
+        from ..config import Emu2Config
 
         torch.manual_seed(seed)
         config = Emu2Config.from_preset(name, **overrides)
@@ -240,7 +240,7 @@ class Emu2Pipeline:
         """``decoder`` -> a function ``(Q, Dv) embeddings -> PIL image``, or None."""
         if decoder is None:
             return None
-        from .model.decoder import Emu2VisualDecoderPipeline
+        from .visual_decoder import Emu2VisualDecoderPipeline
 
         if isinstance(decoder, Emu2VisualDecoderPipeline):
             uncond = []

@@ -117,8 +117,8 @@ def load_pretrained_decoder_unet(
 
 
 def load_frozen_vae(path: str | Path) -> AutoencoderKL:
-    """A local `AutoencoderKL` (a pipeline folder's ``vae/``, or a VAE folder such as SDXL's or one saved from
-    `train_small_autoencoder`) in float32, frozen: it only turns crops into latents (paper 2.2.3)."""
+    """A local `AutoencoderKL` (a pipeline folder's ``vae/``, or a VAE folder such as SDXL's or any
+    `AutoencoderKL.save_pretrained` folder) in float32, frozen: it only turns crops into latents (paper 2.2.3)."""
     folder, subfolder = _component(local_model_folder(path, "decoder.vae"), "vae", "decoder.vae")
     vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True, dtype=torch.float32,
                                         variant=_weights_variant(folder / (subfolder or "")))

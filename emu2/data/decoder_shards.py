@@ -1,21 +1,74 @@
-"""Decoder training crops streamed from the recipe's webdataset shards, through the data layer.
+"""Decoder training crops (paper A.3.1), from images in memory or streamed from the recipe's webdataset shards.
 
-`DecoderImageShards` turns each image of the shards into a random crop with its SDXL size conditions (A.3.1);
-`decoder_image_loader` batches them in dataloader workers with a resumable stream position.
+`random_scale_and_crop` scales an image keeping its ratio and cuts a random square crop, recording SDXL's size
+and crop conditions; `prepare_decoder_batch` / `crops_to_batch` make a batch of such crops. `DecoderImageShards`
+turns each image of the shards into one; `decoder_image_loader` batches them in dataloader workers with a
+resumable stream position.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.records import DataError, decode_record
-from ..data.shards import ResumableLoader, ShardDataset
-from .train_decoder import crops_to_batch, random_scale_and_crop
+from .records import DataError, decode_record
+from .shards import ResumableLoader, ShardDataset
+
+
+def random_scale_and_crop(
+    image: PIL.Image.Image, size: int, rng: random.Random, max_scale: float = 1.25
+) -> tuple[PIL.Image.Image, tuple[int, int], tuple[int, int]]:
+    """Ratio-preserving random scaling, then a random ``size`` x ``size`` crop (A.3.1).
+
+    Returns the crop, the source image's ``original_size`` (height, width) and the crop's top-left corner
+    (top, left) in the scaled image: SDXL's size and crop conditions.
+    """
+    width, height = image.size
+    short = size * rng.uniform(1.0, max_scale)
+    scale = short / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    scaled = image.convert("RGB").resize((new_w, new_h), PIL.Image.BICUBIC)
+    top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
+    return scaled.crop((left, top, left + size, top + size)), (height, width), (top, left)
+
+
+def prepare_decoder_batch(
+    images: Sequence[PIL.Image.Image],
+    size: int,
+    rng: random.Random,
+    max_scale: float = 1.25,
+    encoder_preprocess: Callable | None = None,
+) -> dict:
+    """Random crops of ``images`` as a training batch.
+
+    Returns a dict: ``pixel_values`` (B, 3, size, size) float in [-1, 1] (the decoder's target),
+    ``original_size`` and ``crops_coords_top_left`` (B, 2) long, and ``encoder_inputs`` (the crops as PIL
+    images, or ``encoder_preprocess(crops)``) for the frozen encoder.
+    """
+    crops, sizes, corners = zip(*(random_scale_and_crop(im, size, rng, max_scale) for im in images))
+    return crops_to_batch(crops, sizes, corners, encoder_preprocess)
+
+
+def crops_to_batch(
+    crops: Sequence[PIL.Image.Image],
+    original_sizes: Sequence[tuple[int, int]],
+    corners: Sequence[tuple[int, int]],
+    encoder_preprocess: Callable | None = None,
+) -> dict:
+    """Square crops with their SDXL conditions -> the `prepare_decoder_batch` dict."""
+    pixels = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops])).permute(0, 3, 1, 2)
+    return {
+        "pixel_values": pixels / 127.5 - 1.0,
+        "original_size": torch.tensor(list(original_sizes)),
+        "crops_coords_top_left": torch.tensor(list(corners)),
+        "encoder_inputs": encoder_preprocess(list(crops)) if encoder_preprocess else list(crops),
+    }
 
 
 class DecoderImageShards(ShardDataset):

@@ -1,4 +1,4 @@
-"""Visual-decoder training step (paper 2.2.3 and A.3, Table 6): image autoencoding with a frozen encoder.
+"""The decoder stages' training step (paper 2.2.3 and A.3, Table 6): image autoencoding with a frozen encoder.
 
 The decoder learns to turn the frozen vision encoder's embeddings of an image back into that image. Only the
 UNet is trained: the vision encoder and the VAE are frozen. Each step:
@@ -18,31 +18,27 @@ UNet is trained: the vision encoder and the VAE are frozen. Each step:
 Steps 1-5 are `decoder_loss`, step 6 `accumulated_update`: a step may accumulate the gradients of several
 equal-sized micro-batches (the recipe's ``gradient_accumulation_steps``; the paper's global batch of 2,048 does
 not fit one device) with equal weights, which is one batch of all their samples since the MSE is a per-sample
-mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`emu2.gen.train_video_decoder`).
+mean. Steps 4-5 (`diffusion_loss`) and 6 are shared with the video decoder (`video_decoder_loss`): its clip's
+frames are VAE-encoded (or kept as pixels) one by one and stacked as (B, C, F, h, w) latents, and the 3D UNet is
+conditioned on every frame's embeddings, flattened to (B, F*Q, Dv), which the pipeline's per-frame
+cross-attention splits back per frame.
 
-Crops come from ratio-preserving random scaling followed by a random square crop; the source size and crop
-corner are the SDXL size conditions (A.3.1).
-
-This module depends on torch and diffusers (no data layer, no training loop). The rest of
-decoder training: `emu2.gen.small_decoders` (small UNet/VAE configs and the tiny VAE of the shapes world),
-`emu2.gen.sdxl` (SDXL-base parts from a local folder), `emu2.gen.decoder_shards` (streamed crops of webdataset
-shards) and `emu2.train.stages.decoder` (the `emu2 train` recipe stages, with resumable checkpoints).
+The crops and their SDXL size conditions (A.3.1) come from `emu2.data.decoder_shards`; the small UNet configs
+from `emu2.model.decoder_configs`, SDXL-base parts from a local folder from `emu2.convert.sdxl`; the stages
+that run this step in the shared runner, with resumable checkpoints, are `emu2.train.stages.decoder`.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ..model.decoder import pixels_to_latents, unet_input
+from ...model.decoder import pixels_to_latents, unet_input
 
 
 @dataclass
@@ -55,59 +51,6 @@ class DecoderTrainingConfig:
     noise_offset: float = 0.1
     max_scale: float = 1.25  # largest random up-scaling of the short side before cropping (A.3.1)
     snr_gamma: float | None = None  # Min-SNR loss weighting; None: plain MSE (the paper)
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def random_scale_and_crop(
-    image: PIL.Image.Image, size: int, rng: random.Random, max_scale: float = 1.25
-) -> tuple[PIL.Image.Image, tuple[int, int], tuple[int, int]]:
-    """Ratio-preserving random scaling, then a random ``size`` x ``size`` crop (A.3.1).
-
-    Returns the crop, the source image's ``original_size`` (height, width) and the crop's top-left corner
-    (top, left) in the scaled image: SDXL's size and crop conditions.
-    """
-    width, height = image.size
-    short = size * rng.uniform(1.0, max_scale)
-    scale = short / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    scaled = image.convert("RGB").resize((new_w, new_h), PIL.Image.BICUBIC)
-    top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
-    return scaled.crop((left, top, left + size, top + size)), (height, width), (top, left)
-
-
-def prepare_decoder_batch(
-    images: Sequence[PIL.Image.Image],
-    size: int,
-    rng: random.Random,
-    max_scale: float = 1.25,
-    encoder_preprocess: Callable | None = None,
-) -> dict:
-    """Random crops of ``images`` as a training batch.
-
-    Returns a dict: ``pixel_values`` (B, 3, size, size) float in [-1, 1] (the decoder's target),
-    ``original_size`` and ``crops_coords_top_left`` (B, 2) long, and ``encoder_inputs`` (the crops as PIL
-    images, or ``encoder_preprocess(crops)``) for the frozen encoder.
-    """
-    crops, sizes, corners = zip(*(random_scale_and_crop(im, size, rng, max_scale) for im in images))
-    return crops_to_batch(crops, sizes, corners, encoder_preprocess)
-
-
-def crops_to_batch(
-    crops: Sequence[PIL.Image.Image],
-    original_sizes: Sequence[tuple[int, int]],
-    corners: Sequence[tuple[int, int]],
-    encoder_preprocess: Callable | None = None,
-) -> dict:
-    """Square crops with their SDXL conditions -> the `prepare_decoder_batch` dict."""
-    pixels = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float32) for c in crops])).permute(0, 3, 1, 2)
-    return {
-        "pixel_values": pixels / 127.5 - 1.0,
-        "original_size": torch.tensor(list(original_sizes)),
-        "crops_coords_top_left": torch.tensor(list(corners)),
-        "encoder_inputs": encoder_preprocess(list(crops)) if encoder_preprocess else list(crops),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -306,3 +249,39 @@ def pixel_scale_of(parts) -> int:
     return int(getattr(parts, "pixel_scale", 1)) if getattr(parts, "vae", None) is None else 1
 
 
+# ---------------------------------------------------------------------------------------------- video
+
+
+def video_decoder_loss(
+    pipeline_parts,
+    frames: torch.Tensor,
+    frame_embeds: torch.Tensor,
+    *,
+    uncond_embeds: torch.Tensor | None = None,
+    condition_drop_prob: float = 0.1,
+    noise_offset: float = 0.1,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The scalar loss of one (micro-)batch of clips, with its graph: MSE to the scheduler's target (epsilon by
+    default) on noised clips, the noising being the image decoder's (`diffusion_loss`).
+    frames (B, F, 3, H, W) in [-1, 1]; frame_embeds (B, F, Q, Dv) from the frozen encoder; uncond_embeds
+    (F*Q, Dv) for guidance dropout (whole clips are dropped; zeros when None)."""
+    unet, vae = pipeline_parts.unet, pipeline_parts.vae
+    device, dtype = unet.device, unet.dtype
+    batch, num_frames = frames.shape[:2]
+
+    context = frame_embeds.flatten(1, 2).to(device=device, dtype=dtype)
+    context, _ = drop_conditioning(context, condition_drop_prob, uncond_embeds, generator)
+
+    flat = encode_to_latents(vae, frames.flatten(0, 1).to(device), generator, pixel_scale_of(pipeline_parts))
+    latents = flat.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).to(dtype)  # (B, C, F, h, w)
+
+    def predict(noisy, timesteps):
+        return unet(
+            noisy, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"num_frames": num_frames}
+        ).sample
+
+    return diffusion_loss(
+        pipeline_parts, latents, predict, noise_offset=noise_offset, generator=generator, snr_gamma=snr_gamma
+    )
