@@ -156,3 +156,19 @@ def test_hf_template_reproduces_the_hub_remote_code_prompt(chat_pipe, monkeypatc
     monkeypatch.setattr(chat_pipe, "encode", lambda p, *a: prompts.append(p[0]) or original(p, *a))
     chat_pipe.chat([[image("red"), "Describe the image."]], template="hf", num_beams=1, max_new_tokens=2)
     assert prompts == ["[USER]: [<IMG_PLH>]Describe the image.[ASSISTANT]:"]
+
+
+def test_the_pipelines_package_names_each_pipeline_and_loads_diffusers_only_for_the_decoders():
+    import subprocess
+    import sys
+
+    script = ("import sys; from emu2.pipelines import Emu2Pipeline; print('diffusers' in sys.modules); "
+              "import emu2.pipelines as p; "
+              "print(sorted(getattr(p, n).__name__ for n in p.__all__)); print('diffusers' in sys.modules)")
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == "False"  # the LM pipeline alone does not need the decoders' library
+    assert "Emu2GenPipeline" in lines[1] and "Emu2VideoDecoderPipeline" in lines[1] and lines[-1] == "True"
+    import emu2.pipelines
+
+    with pytest.raises(AttributeError, match="no attribute 'Emu2Decoder'"):
+        emu2.pipelines.Emu2Decoder
