@@ -42,8 +42,8 @@ from .chat import (
     ChatEngine,
     ChatPrompt,
     DecodingSettings,
+    StopScanner,
     _CallbackStreamer,
-    _StopScanner,
     _streamed_answer,
 )
 from .queue import Job, ModelWorker, settle_job
@@ -125,7 +125,7 @@ class _Sequence:
         self.stop = StopStringCriteria(engine.tokenizer, list(settings.stop)) if settings.stop else None
         self.streamer = self.scanner = None
         if request.call.on_text is not None:
-            self.scanner = _StopScanner(list(settings.stop), request.call.on_text)
+            self.scanner = StopScanner(list(settings.stop), request.call.on_text)
             self.streamer = _CallbackStreamer(engine.tokenizer, self.scanner.feed, engine._drop_ids(),
                                               skip_special_tokens=not request.call.prompt.grounding)
             self.streamer.next_tokens_are_prompt = False  # the prompt never passes through it here

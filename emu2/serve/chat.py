@@ -88,7 +88,7 @@ class Answer:
 
 
 @dataclass
-class _StopScanner:
+class StopScanner:
     """Cuts streamed text at the first stop string, holding back a tail that might begin one."""
 
     stops: Sequence[str]
@@ -141,7 +141,7 @@ class _CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
-def _streamed_answer(scanner: _StopScanner, streamer: _CallbackStreamer, settings: DecodingSettings) -> Answer:
+def _streamed_answer(scanner: StopScanner, streamer: _CallbackStreamer, settings: DecodingSettings) -> Answer:
     """The answer a finished stream sent (``streamer.end()`` already called): its text, why it ended, its tokens."""
     scanner.feed("", final=True)
     if scanner.stopped or streamer.ended or streamer.num_tokens < settings.max_new_tokens:
@@ -229,7 +229,7 @@ class ChatEngine:
         if settings.n != 1 or settings.num_beams != 1:
             raise P.PromptError("streaming needs n = 1 and num_beams = 1 (beam search only knows its answer "
                                 "at the end)")
-        scanner = _StopScanner(list(settings.stop), on_text)
+        scanner = StopScanner(list(settings.stop), on_text)
         streamer = _CallbackStreamer(self.tokenizer, scanner.feed, self._drop_ids(),
                                      skip_special_tokens=not prompt.grounding)
         self._generate(prompt, settings, cancel, streamer=streamer)

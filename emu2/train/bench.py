@@ -104,7 +104,7 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
     """Time ``steps`` optimizer steps (after ``warmup_steps``) per preset; returns a JSON-ready dict."""
     from .data import build_data
     from .model import build_model
-    from .stages.lm import _accelerator, _prepare, train_step
+    from .stages.lm import build_accelerator, prepare_model_and_optimizer, train_step
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "no"
@@ -113,7 +113,7 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
     accelerator = None
     for preset in presets:
         config = _bench_config(preset, steps + warmup_steps, batch_size, seq_len, precision)
-        accelerator = accelerator or _accelerator(config)
+        accelerator = accelerator or build_accelerator(config)
         device = accelerator.device
         if cuda:
             torch.cuda.empty_cache()
@@ -121,7 +121,7 @@ def run_train_benchmark(presets=("shapes", "shapes-large"), steps: int = 5, batc
         model, tokenizer = build_model(config)
         emu2_config = model.config
         params = sum(p.numel() for p in model.parameters())
-        model, optimizer = _prepare(accelerator, model, config)
+        model, optimizer = prepare_model_and_optimizer(accelerator, model, config)
         batches = iter(build_data(config, emu2_config, tokenizer))
         windows = [[next(batches)] for _ in range(steps + warmup_steps)]  # made before timing
         for window in windows[:warmup_steps]:

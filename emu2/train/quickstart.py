@@ -71,7 +71,7 @@ def _seconds_per_step(stage_dir: Path) -> float:
     return times[len(times) // 2] if times else 1.0
 
 
-def _train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[str],
+def train_stage(name, recipe, init_from, seconds, out: Path, overrides: list[str],
                  capped: bool = False) -> dict:
     """Train one stage in about ``seconds`` of wall clock; ``capped``: at most its recipe's steps."""
     from .config import load_config
@@ -108,7 +108,7 @@ def slow_cpu_note(slower: float, budget_minutes: float) -> str | None:
             f"--budget {math.ceil(budget_minutes * slower)} would give them about the steps they got there.")
 
 
-def _scale_eval_reserve(report: dict, lm_seconds_per_step: float, started: float, budget_minutes: float) -> float:
+def scale_eval_reserve(report: dict, lm_seconds_per_step: float, started: float, budget_minutes: float) -> float:
     """After the LM stage: how much slower than the dev machine its steps ran (its timing probe's median when it
     just trained, its metrics log's when a resumed run reuses it) sets the evaluation reserve
     (`REFERENCE_LM_STEP_S`) and the note to the user. Returns the new training deadline."""
@@ -233,7 +233,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         if all(stage[0] != name for stage in todo):
             print(f"[quickstart] {name}: already trained, reusing {out / name}")
             if name == "lm" and (out / name / "metrics.jsonl").is_file():
-                deadline = _scale_eval_reserve(report, _seconds_per_step(out / name), started, budget_minutes)
+                deadline = scale_eval_reserve(report, _seconds_per_step(out / name), started, budget_minutes)
             continue
         # The encoder's convolutions run about 2x slower under bf16 autocast on a CPU than in fp32 (measured on
         # the dev machine's AVX512-BF16 CPU), unlike the transformer stages' matmuls.
@@ -243,11 +243,11 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         todo = [stage for stage in todo if stage[0] != name]
         seconds = stage_seconds(share, [share, *(s[3] for s in todo)], deadline - time.perf_counter())
         print(f"[quickstart] {name}: {recipe}, about {seconds / 60:.1f} min")
-        report["stages"][name] = _train_stage(name, recipe, init_from, seconds, out, overrides, capped=name == "lm")
+        report["stages"][name] = train_stage(name, recipe, init_from, seconds, out, overrides, capped=name == "lm")
         if name == "lm" and (note := short_lm_note(report["stages"][name]["step"], load_config(recipe, []).steps)):
             print(note)
         if name == "lm":
-            deadline = _scale_eval_reserve(report, report["stages"][name]["seconds_per_step"], started, budget_minutes)
+            deadline = scale_eval_reserve(report, report["stages"][name]["seconds_per_step"], started, budget_minutes)
     report["train_seconds"] = round(time.perf_counter() - started, 1)
     assemble_gen_directory(out)
     report.update(evaluate_quickstart(out, [stage[0] for stage in stages]))

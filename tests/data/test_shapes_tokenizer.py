@@ -10,7 +10,7 @@ from emu2 import processing as P
 from emu2.config import SHAPES_PIECES, Emu2Config
 from emu2.data.kinds import KINDS
 from emu2.data.shapes.tasks import HELDOUT_LABEL_WORDS, SPLITS, ShapesMaker
-from emu2.data.shapes.tokenizer import _NOT_TEXT, _strings, train_shapes_tokenizer
+from emu2.data.shapes.tokenizer import NOT_TEXT, record_strings, train_shapes_tokenizer
 from emu2.data.shapes.world import World
 from emu2.data.shapes.write import HELDOUT_KINDS
 
@@ -44,8 +44,8 @@ def test_every_text_of_every_split_is_pieces_and_decodes_back(tokenizer):
     for split, kind in jobs:
         for index in range(5):
             record, _ = maker.make(kind, random.Random(f"test:{split}:{kind}:{index}"), split)
-            for text in _strings(record):
-                if any(token in text for token in _NOT_TEXT) or not text.strip():
+            for text in record_strings(record):
+                if any(token in text for token in NOT_TEXT) or not text.strip():
                     continue  # special tokens and placeholders are added tokens, not pieces
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 assert all(i > 258 or i == newline for i in ids), (text, tokenizer.convert_ids_to_tokens(ids))

@@ -96,8 +96,8 @@ def test_a_non_finite_micro_batch_loss_stops_before_the_update():
 
 def test_the_full_scale_recipe_reaches_the_papers_batch_in_micro_batches():
     from emu2.train.config import load_config
-    from emu2.train.stages.decoder import _micro_batch_sizes
+    from emu2.train.stages.decoder import micro_batch_sizes_per_stream
 
     config = load_config("emu2-decoder")
     assert config.data.streams["images"].batch_size == 2048  # Table 6, per optimizer step
-    assert _micro_batch_sizes(config) == {"images": 2048 // config.gradient_accumulation_steps}
+    assert micro_batch_sizes_per_stream(config) == {"images": 2048 // config.gradient_accumulation_steps}

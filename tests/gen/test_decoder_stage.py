@@ -136,11 +136,11 @@ def test_video_decoder_learns_a_fixed_batch_of_shapes_clips(world):
     from collections import Counter
 
     from emu2.data.records import decode_record, read_shard
-    from emu2.train.stages.decoder import _clip_tensor
+    from emu2.train.stages.decoder import clip_tensor
 
     shard = next((world / "data" / "train").glob("video_pair-*.tar"))
     clips = [decode_record("video_pair", s).frames[:4] for s, _ in zip(read_shard(str(shard), Counter()), range(2))]
-    frames = torch.stack([_clip_tensor(c, SIZE) for c in clips])  # (2, 4, 3, 16, 16)
+    frames = torch.stack([clip_tensor(c, SIZE) for c in clips])  # (2, 4, 3, 16, 16)
     torch.manual_seed(0)
     pipe = Emu2VideoDecoderPipeline.from_configs(
         video_decoder_unet_config(8, SIZE // 2, (8, 16), (False, True)),

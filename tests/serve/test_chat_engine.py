@@ -3,7 +3,7 @@
 import pytest
 
 from emu2 import processing as P
-from emu2.serve.chat import ChatEngine, DecodingSettings, _StopScanner, reserved_token_in
+from emu2.serve.chat import ChatEngine, DecodingSettings, StopScanner, reserved_token_in
 
 from .conftest import png_image
 
@@ -56,7 +56,7 @@ def test_deterministic_unless_a_temperature_or_nucleus_is_given():
 
 def test_stream_holds_back_text_that_may_begin_a_stop_string():
     sent = []
-    scanner = _StopScanner(["STOP"], sent.append)
+    scanner = StopScanner(["STOP"], sent.append)
     for chunk in ["hello S", "T", "OP and more"]:
         scanner.feed(chunk)
     scanner.feed("", final=True)
@@ -65,7 +65,7 @@ def test_stream_holds_back_text_that_may_begin_a_stop_string():
 
 def test_stream_releases_held_text_at_the_end():
     sent = []
-    scanner = _StopScanner(["STOP"], sent.append)
+    scanner = StopScanner(["STOP"], sent.append)
     scanner.feed("ends with ST")
     scanner.feed("", final=True)
     assert "".join(sent) == "ends with ST" and not scanner.stopped

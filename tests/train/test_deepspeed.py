@@ -22,9 +22,9 @@ from emu2.train.config import load_config
 from emu2.train.metrics import read_metrics
 from emu2.train.stages.lm import (
     StepResult,
-    _check_deepspeed_config,
-    _deepspeed_update,
-    _recipe_into_deepspeed_config,
+    check_deepspeed_config,
+    deepspeed_update,
+    recipe_into_deepspeed_config,
 )
 
 from .test_distributed import RECIPE, _free_port
@@ -83,7 +83,7 @@ def test_the_recipe_decides_clipping_and_accumulation_in_the_deepspeed_config():
     plugin = _plugin({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": "auto"})
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), gradient_accumulation_steps=1)
     with pytest.warns(UserWarning, match="gradient_clipping=1.0; using the recipe's 0.5"):
-        _recipe_into_deepspeed_config(accelerator, config, micro_batches_per_step=3)
+        recipe_into_deepspeed_config(accelerator, config, micro_batches_per_step=3)
     ds = plugin.deepspeed_config
     assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 3
     assert accelerator.gradient_accumulation_steps == 3
@@ -92,26 +92,26 @@ def test_the_recipe_decides_clipping_and_accumulation_in_the_deepspeed_config():
 
     no_clip = load_config(dict(RECIPE), ["optim.grad_clip=null"])
     plugin = _plugin({})
-    _recipe_into_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), no_clip, 1)
+    recipe_into_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), no_clip, 1)
     assert plugin.deepspeed_config["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
 
 
 def test_deepspeed_settings_that_would_replace_the_recipe_are_refused():
     config = load_config(dict(RECIPE), [])
     with pytest.raises(ValueError, match="optim and schedule sections build them"):
-        _check_deepspeed_config(_plugin({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}), config)
+        check_deepspeed_config(_plugin({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}), config)
     stage0 = _plugin({"zero_optimization": {"stage": 0}})
     with pytest.raises(ValueError, match="ZeRO stage 0 is plain data parallelism"):
-        _check_deepspeed_config(stage0, config)
+        check_deepspeed_config(stage0, config)
     stage3 = _plugin({"zero_optimization": {"stage": 3}})
     lora = load_config(dict(RECIPE), ["lora.enabled=true"])
     with pytest.raises(NotImplementedError, match="LoRA with ZeRO-3"):
-        _check_deepspeed_config(stage3, lora)
-    _check_deepspeed_config(stage3, config)
+        check_deepspeed_config(stage3, lora)
+    check_deepspeed_config(stage3, config)
 
 
 class _Engine:
-    """What `_deepspeed_update` needs of a DeepSpeed engine: step, the gradient norm, whether the step applied."""
+    """What `deepspeed_update` needs of a DeepSpeed engine: step, the gradient norm, whether the step applied."""
 
     def __init__(self, norm: float | None, applies: bool):
         self.norm, self.applies, self.steps = norm, applies, 0
@@ -133,22 +133,22 @@ def _result(loss: float) -> StepResult:
 def test_a_nan_loss_stops_before_the_deepspeed_engine_steps():
     config = load_config(dict(RECIPE), [])
     engine = _Engine(norm=1.0, applies=True)
-    result = _deepspeed_update(engine, SimpleNamespace(step=lambda: None), _result(float("nan")), config)
+    result = deepspeed_update(engine, SimpleNamespace(step=lambda: None), _result(float("nan")), config)
     assert engine.steps == 0 and math.isnan(result.loss)
 
-    result = _deepspeed_update(engine, SimpleNamespace(step=lambda: None), _result(2.0), config)
+    result = deepspeed_update(engine, SimpleNamespace(step=lambda: None), _result(2.0), config)
     assert engine.steps == 1 and result.grad_norm == 1.0
 
 
 def test_a_non_finite_gradient_norm_is_divergence_and_an_applied_one_is_reported_as_corruption():
     config = load_config(dict(RECIPE), [])
-    skipped = _deepspeed_update(_Engine(float("inf"), applies=False), SimpleNamespace(step=lambda: None),
+    skipped = deepspeed_update(_Engine(float("inf"), applies=False), SimpleNamespace(step=lambda: None),
                                 _result(2.0), config)
     assert math.isinf(skipped.grad_norm)  # ZeRO skipped the update; the loop raises TrainingDiverged
     with pytest.raises(TrainingDiverged, match="applied the update anyway"):
-        _deepspeed_update(_Engine(float("nan"), applies=True), SimpleNamespace(step=lambda: None), _result(2.0), config)
+        deepspeed_update(_Engine(float("nan"), applies=True), SimpleNamespace(step=lambda: None), _result(2.0), config)
     with pytest.raises(RuntimeError, match="computed no gradient norm"):
-        _deepspeed_update(_Engine(None, applies=True), SimpleNamespace(step=lambda: None), _result(2.0), config)
+        deepspeed_update(_Engine(None, applies=True), SimpleNamespace(step=lambda: None), _result(2.0), config)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from emu2.train.checkpoint import list_checkpoints, verify
 from emu2.train.data import build_data
 from emu2.train.metrics import read_metrics
 from emu2.train.model import build_model
-from emu2.train.stages.lm import _accelerator, _prepare, train_step
+from emu2.train.stages.lm import build_accelerator, prepare_model_and_optimizer, train_step
 
 from .conftest import FixedBatches, tiny_config
 
@@ -62,8 +62,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(shapes_d
     config = tiny_config("shapes-stage2", tmp_path, shapes_dir, batch_size=2, overrides=["optim.grad_clip=null"])
     window = _first_window(config)  # 4 streams x 2 samples, very different token counts
     model, _ = build_model(config)
-    accelerator = _accelerator(config)
-    model, optimizer = _prepare(accelerator, model, config)
+    accelerator = build_accelerator(config)
+    model, optimizer = prepare_model_and_optimizer(accelerator, model, config)
 
     def gradients(batches):
         captured = {}

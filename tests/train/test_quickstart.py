@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emu2.train.quickstart import PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, _train_stage
+from emu2.train.quickstart import PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, train_stage
 
 TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
         "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
@@ -38,10 +38,10 @@ def test_the_encoder_stage_fills_its_time_share_from_a_timed_probe(shapes_dir, t
         (tmp_path / run).mkdir()
         (tmp_path / run / "data").symlink_to(shapes_dir, target_is_directory=True)
 
-    short = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path / "short", overrides)
+    short = train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path / "short", overrides)
     assert short["step"] == PROBE_STEPS + 1  # no time left after the probe: one step past it
 
-    longer = _train_stage("encoder", "shapes-encoder", None, 40 * short["seconds_per_step"] + short["seconds"],
+    longer = train_stage("encoder", "shapes-encoder", None, 40 * short["seconds_per_step"] + short["seconds"],
                           tmp_path / "longer", overrides)
     assert longer["step"] > 4 * PROBE_STEPS
     rows = [json.loads(line) for line in (tmp_path / "longer" / "encoder" / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +57,7 @@ def test_a_stage_an_interrupted_run_left_unfinished_is_trained_again(shapes_dir,
     interrupted = load_config("shapes-encoder", [*overrides, f"output_dir={tmp_path / 'encoder'}",
                                                  f"data.root={tmp_path / 'data'}", "checkpoint.every=1"])
     train(interrupted, stop_after=2)  # checkpoints, no model directory: what a killed quickstart leaves
-    result = _train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path, overrides)
+    result = train_stage("encoder", "shapes-encoder", None, 0.0, tmp_path, overrides)
     assert result["finished"] and (tmp_path / "encoder" / "config.json").is_file()
 
 
@@ -74,7 +74,7 @@ def test_a_stage_that_overran_is_absorbed_by_the_stages_after_it():
 
 def test_the_lm_stage_stops_at_its_recipes_steps_when_its_share_would_allow_more(shapes_dir, tmp_path):
     (tmp_path / "data").symlink_to(shapes_dir, target_is_directory=True)
-    result = _train_stage("lm", "shapes-lm", None, 3600.0, tmp_path, [*TINY, "steps=8", "data.streams.text.batch_size=2"],
+    result = train_stage("lm", "shapes-lm", None, 3600.0, tmp_path, [*TINY, "steps=8", "data.streams.text.batch_size=2"],
                           capped=True)
     assert result["step"] == 8
     assert (tmp_path / "lm" / "config.json").is_file()  # a model directory stage 1 can start from
@@ -147,11 +147,11 @@ def test_a_cpu_slower_than_the_reference_is_told_the_budget_that_matches_it():
 
 
 def test_the_evaluation_reserve_grows_with_the_lm_stages_step_time(capsys):
-    from emu2.train.quickstart import EVAL_RESERVE_S, REFERENCE_LM_STEP_S, _scale_eval_reserve
+    from emu2.train.quickstart import EVAL_RESERVE_S, REFERENCE_LM_STEP_S, scale_eval_reserve
 
     def after_lm(step_seconds: float) -> tuple[dict, float]:
         report = {}
-        return report, _scale_eval_reserve(report, step_seconds, started=0.0, budget_minutes=20)
+        return report, scale_eval_reserve(report, step_seconds, started=0.0, budget_minutes=20)
 
     report, deadline = after_lm(REFERENCE_LM_STEP_S / 2)  # a faster machine keeps the measured reserve
     assert report["eval_reserve_s"] == EVAL_RESERVE_S and deadline == 1200 - EVAL_RESERVE_S

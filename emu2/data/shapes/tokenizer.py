@@ -30,19 +30,20 @@ from emu2.data.kinds import KINDS
 VOCAB_SIZE = SHAPES_PIECES  # 1,024 pieces, counting <unk>, <s>, </s> and the 256 byte-fallback pieces
 SPECIALS = ("<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)))  # LLaMA's ids 0..258
 SAMPLES_PER_KIND = 400
-_NOT_TEXT = tuple(sorted({*P.SPECIAL_TOKENS, *P.INSTRUCT_TOKENS, P.IMAGE_PLACEHOLDER, P.VIDEO_PLACEHOLDER},
+NOT_TEXT = tuple(sorted({*P.SPECIAL_TOKENS, *P.INSTRUCT_TOKENS, P.IMAGE_PLACEHOLDER, P.VIDEO_PLACEHOLDER},
                          key=len, reverse=True))
 
 
-def _strings(value) -> Iterator[str]:
+def record_strings(value) -> Iterator[str]:
+    """Every string inside a record (its dataclass fields, lists and tuples, depth first)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _strings(item)
+            yield from record_strings(item)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
-            yield from _strings(getattr(value, f.name))
+            yield from record_strings(getattr(value, f.name))
 
 
 def shapes_corpus(seed: int = 0, samples_per_kind: int = SAMPLES_PER_KIND) -> Iterator[str]:
@@ -58,8 +59,8 @@ def shapes_corpus(seed: int = 0, samples_per_kind: int = SAMPLES_PER_KIND) -> It
     for split, kind in jobs:
         for index in range(samples_per_kind):
             record, _ = maker.make(kind, random.Random(f"tokenizer:{seed}:{split}:{kind}:{index}"), split)
-            for text in _strings(record):
-                for token in _NOT_TEXT:
+            for text in record_strings(record):
+                for token in NOT_TEXT:
                     text = text.replace(token, " ")
                 if text.strip():
                     yield text

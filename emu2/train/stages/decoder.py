@@ -8,7 +8,7 @@ runner (`emu2.train.runner`, through `_run_decoder`) the training step (`emu2.tr
 what checkpoints must restore to resume exactly.
 
 Batch sizes mean what they mean in the language-model stages: a stream's ``batch_size`` is what one optimizer
-step consumes, split into ``gradient_accumulation_steps`` equal micro-batches (`_micro_batch_sizes`) whose
+step consumes, split into ``gradient_accumulation_steps`` equal micro-batches (`micro_batch_sizes_per_stream`) whose
 gradients add up to that of the whole batch (`emu2.train.stages.diffusion.accumulated_update`).
 """
 
@@ -66,7 +66,7 @@ def _stage_records(config, limit: int, kinds_wanted: tuple[str, ...]) -> tuple[l
     return records, stats
 
 
-def _micro_batch_sizes(config) -> dict[str, int]:
+def micro_batch_sizes_per_stream(config) -> dict[str, int]:
     """Each stream's batch per micro-step: its ``batch_size`` (per optimizer step, as in the language-model
     stages) over ``gradient_accumulation_steps``; the stages run in one process. Raises if it does not divide."""
     return {name: micro_batch_size(stream, name, 1, config.gradient_accumulation_steps)
@@ -202,7 +202,7 @@ def _record_unet_init(config, reinitialised: dict, width: int) -> list[str]:
 def _streamed_images(config, train_config, encoder_image_size: int):
     """``decoder.streaming``: (next micro-batch, sampling state with the shard position, the data counters).
     Each micro-batch holds one batch of every stream."""
-    micro_batch_sizes = _micro_batch_sizes(config)
+    micro_batch_sizes = micro_batch_sizes_per_stream(config)
 
     def open_stream(name: str, state: dict | None):
         shards = DecoderImageShards(
@@ -236,7 +236,7 @@ def _images_in_memory(config, train_config, encoder):
     if not images:
         raise ValueError(f"none of the {len(records)} images read has a short side of decoder.min_image_size "
                          f"{opts.min_image_size} px or more")
-    batch_size = sum(_micro_batch_sizes(config).values())
+    batch_size = sum(micro_batch_sizes_per_stream(config).values())
     sampling = StageSampling(config.seed)
     cached = None
     if opts.cache_embeddings:  # validation: only with max_scale 1.0, whose inputs never change
@@ -306,7 +306,7 @@ def _stage_vae(opts: DecoderSection) -> AutoencoderKL | None:
     )
 
 
-def _clip_tensor(frames: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
+def clip_tensor(frames: Sequence[PIL.Image.Image], size: int) -> torch.Tensor:
     """A clip's frames -> (F, 3, size, size) in [-1, 1]."""
     array = np.stack([np.asarray(f.convert("RGB").resize((size, size), PIL.Image.BICUBIC), np.float32)
                       for f in frames])
@@ -325,7 +325,7 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     from .diffusion import video_decoder_loss
 
     opts = config.decoder  # validated with the recipe (emu2.train.config)
-    batch_size = sum(_micro_batch_sizes(config).values())
+    batch_size = sum(micro_batch_sizes_per_stream(config).values())
     size, pixel_scale = opts.output_image_size, opts.pixel_scale
     accelerator, encoder, train_config = _stage_setup(config, opts)
     vision = encoder.config.vision_config
@@ -342,7 +342,7 @@ def train_video_decoder_stage(config, resume: bool = False, stop_after: int | No
     pipe = Emu2VideoDecoderPipeline.from_configs(unet_config, None, decoder_scheduler_config(opts.scheduler),
                                                  pixel_scale=pixel_scale).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    frames = torch.stack([_clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
+    frames = torch.stack([clip_tensor(c, size) for c in clips])  # (N, F, 3, S, S)
     embeds = _encode(encoder, [f for c in clips for f in c], n_query).unflatten(0, (len(clips), num_frames))
     uncond = _null_embeddings(encoder, n_query).repeat(num_frames, 1)  # (F * Q, Dv): whole clips are dropped
     sampling = StageSampling(config.seed)

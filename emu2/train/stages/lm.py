@@ -108,7 +108,7 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
     regression_loss = sums[1].item() / n_reg if n_reg else 0.0
     loss = w_text * text_loss + w_reg * regression_loss
     if deepspeed:
-        return _deepspeed_update(model, optimizer, StepResult(loss, text_loss, regression_loss, n_text, n_reg,
+        return deepspeed_update(model, optimizer, StepResult(loss, text_loss, regression_loss, n_text, n_reg,
                                                               tokens, math.nan), config)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
@@ -121,7 +121,7 @@ def train_step(model, optimizer, window: list[dict], accelerator, config: TrainC
     return result
 
 
-def _deepspeed_update(engine, optimizer, result: StepResult, config: TrainConfig) -> StepResult:
+def deepspeed_update(engine, optimizer, result: StepResult, config: TrainConfig) -> StepResult:
     """Clip and update through the DeepSpeed engine, once the step's loss is known to be finite."""
     if not math.isfinite(result.loss):
         return result  # the caller stops the run; engine.step() was not called, so the weights are unchanged
@@ -149,7 +149,7 @@ def train_lm_stage(config: TrainConfig, resume: bool = False, data=None, stop_af
     """
     from accelerate.utils import set_seed
 
-    accelerator = _accelerator(config)
+    accelerator = build_accelerator(config)
     set_seed(config.seed)
     with _full_model_on_every_rank(accelerator):
         model, tokenizer = build_model(config)
@@ -158,8 +158,8 @@ def train_lm_stage(config: TrainConfig, resume: bool = False, data=None, stop_af
         data = build_data(config, emu2_config, tokenizer, accelerator.process_index, accelerator.num_processes)
     per_step = getattr(data, "micro_batches_per_step", config.gradient_accumulation_steps)
     if is_deepspeed(accelerator):
-        _recipe_into_deepspeed_config(accelerator, config, per_step)
-    model, optimizer = _prepare(accelerator, model, config)
+        recipe_into_deepspeed_config(accelerator, config, per_step)
+    model, optimizer = prepare_model_and_optimizer(accelerator, model, config)
     batches = None
 
     def step() -> StepReport:
@@ -197,7 +197,9 @@ def save_output(accelerator, model, tokenizer, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def _accelerator(config: TrainConfig):
+def build_accelerator(config: TrainConfig):
+    """The LM stages' `Accelerator`: the recipe's precision, DDP that tolerates unused parameters, and CPU
+    ranks (gloo, or DeepSpeed's CPU backend) where no GPU is present."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
@@ -222,7 +224,7 @@ def _accelerator(config: TrainConfig):
     if deepspeed and kind != DistributedType.DEEPSPEED:
         raise RuntimeError(f"the accelerate config asks for DeepSpeed but accelerate set up {kind.value}")
     if kind == DistributedType.DEEPSPEED:
-        _check_deepspeed_config(accelerator.state.deepspeed_plugin, config)
+        check_deepspeed_config(accelerator.state.deepspeed_plugin, config)
     if kind == DistributedType.FSDP and config.lora.enabled:
         raise NotImplementedError("LoRA with FSDP: merging the adapters needs the full weights on one process; "
                                   "train LoRA with DDP or a single process")
@@ -238,7 +240,7 @@ def _deepspeed_cpu_backend():
     return InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())
 
 
-def _check_deepspeed_config(plugin, config: TrainConfig) -> None:
+def check_deepspeed_config(plugin, config: TrainConfig) -> None:
     """Refuse DeepSpeed settings that would take over what the recipe decides."""
     ds = plugin.deepspeed_config
     if "optimizer" in ds or "scheduler" in ds:
@@ -253,7 +255,7 @@ def _check_deepspeed_config(plugin, config: TrainConfig) -> None:
                                   "train LoRA with ZeRO stage 1/2, DDP or a single process")
 
 
-def _recipe_into_deepspeed_config(accelerator, config: TrainConfig, micro_batches_per_step: int) -> None:
+def recipe_into_deepspeed_config(accelerator, config: TrainConfig, micro_batches_per_step: int) -> None:
     """The recipe decides clipping and how many micro-batches make a step; DeepSpeed's config follows it.
 
     A different clipping value in the accelerate/DeepSpeed config is overridden with a warning. The accumulation
@@ -293,7 +295,10 @@ def _full_model_on_every_rank(accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
-def _prepare(accelerator, model, config: TrainConfig):
+def prepare_model_and_optimizer(accelerator, model, config: TrainConfig):
+    """``model`` wrapped by ``accelerator`` (DDP, FSDP or DeepSpeed) and its optimizer built from the recipe's
+    parameter groups: FSDP1 wraps the model first and builds the optimizer on its flattened parameters; the other
+    engines take both at once."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
