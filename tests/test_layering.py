@@ -136,3 +136,17 @@ def test_no_private_name_is_imported_from_another_package():
                for name in (i.names or (i.module,))
                if any(part.startswith("_") and not part.startswith("__") for part in (name, *i.module.split(".")))]
     assert not private, "private names used across packages (make them public or move them):\n" + "\n".join(private)
+
+
+def test_the_tests_use_public_names_only():
+    # A test that imports a private helper pins how the code is written, not what it does.
+    tests = Path(__file__).resolve().parent
+    private = []
+    for path in sorted(tests.rglob("*.py")):
+        for statement in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(statement, ast.ImportFrom) and (statement.module or "").startswith("emu2"):
+                private += [f"{path.relative_to(tests)}:{statement.lineno} {statement.module}.{alias.name}"
+                            for alias in statement.names if alias.name.startswith("_")]
+                if any(part.startswith("_") for part in statement.module.split(".")):
+                    private.append(f"{path.relative_to(tests)}:{statement.lineno} {statement.module}")
+    assert not private, private
