@@ -92,3 +92,10 @@ def test_readme_test_command_is_the_one_ci_runs():
     _, test = _readme_two_commands()
     assert shlex.split(test) == [".venv/bin/python", "-m", "pytest"]
     assert _ci_commands()[-1] == shlex.split(test)
+
+
+def test_no_example_writes_a_model_folder_named_emu2():
+    # Python started beside a folder named emu2 imports that folder (a namespace package) instead of the
+    # installed package, so emu2/__init__.py's import guards would not run.
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"--out emu2\s|from_pretrained\(\"emu2\"\)|--model emu2\s", readme)
