@@ -57,8 +57,20 @@ def run(args: argparse.Namespace) -> int:
         summary = train(config, resume=args.resume, stop_after=args.stop_after)
     except (TooManySkippedSamples, TrainingDiverged) as exn:  # the run stopped for a reason the user can act on
         raise SystemExit(f"emu2 train: {exn}") from None
+    finally:
+        _end_process_group()
     print(json.dumps(summary))
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the process group of a distributed launch before the process exits, as PyTorch's documentation
+    asks: left to the interpreter's teardown, gloo's background threads can abort a finished rank ("terminate
+    called without an active exception") and fail the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
