@@ -10,30 +10,18 @@ import json, math, sys
 from pathlib import Path
 import torch
 from emu2.pipelines import Emu2Pipeline
-from emu2.data.shapes.supervision import AttributePool, LABEL_WORDS
+from emu2.data.shapes.supervision import AttributePool
 from emu2.data.shapes.world import World
-from emu2.train.stages.encoder import word_vectors
+from emu2.train.stages.encoder import fit_projection, word_targets, word_vectors
 
 src, data, dst = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]); weight_pos = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 pipe = Emu2Pipeline.from_pretrained(src); model = pipe.model.float(); tok = pipe.tokenizer
 m = json.loads((data / "dataset.json").read_text()); vc = model.config.vision_config; Q = model.config.n_query; side = math.isqrt(Q)
 pool = AttributePool(World.from_seed(m.get("seed", 0)), vc.image_size, vc.grid_size, size=3000, seed=0, pooled=side)
-with torch.no_grad():
-    features = torch.cat([model.visual.encode_image(pool.images[i:i + 256], Q).double() for i in range(0, len(pool), 256)])
-    x = features.reshape(-1, features.shape[-1])
-    shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
-    background = pool.labels["background"].repeat_interleave(Q)
-    words = {k: word_vectors(model, tok, v).double() for k, v in LABEL_WORDS.items()}
-    objects = words["cell_shape"][(shape - 1).clamp(min=0)] + words["cell_colour"][(colour - 1).clamp(min=0)]
-    empty = words["background"][background] + word_vectors(model, tok, ["background"]).double()
-    target = torch.where((shape > 0).unsqueeze(1), objects, empty)
-    rows = word_vectors(model, tok, ["top", "bottom"]).double(); cols = word_vectors(model, tok, ["left", "right"]).double()
-    slot = torch.arange(Q).repeat(len(pool))
-    r, c = slot // side, slot % side
-    target = target + weight_pos * (rows[(r >= side / 2).long()] + cols[(c >= side / 2).long()])
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    solution = torch.linalg.solve(x.T @ x + eye, x.T @ target)
-    model.project_up.weight.copy_(solution.T.float())
-    r2 = 1 - ((x @ solution - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+rows = word_vectors(model, tok, ["top", "bottom"]).double(); cols = word_vectors(model, tok, ["left", "right"]).double()
+slot = torch.arange(Q).repeat(len(pool))
+r, c = slot // side, slot % side
+target = word_targets(model, tok, pool, Q) + weight_pos * (rows[(r >= side / 2).long()] + cols[(c >= side / 2).long()])
+r2 = fit_projection(model, pool, Q, target)
 print("R2", float(r2))
 pipe.save_pretrained(dst)

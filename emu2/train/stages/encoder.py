@@ -136,24 +136,37 @@ def word_vectors(model, tokenizer, words) -> torch.Tensor:
 @torch.no_grad()
 def fit_word_projection(model, tokenizer, pool, n_query: int, ridge: float = 1.0) -> float:
     """Set ``model.project_up`` (Dv -> D, no bias) by ridge regression so that each of the ``n_query`` pooled
-    embeddings of the pool's renders maps to the sum of the input embeddings of the words for what lies under it:
-    its object's shape and colour, or, where no object is, its background colour and the word "background".
-    Returns the fit's R^2 over all the pool's embeddings.
+    embeddings of the pool's renders maps to the sum of the input embeddings of the words for what lies under it
+    (`word_targets`). Returns the fit's R^2 over all the pool's embeddings.
 
     Why: the language model reads words; stage 1 then starts from visual embeddings it can attend to and copy
     from as it does from words, instead of from a random projection (measured: docs/training-notes.md)."""
+    return fit_projection(model, pool, n_query, word_targets(model, tokenizer, pool, n_query), ridge)
+
+
+@torch.no_grad()
+def word_targets(model, tokenizer, pool, n_query: int) -> torch.Tensor:
+    """(len(pool) * n_query, D), row-major per render: for each pooled embedding, the sum of the input embeddings
+    of its object's shape and colour words, or, where no object is, of its background colour and "background"."""
     from emu2.data.shapes.supervision import LABEL_WORDS
 
-    weight = model.project_up.weight
-    features = torch.cat([model.visual.encode_image(pool.images[i:i + 256].to(weight.device), n_query).double()
-                          for i in range(0, len(pool), 256)])  # (N, Q, Dv)
-    x = features.reshape(-1, features.shape[-1])
     shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
     background = pool.labels["background"].repeat_interleave(n_query)
     words = {k: word_vectors(model, tokenizer, v).double() for k, v in LABEL_WORDS.items()}
     objects = words["cell_shape"][(shape - 1).clamp(min=0)] + words["cell_colour"][(colour - 1).clamp(min=0)]
     empty = words["background"][background] + word_vectors(model, tokenizer, ["background"]).double()
-    target = torch.where((shape > 0).unsqueeze(1).to(objects.device), objects, empty).to(x.device)
+    return torch.where((shape > 0).unsqueeze(1).to(objects.device), objects, empty)
+
+
+@torch.no_grad()
+def fit_projection(model, pool, n_query: int, target: torch.Tensor, ridge: float = 1.0) -> float:
+    """Set ``model.project_up`` by ridge regression from the pool's pooled embeddings (len(pool) * n_query, Dv)
+    to ``target`` (len(pool) * n_query, D), row-major per render. Returns the fit's R^2."""
+    weight = model.project_up.weight
+    features = torch.cat([model.visual.encode_image(pool.images[i:i + 256].to(weight.device), n_query).double()
+                          for i in range(0, len(pool), 256)])  # (N, Q, Dv)
+    x = features.reshape(-1, features.shape[-1])
+    target = target.to(device=x.device, dtype=x.dtype)
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     solution = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (Dv, D)
     weight.copy_(solution.T.to(weight.dtype))
