@@ -173,6 +173,8 @@ class EncoderSection:
     that each pooled embedding lands on the sum of the input embeddings of the words naming what lies under it (its
     object's shape and colour, or its background colour and "background"); the stand-in for CLIP's alignment of
     image and text, so that stage 1 starts with visual embeddings the language model can already read as words.
+    ``word_projection_position``: the weight of the words of an object's position ("top left", "center") in those
+    sums (0: not named; read only with ``word_projection``); an object's embeddings then also read as where it is.
     """
 
     contrastive: float = 1.0
@@ -180,6 +182,7 @@ class EncoderSection:
     attributes: float = 0.0
     attribute_pool: int = 6000
     word_projection: bool = False
+    word_projection_position: float = 0.0
 
 
 @dataclass
@@ -513,6 +516,8 @@ def validate(config: TrainConfig) -> None:
         problems.append(f"encoder.attribute_pool must be positive, got {e.attribute_pool}")
     if e.word_projection and not e.attributes:
         problems.append("encoder.word_projection needs encoder.attributes > 0: the fit reads the attribute labels")
+    if e.word_projection_position < 0:
+        problems.append(f"encoder.word_projection_position must be >= 0, got {e.word_projection_position}")
     if config.stage != "encoder" and e != EncoderSection():
         problems.append(f"encoder: the section is read by stage: encoder only, not stage: {config.stage}")
     if config.checkpoint.every <= 0 or config.checkpoint.keep_last <= 0:

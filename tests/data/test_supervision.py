@@ -10,6 +10,7 @@ from emu2.data.shapes.supervision import (
     LABEL_CLASSES,
     POSITIONS,
     AttributePool,
+    cell_positions,
     global_labels,
     patch_labels,
 )
@@ -71,6 +72,20 @@ def test_pooled_cell_labels_name_what_lies_under_each_pooled_embedding():
     assert pool.labels["cell_shape"].shape == (12, 16) and pool.labels["patch_shape"].shape == (12, 64)
     # every object under some patch is under some pooled cell too
     assert torch.equal(pool.labels["patch_shape"].amax(1) > 0, pool.labels["cell_shape"].amax(1) > 0)
+
+
+def test_each_pooled_cell_under_an_object_names_the_position_its_caption_gives():
+    """Two groups of a 3x3 scene: the cells under each carry that group's caption position, the rest none."""
+    top_left = Group("star", "red", "large", 1, (0, 0), ((0.02, 0.02, 0.3, 0.3),))
+    centre = Group("circle", "blue", "large", 1, (1, 1), ((0.36, 0.36, 0.64, 0.64),))
+    scene = Scene("white", 3, (top_left, centre))
+    positions = cell_positions(scene, 4)
+    assert {positions[i] for i in (0,)} == {1 + POSITIONS.index("top left")}
+    assert {positions[i] for i in (5, 6, 9, 10)} == {1 + POSITIONS.index("center")}
+    assert sum(p != 0 for p in positions) == 5
+    # the pool's cell positions cover exactly the cells that hold an object
+    pool = AttributePool(World.from_seed(0), image_size=64, grid=8, size=12, seed=0, pooled=4)
+    assert torch.equal(pool.labels["cell_position"] > 0, pool.labels["cell_shape"] > 0)
 
 
 def test_the_colourless_view_is_grey_and_its_brightness_varies_per_image():

@@ -85,6 +85,36 @@ def test_word_projection_maps_pooled_embeddings_onto_the_words_for_what_lies_und
     assert error() < 0.9 * before
 
 
+def test_position_words_are_added_to_the_targets_of_object_embeddings_only():
+    """With ``position_weight`` w, an object's target gains w x the sum of its position's words ("top" + "left");
+    a background embedding's target is unchanged."""
+    from emu2.data.shapes.supervision import POSITIONS, AttributePool
+    from emu2.data.shapes.world import World
+    from emu2.train.stages.encoder import word_targets, word_vectors
+
+    pipe = Emu2Pipeline.from_preset("tiny-chat", seed=0)
+    model, tokenizer, n_query = pipe.model, pipe.tokenizer, pipe.model.config.n_query
+    vision = model.config.vision_config
+    pool = AttributePool(World.from_seed(0), vision.image_size, vision.grid_size, size=24, seed=0,
+                         pooled=int(n_query ** 0.5))
+    plain, named = word_targets(model, tokenizer, pool, n_query), word_targets(model, tokenizer, pool, n_query, 2.5)
+    position = pool.labels["cell_position"].reshape(-1)
+    assert torch.equal(plain[position == 0], named[position == 0])
+    k = int((position > 0).nonzero()[0])
+    words = word_vectors(model, tokenizer, POSITIONS[position[k] - 1].split()).double().sum(0)
+    torch.testing.assert_close(named[k] - plain[k], 2.5 * words)
+
+
+def test_a_negative_position_weight_is_refused(shapes_dir, tmp_path):
+    import pytest
+
+    from emu2.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="word_projection_position must be >= 0, got -1.0"):
+        tiny_config("shapes-encoder", tmp_path / "enc", shapes_dir, batch_size=8,
+                    overrides=["encoder.word_projection_position=-1.0"])
+
+
 def test_word_projection_needs_the_attribute_labels(shapes_dir, tmp_path):
     import pytest
 

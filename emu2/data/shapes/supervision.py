@@ -21,9 +21,9 @@ images: grey levels with a random contrast, sign and offset per image, from whic
 brightness can be told; every other label is scored on the colour images.
 
 Shapes: `AttributePool.batch(indices)` -> images (B, 3, S, S) normalised as `processing.preprocess_image`;
-"patch_shape", "patch_colour" (B, grid * grid) long; "cell_shape", "cell_colour" (B, side * side) long for the
-pooled grid; "shape", "colour", "count", "size", "position", "background" (B,) long, -100 where a scene has no
-single value (several groups).
+"patch_shape", "patch_colour" (B, grid * grid) long; "cell_shape", "cell_colour", "cell_position" (B, side * side)
+long for the pooled grid (no encoder head reads "cell_position"; the word fit does); "shape", "colour", "count",
+"size", "position", "background" (B,) long, -100 where a scene has no single value (several groups).
 """
 
 from __future__ import annotations
@@ -51,19 +51,36 @@ GLOBAL_LABELS = ("count", "size", "position", "background")  # read from the poo
 LABEL_WORDS = {"cell_shape": SHAPES, "cell_colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 
 
+def _covered(box: tuple[float, float, float, float], grid: int) -> set[tuple[int, int]]:
+    """The (row, col) patches of a ``grid x grid`` image that belong to an object's box: those whose centre lies in
+    the box, and always the one holding the box centre, so the smallest objects count too."""
+    x1, y1, x2, y2 = box
+    cells = {(min(grid - 1, int((y1 + y2) / 2 * grid)), min(grid - 1, int((x1 + x2) / 2 * grid)))}
+    return cells | {(i, j) for i in range(grid) for j in range(grid)
+                    if x1 <= (j + 0.5) / grid <= x2 and y1 <= (i + 0.5) / grid <= y2}
+
+
 def patch_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:
-    """Row-major ``grid x grid`` shape and colour classes (0 = no object). A patch is an object's when its centre
-    lies in the object's box; the patch holding the box centre always is, so the smallest objects count too."""
+    """Row-major ``grid x grid`` shape and colour classes (0 = no object), on the patches `_covered` by each object."""
     shapes, colours = [0] * (grid * grid), [0] * (grid * grid)
     for group in scene.groups:
-        for x1, y1, x2, y2 in group.boxes:
-            cells = {(min(grid - 1, int((y1 + y2) / 2 * grid)), min(grid - 1, int((x1 + x2) / 2 * grid)))}
-            cells |= {(i, j) for i in range(grid) for j in range(grid)
-                      if x1 <= (j + 0.5) / grid <= x2 and y1 <= (i + 0.5) / grid <= y2}
-            for i, j in cells:
+        for box in group.boxes:
+            for i, j in _covered(box, grid):
                 shapes[i * grid + j] = 1 + SHAPES.index(group.shape)
                 colours[i * grid + j] = 1 + list(COLOURS).index(group.colour)
     return shapes, colours
+
+
+def cell_positions(scene: Scene, grid: int) -> list[int]:
+    """Row-major ``grid x grid``: 1 + the `POSITIONS` index of the scene position (the caption's "top left",
+    "center", ...) of the group whose object covers the patch, 0 where no object is. The scene's own grid of
+    positions (2x2 or 3x3) need not align with ``grid``, so this is a label per object, not per patch place."""
+    positions = [0] * (grid * grid)
+    for group in scene.groups:
+        for box in group.boxes:
+            for i, j in _covered(box, grid):
+                positions[i * grid + j] = 1 + POSITIONS.index(scene.position(group))
+    return positions
 
 
 def global_labels(scene: Scene) -> dict[str, int]:
@@ -114,6 +131,7 @@ class AttributePool:
             cells = [patch_labels(s, side) for s in scenes]
             self.labels.update({names[0]: torch.tensor([c[0] for c in cells]),
                                 names[1]: torch.tensor([c[1] for c in cells])})
+        self.labels["cell_position"] = torch.tensor([cell_positions(s, pooled or grid) for s in scenes])
         per_scene = [global_labels(s) for s in scenes]
         self.labels.update({name: torch.tensor([g[name] for g in per_scene]) for name in per_scene[0]})
 

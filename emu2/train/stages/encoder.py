@@ -134,26 +134,35 @@ def word_vectors(model, tokenizer, words) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_word_projection(model, tokenizer, pool, n_query: int, ridge: float = 1.0) -> float:
+def fit_word_projection(model, tokenizer, pool, n_query: int, ridge: float = 1.0, position_weight: float = 0.0) -> float:
     """Set ``model.project_up`` (Dv -> D, no bias) by ridge regression so that each of the ``n_query`` pooled
     embeddings of the pool's renders maps to the sum of the input embeddings of the words for what lies under it
     (`word_targets`). Returns the fit's R^2 over all the pool's embeddings.
 
     Why: the language model reads words; stage 1 then starts from visual embeddings it can attend to and copy
     from as it does from words, instead of from a random projection (measured: docs/training-notes.md)."""
-    return fit_projection(model, pool, n_query, word_targets(model, tokenizer, pool, n_query), ridge)
+    target = word_targets(model, tokenizer, pool, n_query, position_weight)
+    return fit_projection(model, pool, n_query, target, ridge)
 
 
 @torch.no_grad()
-def word_targets(model, tokenizer, pool, n_query: int) -> torch.Tensor:
+def word_targets(model, tokenizer, pool, n_query: int, position_weight: float = 0.0) -> torch.Tensor:
     """(len(pool) * n_query, D), row-major per render: for each pooled embedding, the sum of the input embeddings
-    of its object's shape and colour words, or, where no object is, of its background colour and "background"."""
-    from emu2.data.shapes.supervision import LABEL_WORDS
+    of its object's shape and colour words, or, where no object is, of its background colour and "background".
+
+    ``position_weight`` > 0 adds, to an object's embeddings, that weight times the sum of the words of the object's
+    position as captions name it ("top" + "left", "center"). Without them the fit keeps little of where an object
+    is, and the language model has to learn to read it from which visual token holds the object."""
+    from emu2.data.shapes.supervision import LABEL_WORDS, POSITIONS
 
     shape, colour = pool.labels["cell_shape"].reshape(-1), pool.labels["cell_colour"].reshape(-1)
     background = pool.labels["background"].repeat_interleave(n_query)
     words = {k: word_vectors(model, tokenizer, v).double() for k, v in LABEL_WORDS.items()}
     objects = words["cell_shape"][(shape - 1).clamp(min=0)] + words["cell_colour"][(colour - 1).clamp(min=0)]
+    if position_weight:
+        names = torch.stack([word_vectors(model, tokenizer, name.split()).double().sum(0) for name in POSITIONS])
+        position = pool.labels["cell_position"].reshape(-1)
+        objects = objects + position_weight * names[(position - 1).clamp(min=0)]
     empty = words["background"][background] + word_vectors(model, tokenizer, ["background"]).double()
     return torch.where((shape > 0).unsqueeze(1).to(objects.device), objects, empty)
 
@@ -289,7 +298,9 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
     def save_output(out: Path) -> None:
         model.eval()
         if weights.word_projection:
-            _report_word_projection(fit_word_projection(model, tokenizer, pool, n_query), len(pool) * n_query)
+            r2 = fit_word_projection(model, tokenizer, pool, n_query,
+                                     position_weight=weights.word_projection_position)
+            _report_word_projection(r2, len(pool) * n_query)
         Emu2Pipeline(model, tokenizer).save_pretrained(out)
 
     stage = Stage(accelerator, trained, optimizer, build_scheduler(optimizer, config), step, save_output,
