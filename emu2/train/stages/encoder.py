@@ -183,8 +183,10 @@ def fit_projection(model, pool, n_query: int, target: torch.Tensor, ridge: float
     return float(1 - residual)
 
 
-def _report_word_projection(r2: float, embeddings: int) -> None:
-    print(f"[encoder] project_up fitted to the words of {embeddings:,} pooled embeddings: R^2 {r2:.3f}", flush=True)
+def _fit_and_report_word_projection(model, tokenizer, pool, n_query: int, weights) -> None:
+    r2 = fit_word_projection(model, tokenizer, pool, n_query, position_weight=weights.word_projection_position)
+    print(f"[encoder] project_up fitted to the words of {len(pool) * n_query:,} pooled embeddings: R^2 {r2:.3f}",
+          flush=True)
 
 
 def _caption_losses(visual, head: CaptionContrast, batch: dict, weights, n_query: int, accelerator):
@@ -298,9 +300,7 @@ def train_encoder_stage(config: TrainConfig, resume: bool = False, stop_after: i
     def save_output(out: Path) -> None:
         model.eval()
         if weights.word_projection:
-            r2 = fit_word_projection(model, tokenizer, pool, n_query,
-                                     position_weight=weights.word_projection_position)
-            _report_word_projection(r2, len(pool) * n_query)
+            _fit_and_report_word_projection(model, tokenizer, pool, n_query, weights)
         Emu2Pipeline(model, tokenizer).save_pretrained(out)
 
     stage = Stage(accelerator, trained, optimizer, build_scheduler(optimizer, config), step, save_output,
