@@ -19,7 +19,7 @@ from PIL import Image
 torch.set_num_threads(2)
 from emu2.data.shapes import fewshot_prompt
 from emu2.data.shapes.tasks import nonce_word
-from emu2.eval.shapes import ANSWER_STOPS, _cut_answer, _normal
+from emu2.eval.shapes import _normal, greedy_answers
 from emu2.pipelines.emu2 import Emu2Pipeline
 
 parser = argparse.ArgumentParser()
@@ -47,10 +47,8 @@ for k in args.shots:
     for start in range(0, len(rows), 32):
         chunk = rows[start:start + 32]
         batch = pipe.encode([r[0] for r in chunk], [im for r in chunk for im in r[1]])
-        ids = pipe.model.generate_text(**batch, max_new_tokens=24, do_sample=False, stop_strings=list(ANSWER_STOPS),
-                                       tokenizer=pipe.tokenizer)
-        for (_, _, answer, support, kind), text in zip(chunk, pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)):
-            got, gold = _normal(_cut_answer(text)), _normal(answer)
+        for (_, _, answer, support, kind), text in zip(chunk, greedy_answers(pipe, batch)):
+            got, gold = _normal(text), _normal(answer)
             verdict = "gold" if got == gold else "another example's answer" if got in support else "not a copy"
             counts[verdict] += 1
             counts[f"{kind}: {verdict}"] += 1

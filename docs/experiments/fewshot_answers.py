@@ -18,6 +18,5 @@ for split in ("heldout_labels", "heldout_combos", "heldout_formats"):
         text, images, answer = fewshot_prompt(ep, k, 0)
         rows.append((text, [Image.open(root/im).convert("RGB") for im in images], answer, ep["format"]))
     batch = pipe.encode([r[0] for r in rows], [im for r in rows for im in r[1]])
-    ids = pipe.model.generate_text(**batch, max_new_tokens=24, do_sample=False, stop_strings=list(S.ANSWER_STOPS), tokenizer=pipe.tokenizer)
-    for r, t in zip(rows, pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)):
-        print(split, "| fmt", r[3][:50], "| gold", repr(r[2]), "| got", repr(S._cut_answer(t)), "| ctx", repr(r[0][-120:].replace("<image>","I")))
+    for r, t in zip(rows, S.greedy_answers(pipe, batch)):
+        print(split, "| fmt", r[3][:50], "| gold", repr(r[2]), "| got", repr(t), "| ctx", repr(r[0][-120:].replace("<image>","I")))

@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 from emu2.data.shapes.tasks import example_text, sample_task
 from emu2.data.shapes.world import World, describe
 from emu2.eval.intervals import with_interval
-from emu2.eval.shapes import ANSWER_STOPS, _cut_answer, _normal
+from emu2.eval.shapes import _normal, greedy_answers
 from emu2.pipelines.emu2 import Emu2Pipeline
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
@@ -43,11 +43,9 @@ hits = collections.defaultdict(list)
 for start in range(0, len(prompts), 64):
     chunk = prompts[start:start + 64]
     batch = pipe.encode([c[2] for c in chunk])
-    ids = pipe.model.generate_text(**batch, max_new_tokens=24, do_sample=False, stop_strings=list(ANSWER_STOPS),
-                                   tokenizer=pipe.tokenizer)
-    for (split, k, _, answer), text in zip(chunk, pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)):
+    for (split, k, _, answer), text in zip(chunk, greedy_answers(pipe, batch)):
         for key in (split, "all"):
-            hits[(key, k)].append(float(_normal(_cut_answer(text)) == _normal(answer)))
+            hits[(key, k)].append(float(_normal(text) == _normal(answer)))
 table = collections.defaultdict(dict)
 for (split, k), h in hits.items():
     cell = with_interval(h)

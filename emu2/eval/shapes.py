@@ -56,6 +56,15 @@ def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+@torch.no_grad()
+def greedy_answers(pipe, batch: dict, max_new_tokens: int = 24) -> list[str]:
+    """The greedy answer of each row of an encoded prompt batch (`pipe.encode`), cut at `ANSWER_STOPS`."""
+    # Decoding stops once every row has ended its answer: what follows is cut anyway (`_cut_answer`).
+    ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   stop_strings=list(ANSWER_STOPS), tokenizer=pipe.tokenizer)
+    return [_cut_answer(text) for text in pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)]
+
+
 def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2, 4, 8),
                      max_new_tokens: int = 24, batch_size: int = 32) -> dict:
     """Few-shot accuracy per held-out split and shot count on the dataset's evaluation episodes.
@@ -84,13 +93,9 @@ def evaluate_fewshot(pipe, data_dir: str | Path, shots: Sequence[int] = (0, 1, 2
     for start in tqdm(range(0, len(prompts), batch_size), desc="shapes few-shot", leave=False):
         chunk = prompts[start:start + batch_size]
         batch = pipe.encode([c[2] for c in chunk], [im for c in chunk for im in c[3]])
-        # Decoding stops once every row has ended its answer: what follows is cut anyway (`_cut_answer`).
-        ids = pipe.model.generate_text(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       stop_strings=list(ANSWER_STOPS), tokenizer=pipe.tokenizer)
-        texts = pipe.tokenizer.batch_decode(ids, skip_special_tokens=False)
+        predictions = greedy_answers(pipe, batch, max_new_tokens)
         nlls = answer_nll(pipe, [c[2] for c in chunk], [c[4] for c in chunk], batch["images"])
-        for (split, k, _, _, answer), text, nll in zip(chunk, texts, nlls):
-            prediction = _cut_answer(text)
+        for (split, k, _, _, answer), prediction, nll in zip(chunk, predictions, nlls):
             for key in (split, "all"):
                 cell = items.setdefault(key, {}).setdefault(k, {"exact": [], "fields": [], "nll": []})
                 cell["exact"].append(float(_normal(prediction) == _normal(answer)))
