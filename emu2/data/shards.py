@@ -171,26 +171,55 @@ def _state(dataset: ShardDataset, num_workers: int, workers: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- dataloader
 class _Batches(IterableDataset):
-    """Batches built inside each worker, tagged with that worker's stream state after the batch."""
+    """Batches built inside each worker, tagged with that worker's stream state after the batch.
 
-    def __init__(self, dataset: ShardDataset, batch_size: int, pad_id: int, drop_last: bool):
+    ``pack_length``: each row holds consecutive samples whole, as many as fit in that many tokens (`pack`); a
+    sample that does not fit starts the next row. The state a batch carries is the stream's just before that
+    sample, so a resumed run reads it again and no sample is lost or repeated.
+    """
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, pad_id: int, drop_last: bool,
+                 pack_length: int | None = None):
         super().__init__()
         self.dataset, self.batch_size, self.pad_id, self.drop_last = dataset, batch_size, pad_id, drop_last
+        self.pack_length = pack_length
 
     def __iter__(self):
-        batch: list[Sample] = []
-        worker = 0
+        rows: list[list[Sample]] = []
+        row: list[Sample] = []
+        worker, state = 0, self._state()
         for sample, worker in self.dataset._samples():
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self._tagged(batch, worker)
-                batch = []
-        if batch and not self.drop_last:
-            yield self._tagged(batch, worker)
+            if row and (self.pack_length is None or sum(map(len, row)) + len(sample) > self.pack_length):
+                rows.append(row)
+                row = []
+                if len(rows) == self.batch_size:
+                    yield self._tagged(rows, worker, state)  # the state before ``sample``, which is not in it
+                    rows = []
+            row.append(sample)
+            state = self._state()
+        rows += [row] if row else []
+        if rows and not self.drop_last:
+            yield self._tagged(rows, worker, state)
 
-    def _tagged(self, batch: list[Sample], worker: int):
-        state = {**self.dataset._stream.state_dict(), "stats": dict(self.dataset.stats)}
+    def _state(self) -> dict:
+        stream = self.dataset._stream
+        return {**(stream.state_dict() if stream else {}), "stats": dict(self.dataset.stats)}
+
+    def _tagged(self, rows: list[list[Sample]], worker: int, state: dict):
+        batch = [pack(row) for row in rows]
         return collate(batch, self.pad_id, self.dataset.config.image_size), [s.kind for s in batch], worker, state
+
+
+def pack(samples: Sequence[Sample]) -> Sample:
+    """Samples one after another in one sequence (each keeps its ``<s>`` ... ``</s>``, labels and images in order),
+    as language-model pre-training packs documents: later ones attend to earlier ones and positions run on, so
+    the model trains at every position up to the row's length. The kind is the first sample's."""
+    if len(samples) == 1:
+        return samples[0]
+    return Sample(torch.cat([s.input_ids for s in samples]), torch.cat([s.labels for s in samples]),
+                  [im for s in samples for im in s.images], [t for s in samples for t in s.image_is_target],
+                  [f for s in samples for f in s.frames], [t for s in samples for t in s.frame_is_target],
+                  samples[0].kind, max(s.image_size for s in samples))
 
 
 def _unbatched(item):
@@ -229,16 +258,17 @@ class ResumableLoader:
 
 def make_dataloader(dataset: ShardDataset, batch_size: int, pad_id: int, num_workers: int = 0,
                     state: dict | None = None, drop_last: bool = False, prefetch_factor: int = 2,
-                    pin_memory: bool = False) -> ResumableLoader:
+                    pin_memory: bool = False, pack_length: int | None = None) -> ResumableLoader:
     """A DataLoader over ``dataset`` yielding `collate` batches, resumable from ``state``.
 
     ``pad_id``: the tokenizer's pad id ([PAD] = 32000). Restoring needs the same seed, world size and
-    ``num_workers`` as when the state was saved.
+    ``num_workers`` as when the state was saved. ``pack_length``: rows of consecutive samples up to that many
+    tokens (`pack`) instead of one sample a row; ``batch_size`` then counts rows.
     """
     if state is not None:
         dataset.load_state_dict(state, num_workers=max(num_workers, 1))
     loader = DataLoader(
-        _Batches(dataset, batch_size, pad_id, drop_last), batch_size=None, num_workers=num_workers,
+        _Batches(dataset, batch_size, pad_id, drop_last, pack_length), batch_size=None, num_workers=num_workers,
         collate_fn=_unbatched, prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
     )
     return ResumableLoader(dataset, loader, max(num_workers, 1), state)

@@ -118,6 +118,10 @@ class DataSection:
     split: str = "train"
     streams: dict[str, StreamSection] = field(default_factory=dict)
     max_length: int = 2048  # tokens per sample (2.3.1: "limited to 2048, ... truncated directly")
+    # Pack each row with consecutive samples, whole, up to max_length tokens (as LM pre-training packs documents)
+    # instead of one right-padded sample a row; a stream's batch_size then counts rows. Later samples attend to
+    # earlier ones in their row and positions run on, so the model trains at every position up to max_length.
+    packing: bool = False
     sequence: dict[str, Any] = field(default_factory=dict)  # emu2.data.sequence.SequenceConfig fields
     shuffle_buffer: int = 1000
     num_workers: int = 0  # dataloader worker processes per rank (a resume needs the same count)
@@ -531,7 +535,7 @@ def validate(config: TrainConfig) -> None:
 _NOT_READ_BY_DECODER_STAGES = {
     "model": ("preset", "config_overrides", "image_size", "activation_checkpointing"),
     "lora": tuple(f.name for f in dataclasses.fields(LoraSection)),
-    "data": ("split", "max_length", "sequence", "augmentation", "synthetic"),
+    "data": ("split", "max_length", "packing", "sequence", "augmentation", "synthetic"),
     "optim": ("freeze",),
 }
 

@@ -241,7 +241,8 @@ def build_data(config: TrainConfig, model_config, tokenizer, rank: int = 0, worl
                                shuffle_buffer=data.shuffle_buffer, rank=rank, world_size=world_size,
                                augmentation=augmentation)
         return make_dataloader(dataset, sizes[name], tokenizer.pad_token_id, num_workers=data.num_workers,
-                               state=state, pin_memory=torch.cuda.is_available())
+                               state=state, pin_memory=torch.cuda.is_available(),
+                               pack_length=data.max_length if data.packing else None)
 
     return StreamBatches(list(data.streams), open_shards, accumulation)
 

@@ -216,6 +216,47 @@ def test_resume_with_dataloader_workers(tmp_path, tokenizer, config):
         make_dataloader(dataset(sources, tokenizer, config), 3, 0, num_workers=1, state=state)
 
 
+def rows_of(batch):
+    """Each row's real tokens and labels (right padding removed)."""
+    return [(ids[mask.bool()].tolist(), labels[mask.bool()].tolist())
+            for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])]
+
+
+def test_packed_rows_hold_consecutive_samples_whole_up_to_the_length(tmp_path, tokenizer, config):
+    sources = [Source("a", "text", write_texts(tmp_path, "a", 30, 5))]
+    one_by_one = [row for batch in make_dataloader(dataset(sources, tokenizer, config), 1, tokenizer.pad_token_id)
+                  for row in rows_of(batch)]
+    lengths = [len(ids) for ids, _ in one_by_one]
+    pack_length = 3 * max(lengths)
+    packed = [row for batch in make_dataloader(dataset(sources, tokenizer, config), 2, tokenizer.pad_token_id,
+                                               pack_length=pack_length) for row in rows_of(batch)]
+    assert all(len(ids) <= pack_length for ids, _ in packed) and len(packed) < len(one_by_one) / 2
+    start = 0
+    for ids, labels in packed:  # each row: the next samples in order, ids and labels, as many as fit
+        n = next(k for k in range(len(one_by_one) - start + 1)
+                 if sum(lengths[start:start + k]) == len(ids))
+        assert ids == [t for row_ids, _ in one_by_one[start:start + n] for t in row_ids]
+        assert labels == [t for _, row_labels in one_by_one[start:start + n] for t in row_labels]
+        if start + n < len(one_by_one):
+            assert len(ids) + lengths[start + n] > pack_length  # the next one did not fit
+        start += n
+    assert start == len(one_by_one)  # every sample once
+
+
+def test_a_packed_loader_resumes_exactly(tmp_path, tokenizer, config):
+    sources = [Source("a", "text", write_texts(tmp_path, "a", 40, 5))]
+
+    def run(state, batches):
+        loader = make_dataloader(dataset(sources, tokenizer, config, repeat=True), 2, tokenizer.pad_token_id,
+                                 num_workers=2, state=state, pack_length=24)
+        return [batch["input_ids"].tolist() for batch in islice(loader, batches)], loader.state_dict()
+
+    reference, _ = run(None, 9)
+    head, state = run(None, 4)
+    tail, _ = run(json.loads(json.dumps(state)), 5)
+    assert head + tail == reference  # the sample that did not fit the last row is read again, not lost
+
+
 def test_rank_and_worker_split_is_disjoint_and_complete(tmp_path, tokenizer, config):
     many = Source("many", "text", write_texts(tmp_path, "many", 60, 5))  # 12 shards: split by shard
     few = Source("few", "text", write_texts(tmp_path, "few", 9, 5))  # 2 shards < 4 readers: split by sample

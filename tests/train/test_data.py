@@ -32,3 +32,17 @@ def test_a_global_batch_that_does_not_split_evenly_is_an_error():
     with pytest.raises(ValueError, match=r"batch_size=4 is not a positive multiple of world_size \(1\) x "
                                          r"gradient_accumulation_steps \(3\)"):
         build_data(config, Emu2Config.from_preset("tiny"), tokenizer=None)
+
+
+def test_packing_fills_each_row_with_samples_up_to_max_length(shapes_dir):
+    import emu2.processing as P
+
+    overrides = [f"data.root={shapes_dir}", "data.max_length=256", "data.shuffle_buffer=4"]
+    lengths = {}
+    for packing in (False, True):
+        config = load_config("shapes-lm", [*overrides, f"data.packing={str(packing).lower()}"])
+        batch = next(iter(build_data(config, Emu2Config.from_preset("shapes"), P.load_tokenizer(
+            P.preset_tokenizer("shapes"), instruct=True))))
+        lengths[packing] = batch["attention_mask"].sum(1)
+    assert lengths[True].max() <= 256
+    assert lengths[True].float().mean() > 2 * lengths[False].float().mean()  # several documents a row
