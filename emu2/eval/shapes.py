@@ -140,7 +140,8 @@ def answer_nll(pipe, prompts: Sequence[str], answers: Sequence[str], images: tor
     return out
 
 
-def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 16, words: str = "made-up") -> dict:
+def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 16, words: str = "made-up",
+                  gap: int = 0) -> dict:
     """Whether the language model copies (the induction that binding a new label word needs): text-only word lists
     followed by their exact repeat. Only the repeat is scored: its next-token accuracy (teacher-forced argmax) and
     mean NLL (nats/token). Without copying the repeat is unpredictable (accuracy near 0); a model that copies gets
@@ -148,8 +149,11 @@ def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 
 
     ``words``: "made-up" (lists of 6-14 fresh syllable words, `nonce_word`) or "held-out" (4-8 of the held-out
     split's label words, never in training: a model that copies only the pieces it was taught to copy fails them).
+    ``gap``: that many scene sentences (about 11 tokens each) between the list and its repeat, as far as a few-shot
+    query is from the example it must copy from.
     """
-    from ..data.shapes.tasks import HELDOUT_LABEL_WORDS, nonce_word
+    from ..data.shapes.tasks import HELDOUT_LABEL_WORDS, ShapesMaker, nonce_word
+    from ..data.shapes.world import World
 
     rng = random.Random(seed)
     if words == "made-up":
@@ -158,18 +162,21 @@ def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 
         lists = [" ".join(rng.sample(HELDOUT_LABEL_WORDS, rng.randint(4, 8))) + "." for _ in range(sequences)]
     else:
         raise ValueError(f'words must be "made-up" or "held-out", not {words!r}')
+    maker = ShapesMaker(World.from_seed(0))
+    between = [maker.scene_sentences(random.Random(f"{seed}:gap:{i}"), gap) if gap else "" for i in range(sequences)]
     hits = total = 0
     nll = 0.0
     for start in range(0, sequences, batch_size):
         firsts = lists[start:start + batch_size]
-        fulls = [f"{first} {first}" for first in firsts]
+        heads = [f"{first} {gap_text}".rstrip() for first, gap_text in zip(firsts, between[start:start + batch_size])]
+        fulls = [f"{head} {first}" for head, first in zip(heads, firsts)]
         batch = pipe.encode(fulls)
         with torch.no_grad():
             logits = pipe.model(batch["input_ids"], batch["attention_mask"]).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = batch["input_ids"][:, 1:]
-        for row, (first, full) in enumerate(zip(firsts, fulls)):
-            n = len(pipe.tokenizer(full)["input_ids"]) - len(pipe.tokenizer(first)["input_ids"])
+        for row, (head, full) in enumerate(zip(heads, fulls)):
+            n = len(pipe.tokenizer(full)["input_ids"]) - len(pipe.tokenizer(head)["input_ids"])
             picked = targets[row, -n:]  # left padding: the repeat is the row's last n tokens
             hits += int((logprobs[row, -n:].argmax(-1) == picked).sum())
             nll += float(-logprobs[row, -n:].gather(-1, picked[:, None]).sum())

@@ -28,12 +28,13 @@ from .quickstart_report import EVAL_GUIDANCE, evaluate_quickstart, write_report_
 
 # (stage, recipe, init_from stage, share of the training budget)
 # The LM stage (the stand-in for LLaMA) teaches copying, the induction in-context learning rests on; without it
-# the model does not bind new label words. Copying comes with a phase change after 1,000-1,500 LM steps, so the
-# stage's share is large enough for its recipe's 1,500 steps on the 2-core dev machine (385 s of an 884-s
-# training window) and its steps are capped there: on that machine the stages after it get what they got when
-# it ran a fixed number of steps. On a CPU 1.7x slower (0.45 s a step, measured), a fixed 1,500 steps would take
-# 11 of the 20 minutes; the share keeps time for every stage there, and the LM stops short of its recipe's steps
-# (the run says so). It runs first, so the other shares are of what it leaves.
+# the model does not bind new label words. Copying comes with a phase change after about 1,000 LM steps in short
+# rows, then 300 steps on long packed rows carry it across the length of a few-shot prompt (lm-long), so the two
+# shares are large enough for their recipes' 1,200 + 300 steps on the 2-core dev machine (385 s of an 884-s
+# training window) and their steps are capped there: on that machine the stages after them get what they got
+# when the LM ran a fixed number of steps. On a CPU 1.7x slower (0.45 s a step, measured), a fixed 1,500 steps
+# would take 11 of the 20 minutes; the shares keep time for every stage there, and the LM stops short of its
+# recipe's steps (the run says so). It runs first, so the other shares are of what it leaves.
 # The encoder stage (the stand-in for EVA-CLIP) trains only the vision side of the LM stage's output: a random
 # ViT learns colours from stage-1 captioning alone far too slowly, and shape and count hardly at all; perception
 # is upstream of every other stage (docs/quickstart-results.md).
@@ -43,8 +44,9 @@ from .quickstart_report import EVAL_GUIDANCE, evaluate_quickstart, write_report_
 # caption only after a few hundred steps (before, it predicts the same first embedding whatever the prompt), so its
 # share comes from stage 2's and chat's (docs/training-notes.md, "Emu2-Gen reads the caption late").
 STAGES = (
-    ("lm", "shapes-lm", None, 0.80),  # 0.80 / 1.80 of the training window: 44 %
-    ("encoder", "shapes-encoder", "lm", 0.20),
+    ("lm", "shapes-lm", None, 0.64),  # with lm-long, 0.80 / 1.80 of the training window: 44 %
+    ("lm-long", "shapes-lm-long", "lm", 0.16),  # the LM on long packed rows: copying across a few-shot prompt
+    ("encoder", "shapes-encoder", "lm-long", 0.20),
     ("stage1", "shapes-stage1", "encoder", 0.10),
     ("stage2", "shapes-stage2", "stage1", 0.18),
     ("decoder", "shapes-decoder", "stage1", 0.18),
@@ -53,8 +55,9 @@ STAGES = (
 )
 # `--no-lm-stage`: the LM trained only by stages 1 and 2 (it then barely copies); the encoder starts from a random
 # preset.
-STAGES_WITHOUT_LM = tuple((name, recipe, None if init == "lm" else init, share)
-                          for name, recipe, init, share in STAGES if name != "lm")
+LM_STAGES = ("lm", "lm-long")
+STAGES_WITHOUT_LM = tuple((name, recipe, None if init in LM_STAGES else init, share)
+                          for name, recipe, init, share in STAGES if name not in LM_STAGES)
 PROBE_STEPS = 5  # timed steps before the real run; the median of 5 resists the slow first step
 EVAL_RESERVE_S = 285  # evaluation and report at the end: 193-258 s measured at 200 items per task (the slowest once
 # the base model wrote captions that parse, each then drawn and read back)
@@ -243,7 +246,8 @@ def run_quickstart(out: str | Path = "runs/quickstart", budget_minutes: float = 
         todo = [stage for stage in todo if stage[0] != name]
         seconds = stage_seconds(share, [share, *(s[3] for s in todo)], deadline - time.perf_counter())
         print(f"[quickstart] {name}: {recipe}, about {seconds / 60:.1f} min")
-        report["stages"][name] = train_stage(name, recipe, init_from, seconds, out, overrides, capped=name == "lm")
+        report["stages"][name] = train_stage(name, recipe, init_from, seconds, out, overrides,
+                                             capped=name in LM_STAGES)
         if name == "lm" and (note := short_lm_note(report["stages"][name]["step"], load_config(recipe, []).steps)):
             print(note)
         if name == "lm":

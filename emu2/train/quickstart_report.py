@@ -53,13 +53,15 @@ def evaluate_quickstart(out: Path, stage_names: list[str], items: int = EVAL_ITE
                                                                           documents=items,
                                                                           num_inference_steps=EVAL_DENOISING_STEPS,
                                                                           guidance_scale=EVAL_GUIDANCE)
-    def copying(pipe) -> dict:  # the induction that binding new label words needs, on both kinds of words
-        return {**copy_accuracy(pipe), "heldout_words": copy_accuracy(pipe, words="held-out")}
+    def copying(pipe) -> dict:  # the induction that binding new label words needs, on both kinds of words, and
+        # across ten scene sentences (about as far as an 8-shot query is from the example it copies from)
+        return {**copy_accuracy(pipe), "heldout_words": copy_accuracy(pipe, words="held-out"),
+                "across_10_sentences": copy_accuracy(pipe, gap=10)}
 
     results["copying"] = copying(base)
     # ... and where it comes from: the LM stage teaches it; stage 1 (captions only) may wear it down
     results["copying_by_stage"] = {name: copying(Emu2Pipeline.from_pretrained(out / name))
-                                   for name in ("lm", "stage1") if (out / name / "config.json").is_file()}
+                                   for name in ("lm", "lm-long", "stage1") if (out / name / "config.json").is_file()}
     results["copying_by_stage"]["stage2"] = results["copying"]
     results["instructions"] = evaluate_instructions(Emu2Pipeline.from_pretrained(out / "chat"), out / "data",
                                                     items=items)
@@ -167,9 +169,11 @@ def probe_table(probes: dict) -> str:
     return "\n".join(lines)
 
 
-def _heldout_copying(scores: dict) -> str:
-    held = scores.get("heldout_words")  # absent from reports written before it was measured
-    return f"{held['copy_accuracy']:.1%}" if held else "not measured"
+def _copying(scores: dict) -> str:
+    """made-up / held-out words / made-up across 10 sentences; the last two are absent from older reports."""
+    held, far = scores.get("heldout_words"), scores.get("across_10_sentences")
+    return " / ".join([f"{scores['copy_accuracy']:.1%}", f"{held['copy_accuracy']:.1%}" if held else "not measured",
+                       f"{far['copy_accuracy']:.1%}" if far else "not measured"])
 
 
 def write_report_markdown(out: Path, report: dict) -> None:
@@ -190,8 +194,8 @@ def write_report_markdown(out: Path, report: dict) -> None:
              "",
              fewshot_table(report["fewshot"]), "", "![accuracy vs shots](accuracy_vs_shots.png)", "",
              "Copying (a word list, then its repeat; next-token accuracy on the repeat, `copy_accuracy`), made-up "
-             "words / the held-out label words: "
-             + ", ".join(f"{name} {r['copy_accuracy']:.1%} / {_heldout_copying(r)}"
+             "words / the held-out label words / made-up words with ten scene sentences between list and repeat: "
+             + ", ".join(f"{name} {_copying(r)}"
                          for name, r in report.get("copying_by_stage", {"stage2": report["copying"]}).items())
              + ".", "",
              "## Interleaved generation (base model after stage 2)", "",

@@ -205,6 +205,26 @@ def test_recall_documents_ask_only_words_bound_earlier_with_the_same_value():
             assert sentence in bound.values()  # a query repeats its word's binding exactly
 
 
+def test_lm_long_documents_put_scene_sentences_between_what_they_tell_and_what_repeats_it():
+    """The `lm_long` split: the `lm` split's document drawn from the same seed, with up to `LM_LONG_GAP` scene
+    sentences added to a repeat or recall document's unscored context, after what it tells first."""
+    from emu2.data.shapes.tasks import LM_LONG_GAP
+
+    maker = ShapesMaker(World.from_seed(0))
+    gaps = []
+    for seed in range(80):
+        short, meta = maker.make("text", random.Random(seed), "lm")
+        long, _ = maker.make("text", random.Random(seed), "lm_long")
+        if meta.get("task") in ("repeat", "recall"):
+            assert long.text == short.text and long.context.startswith(short.context)
+            between = long.context[len(short.context):]
+            gaps.append(between.count(" on "))  # "two small red stars in the top left on white."
+            assert between.count(".") == gaps[-1]
+        else:
+            assert long == short
+    assert min(gaps) == 0 and 3 <= max(gaps) <= LM_LONG_GAP
+
+
 def test_text_fewshot_documents_describe_each_scene_then_answer_in_one_hidden_format():
     from emu2.data.shapes.tasks import ShapesMaker
 

@@ -37,7 +37,7 @@ def test_every_text_of_every_split_is_pieces_and_decodes_back(tokenizer):
     LLaMA: the alphabet and the pieces cover the world."""
     newline = tokenizer.convert_tokens_to_ids("<0x0A>")
     maker = ShapesMaker(World.from_seed(0), image_size=16, video_frames=2)
-    jobs = [("train", kind) for kind in KINDS] + [("lm", "text")]
+    jobs = [("train", kind) for kind in KINDS] + [("lm", "text"), ("lm_long", "text")]
     jobs += [(split, kind) for split, kinds in HELDOUT_KINDS.items() for kind in kinds]
     assert {split for split, _ in jobs} == set(SPLITS) - {"val"}
     checked = 0

@@ -53,3 +53,19 @@ def test_a_random_model_does_not_copy():
     pipe = Emu2Pipeline.from_preset("tiny")
     scores = copy_accuracy(pipe, sequences=8, batch_size=4)
     assert scores["copy_accuracy"] < 0.05 and scores["copy_nll"] > 5.0 and scores["sequences"] == 8
+
+
+def test_a_gap_puts_scene_sentences_between_the_list_and_its_repeat():
+    pipe = Emu2Pipeline.from_preset("tiny")
+    seen = []
+    pipe.encode = lambda texts, **kw: seen.extend(texts) or Emu2Pipeline.encode(pipe, texts, **kw)
+    pipe.model.forward = oracle(1, pipe.model.config.text_config.vocab_size)
+    assert copy_accuracy(pipe, sequences=8, batch_size=4, gap=3)["copy_accuracy"] == 1.0
+    gaps = []
+    for text in seen:
+        first = text[: text.index(".") + 1]
+        assert text.endswith(" " + first)
+        between = text[len(first): -len(first)].strip()
+        gaps.append(between.count("."))
+        assert all(" on " in sentence for sentence in between.split(".") if sentence.strip())  # "... on white."
+    assert gaps == [3] * 8

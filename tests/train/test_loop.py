@@ -26,7 +26,8 @@ def _first_window(config):
     return [next(batches) for _ in range(data.micro_batches_per_step)]
 
 
-@pytest.mark.parametrize("recipe", ["shapes-lm", "shapes-stage1", "shapes-stage2", "shapes-chat", "shapes-gen"])
+@pytest.mark.parametrize("recipe", ["shapes-lm", "shapes-lm-long", "shapes-stage1", "shapes-stage2", "shapes-chat",
+                                    "shapes-gen"])
 def test_each_stage_recipe_reduces_the_loss_on_a_fixed_batch(recipe, shapes_dir, tmp_path):
     config = tiny_config(recipe, tmp_path, shapes_dir, overrides=[
         "steps=6", "schedule.warmup_steps=0", "schedule.decay=constant", "optim.grad_clip=1.0"])
@@ -38,6 +39,9 @@ def test_each_stage_recipe_reduces_the_loss_on_a_fixed_batch(recipe, shapes_dir,
     record = read_metrics(tmp_path)[0]
     if recipe == "shapes-lm":  # language-only documents: text loss on every token, no image anywhere
         assert record["regression_targets"] == 0 and all(len(b["images"]) == len(b["frames"]) == 0 for b in window)
+    if recipe == "shapes-lm-long":  # rows packed with several documents, each from its own <s>
+        bos = Emu2Pipeline.from_preset("tiny-chat").tokenizer.bos_token_id
+        assert all((b["input_ids"] == bos).sum() > 1 for b in window)
     if recipe == "shapes-stage1":  # captions only, no regression (paper 2.2.2)
         assert record["regression_targets"] == 0 and record["text_targets"] > 0
     if recipe == "shapes-gen":  # regression only, on the last image of each sample (2.3.2)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emu2.train.quickstart import PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, train_stage
+from emu2.train.quickstart import LM_STAGES, PROBE_STEPS, STAGES, STAGES_WITHOUT_LM, train_stage
 
 TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_checkpointing=false",
         "mixed_precision=no", "log.progress=false", "data.max_length=256", "data.shuffle_buffer=4",
@@ -15,19 +15,20 @@ TINY = ["model.preset=tiny-chat", "model.image_size=null", "model.activation_che
 
 @pytest.mark.parametrize("stages", [STAGES, STAGES_WITHOUT_LM])
 def test_the_stages_run_in_the_papers_order_each_from_an_earlier_stage(stages):
-    """Both stand-ins by default (the LM stage, which teaches copying, included); `--no-lm-stage` drops it."""
+    """Both stand-ins by default (the LM stages, which teach copying, included); `--no-lm-stage` drops them."""
     names = [name for name, *_ in stages]
-    assert [n for n in names if n != "lm"] == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
+    assert [n for n in names if n not in LM_STAGES] == ["encoder", "stage1", "stage2", "decoder", "chat", "gen"]
     for index, (name, _recipe, init_from, _share) in enumerate(stages):
         assert init_from is None or init_from in names[:index], name
     chain = {name: init_from for name, _recipe, init_from, _share in stages}
     assert chain["stage1"] == "encoder"  # stage 1 starts from the pre-trained encoder ...
-    if "lm" in chain:  # ... which trained the vision side of the LM stage's output: both stand-ins
-        assert names[0] == "lm" and chain["lm"] is None and chain["encoder"] == "lm"
+    if "lm" in chain:  # ... which trained the vision side of the LM stages' output: both stand-ins
+        assert names[:2] == ["lm", "lm-long"] and chain["lm"] is None and chain["lm-long"] == "lm"
+        assert chain["encoder"] == "lm-long"  # short rows first (copying), then long packed ones
     else:
-        assert chain["encoder"] is None
-    # every stage has a share; those after the LM stage split what it leaves
-    assert abs(sum(share for name, *_, share in stages if name != "lm") - 1.0) < 1e-9
+        assert chain["encoder"] is None and "lm-long" not in chain
+    # every stage has a share; those after the LM stages split what they leave
+    assert abs(sum(share for name, *_, share in stages if name not in LM_STAGES) - 1.0) < 1e-9
     assert all(share > 0 for *_, share in stages)
     assert any(name == "lm" for name, *_ in STAGES)  # the default
 

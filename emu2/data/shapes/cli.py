@@ -25,6 +25,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-episodes", type=int, default=20, help="few-shot eval episodes per held-out split")
     parser.add_argument("--num-lm", type=int, default=None,
                         help="documents in the lm split, the LM stage's text corpus (default num-train)")
+    parser.add_argument("--num-lm-long", type=int, default=None,
+                        help="documents in the lm_long split, the LM stage's long rows (default num-lm/3)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--shard-size", type=int, default=250, help="samples per tar shard")
     parser.add_argument("--processes", type=int, default=None, help="worker processes (default 1; output is identical for any number)")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> dict:
     manifest = write_shapes(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                             num_heldout=args.num_heldout, num_episodes=args.num_episodes,
                             image_size=args.image_size, shard_size=args.shard_size, processes=args.processes,
-                            num_lm=args.num_lm)
+                            num_lm=args.num_lm, num_lm_long=args.num_lm_long)
     counts = {split: sum(e["count"] for e in kinds.values()) for split, kinds in manifest["splits"].items()}
     print(json.dumps({"out": args.out, "samples": counts, "episodes": manifest["eval"]["count"],
                       "seconds": round(time.perf_counter() - start, 1)}))

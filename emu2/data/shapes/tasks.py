@@ -40,7 +40,7 @@ from emu2.data.shapes.world import (
     plural,
 )
 
-SPLITS = ("train", "val", "heldout_combos", "heldout_formats", "heldout_labels", "lm")
+SPLITS = ("train", "val", "heldout_combos", "heldout_formats", "heldout_labels", "lm", "lm_long")
 ATTRIBUTES = ("colour", "background", "count", "position", "shape", "size")
 BRACKETS = {"square": ("[", "]"), "round": ("(", ")"), "curly": ("{", "}"), "none": ("", "")}
 SEPARATORS = {"comma": ", ", "semicolon": "; ", "bar": " | ", "slash": " / "}
@@ -81,6 +81,11 @@ TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up 
 # The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
 # change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents:
 LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1}
+# The `lm_long` split: the same documents, with up to this many scene sentences between a list (or the bindings)
+# and what repeats it. The LM stage's 64-token rows teach copying across a few tokens only: the quickstart's LM
+# copied a list 92.8 % right straight after it but 18.7 % after ten sentences (about 110 tokens), the distance
+# from an 8-shot query back to its example (docs/training-notes.md, "Copying across a few-shot prompt").
+LM_LONG_GAP = 8
 REPEAT_INTROS = ("", "again: ", "once more: ", "repeat: ")
 # Boxes the model writes (grounded captions, box answers) are rounded to 1/16 of the image (4 px at 64 px; every
 # 14th of the 224 coordinate bins). A coordinate token is a class of its own to the model, with nothing telling
@@ -392,10 +397,10 @@ class ShapesMaker:
     def make(self, kind: str, rng: random.Random, split: str) -> tuple[K.Record, dict]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if split == "lm":
+        if split in ("lm", "lm_long"):
             if kind != "text":
-                raise ValueError(f"the lm split is language-only (kind text), not {kind!r}")
-            return self.lm_text(rng)
+                raise ValueError(f"the {split} split is language-only (kind text), not {kind!r}")
+            return self.lm_text(rng, gap=LM_LONG_GAP if split == "lm_long" else 0)
         scene_split = "heldout" if split == "heldout_combos" else "train"
         if kind == "interleaved" and split.startswith("heldout") or kind == "fewshot":
             return self.fewshot_document(rng, split)
@@ -501,14 +506,24 @@ class ShapesMaker:
                 sentences.append(f"Counting to {NUMBER_WORDS[n]}: " + ", ".join(NUMBER_WORDS[k] for k in range(1, n + 1)) + ".")
         return K.Text(" ".join(sentences)), {"combos": []}
 
-    def lm_text(self, rng: random.Random):
-        """A document of the LM stage's corpus (`LM_CORPUS`)."""
+    def lm_text(self, rng: random.Random, gap: int = 0):
+        """A document of the LM stage's corpus (`LM_CORPUS`); ``gap``: at most that many scene sentences between
+        what a repeat or recall document tells first and what it asks (`LM_LONG_GAP`)."""
         kind = rng.choices(list(LM_CORPUS), weights=list(LM_CORPUS.values()))[0]
         if kind == "repeat":
-            return self.repeat_document(rng)
+            return self.repeat_document(rng, gap)
         if kind == "recall":
-            return self.recall_document(rng)
+            return self.recall_document(rng, gap)
         return self.text_fewshot_document(rng, "train")
+
+    def scene_sentences(self, rng: random.Random, count: int) -> str:
+        """``count`` sentences, each describing a scene ("two small red stars in the top left on white.")."""
+        sentences = []
+        for _ in range(count):
+            scene = self.world.group_scene(rng, "train")
+            g = scene.groups[0]
+            sentences.append(f"{describe(g)} in the {scene.position(g)} on {scene.background}.")
+        return " ".join(sentences)
 
     def text_fewshot_document(self, rng: random.Random, split: str):
         """A language-only in-context document: the hidden tasks of `fewshot_document` with each image replaced
@@ -530,7 +545,7 @@ class ShapesMaker:
                 unscored.append((len(text) - len(example_text(prompt, answer)), len(text)))
         return K.Text(text, unscored=tuple(unscored)), task_meta(task, scenes)
 
-    def recall_document(self, rng: random.Random):
+    def recall_document(self, rng: random.Random, gap: int = 0):
         """Made-up words bound to attribute values, then asked again in another order ("dax is red. wug is
         two. ... wug is two."): predicting the second half needs looking the words up in the first, the context."""
         values = list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS.values()) + list(BACKGROUNDS) + list(SIZES)
@@ -540,10 +555,11 @@ class ShapesMaker:
         queries = [rng.choice(words) for _ in range(rng.randint(3, 8))]
         bindings = " ".join(template.format(w=w, v=binding[w]) for w in words)
         asked = " ".join(template.format(w=w, v=binding[w]) for w in queries)
+        between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
         # the bindings are context (made-up words, drawn values); the loss scores the queries, which they determine
-        return K.Text(asked, context=bindings), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
+        return K.Text(asked, context=f"{bindings} {between}".rstrip()), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
 
-    def repeat_document(self, rng: random.Random):
+    def repeat_document(self, rng: random.Random, gap: int = 0):
         """A list of fresh made-up words (now and then a word of the world), then the same list two or three
         more times ("kax bloo tum. again: kax bloo tum. ..."). Only copying predicts the repeats: the cheapest
         lesson in induction, the mechanism a label word new to the model is copied by (what pretrained LLMs
@@ -553,8 +569,9 @@ class ShapesMaker:
                  for _ in range(rng.randint(3, 8))]
         listed = " ".join(words) + "."
         repeats = [rng.choice(REPEAT_INTROS) + listed for _ in range(rng.randint(2, 3))]
+        between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
         # the first telling is context (nothing predicts made-up words); the loss scores the repeats
-        return K.Text(" ".join(repeats), context=listed), {"task": "repeat", "format": "repeat", "combos": [],
+        return K.Text(" ".join(repeats), context=f"{listed} {between}".rstrip()), {"task": "repeat", "format": "repeat", "combos": [],
                                                        "label_words": sorted(set(words))}
 
     # -- chat

@@ -74,13 +74,15 @@ def _write_episodes(out: str, seed: int, image_size: int, episodes: int) -> dict
 def write_shapes(out: str | Path, seed: int = 0, num_train: int = 1000, num_val: int | None = None,
                  num_heldout: int | None = None, num_episodes: int = 20, image_size: int = 64,
                  shard_size: int = 250, processes: int | None = None, kind_counts: dict[str, int] | None = None,
-                 num_lm: int | None = None) -> dict:
+                 num_lm: int | None = None, num_lm_long: int | None = None) -> dict:
     """Generate the shapes world into ``out``; returns the manifest (also written as ``dataset.json``).
 
     ``num_train`` samples per kind (``num_val``/``num_heldout`` default to a tenth of it, at least 20);
     ``num_episodes`` evaluation episodes per held-out split; ``processes`` (default 1) only changes speed, not the bytes.
     ``kind_counts`` replaces ``num_train`` for the kinds it names (e.g. more cheap language-only documents).
-    ``num_lm``: documents in the ``lm`` split, the LM stage's corpus (default ``num_train``).
+    ``num_lm``: documents in the ``lm`` split, the LM stage's corpus (default ``num_train``); ``num_lm_long``: in
+    the ``lm_long`` split, the same documents with scene sentences between what they tell and what repeats it, for
+    the LM stage's long rows (default a third of ``num_lm``).
     """
     out = str(out)
     num_val = num_val if num_val is not None else max(num_train // 10, 20)
@@ -92,7 +94,8 @@ def write_shapes(out: str | Path, seed: int = 0, num_train: int = 1000, num_val:
     jobs = [("train", kind, kind_counts.get(kind, num_train)) for kind in TRAIN_KINDS]
     jobs += [("val", kind, num_val) for kind in TRAIN_KINDS]
     jobs += [(split, kind, num_heldout) for split, kinds in HELDOUT_KINDS.items() for kind in kinds]
-    jobs += [("lm", "text", num_train if num_lm is None else num_lm)]
+    num_lm = num_train if num_lm is None else num_lm
+    jobs += [("lm", "text", num_lm), ("lm_long", "text", num_lm // 3 if num_lm_long is None else num_lm_long)]
     jobs = [job for job in jobs if job[2] > 0]
     processes = processes or 1
     if processes > 1:
