@@ -3,6 +3,7 @@
 import argparse
 import json
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -206,23 +207,30 @@ def test_recall_documents_ask_only_words_bound_earlier_with_the_same_value():
 
 
 def test_lm_long_documents_put_scene_sentences_between_what_they_tell_and_what_repeats_it():
-    """The `lm_long` split: the `lm` split's document drawn from the same seed, with up to `LM_LONG_GAP` scene
-    sentences added to a repeat or recall document's unscored context, after what it tells first."""
+    """The `lm_long` split: the `lm` split's kinds, with up to `LM_LONG_GAP` scene sentences in a repeat or recall
+    document's unscored context after what it tells first, and half its made-up words any tokenizer pieces."""
     from emu2.data.shapes.tasks import LM_LONG_GAP
 
     maker = ShapesMaker(World.from_seed(0))
-    gaps = []
-    for seed in range(80):
-        short, meta = maker.make("text", random.Random(seed), "lm")
-        long, _ = maker.make("text", random.Random(seed), "lm_long")
-        if meta.get("task") in ("repeat", "recall"):
-            assert long.text == short.text and long.context.startswith(short.context)
-            between = long.context[len(short.context):]
-            gaps.append(between.count(" on "))  # "two small red stars in the top left on white."
-            assert between.count(".") == gaps[-1]
-        else:
-            assert long == short
-    assert min(gaps) == 0 and 3 <= max(gaps) <= LM_LONG_GAP
+    gaps, words, kinds = [], {"lm": set(), "lm_long": set()}, set()
+    for seed in range(120):
+        for split in words:
+            record, meta = maker.make("text", random.Random(seed), split)
+            words[split] |= set(meta.get("label_words", ()))
+            if split == "lm_long" and meta.get("task") == "repeat":
+                listed = record.context[: record.context.index(".") + 1]  # the first telling, then the sentences
+                between = record.context[len(listed):]
+                assert record.text.endswith(listed) and between.count(".") == between.count(" on ")
+                gaps.append(between.count(" on "))  # "two small red stars in the top left on white."
+            kinds.add(meta.get("task"))
+    assert min(gaps) == 0 and 3 <= max(gaps) <= LM_LONG_GAP and {"repeat", "recall"} <= kinds
+    from emu2.data.shapes.tasks import _CODAS, _ONSETS, _VOWELS, LABEL_WORDS
+    from emu2.data.shapes.world import SHAPES, SIZES
+
+    syllable = re.compile(f"(({'|'.join(_ONSETS)})({'|'.join(_VOWELS)})){{1,2}}({'|'.join(_CODAS)})")
+    known = {*COLOURS, *SHAPES, *SIZES, *LABEL_WORDS}
+    other = {split: {w for w in found - known if not syllable.fullmatch(w)} for split, found in words.items()}
+    assert not other["lm"] and len(other["lm_long"]) > 20  # piece words in the long split only
 
 
 def test_text_fewshot_documents_describe_each_scene_then_answer_in_one_hidden_format():

@@ -58,6 +58,12 @@ NONCE_WORD_PROB = 0.75
 # made the held-out label words likelier but cost chat VQA (31 against 58 %) and text-to-image, so they stay off.
 UNSCORED_UNPREDICTABLE = True
 PIECE_WORD_PROB = 0.0
+# ... except in the `lm_long` split, whose 300 LM steps come after the copying is learnt and before any image: half
+# its made-up words are any pieces, so the copy lessons cover the pieces the held-out words are made of. Measured
+# from the same 1,200-step LM to stage 2 at the 5bf23ac quickstart's steps: few-shot all splits 0/1/2/4/8 shots
+# 0.3 / 11.2 / 8.0 / 9.8 / 9.2 % with syllables only, 1.0 / 15.5 / 14.2 / 11.7 / 12.7 % with this share
+# (docs/training-notes.md, "Copying across a few-shot prompt").
+LM_LONG_PIECE_WORD_PROB = 0.5
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "dr", "gl", "kr", "sn", "tr")
 _VOWELS = ("a", "e", "i", "o", "u", "oo", "ai")
 _CODAS = ("", "n", "m", "p", "k", "x", "sh", "rb", "g", "ll")
@@ -231,27 +237,30 @@ def piece_word(rng: random.Random) -> str:
             return word
 
 
-def made_up_word(rng: random.Random, pieces: bool) -> str:
-    """A fresh word for a training document: syllables (`nonce_word`), or with ``pieces`` a `PIECE_WORD_PROB`
-    share of the time any pieces of the tokenizer (`piece_word`)."""
-    return piece_word(rng) if pieces and PIECE_WORD_PROB and rng.random() < PIECE_WORD_PROB else nonce_word(rng)
+def made_up_word(rng: random.Random, pieces: bool, share: float | None = None) -> str:
+    """A fresh word for a training document: syllables (`nonce_word`), or with ``pieces`` a ``share`` of the time
+    (default `PIECE_WORD_PROB`) any pieces of the tokenizer (`piece_word`)."""
+    share = PIECE_WORD_PROB if share is None else share
+    return piece_word(rng) if pieces and share and rng.random() < share else nonce_word(rng)
 
 
-def training_label_words(rng: random.Random, n: int, pieces: bool = True) -> list[str]:
-    """``n`` distinct label words for a training document: fresh made-up words, or the fixed training list."""
+def training_label_words(rng: random.Random, n: int, pieces: bool = True, share: float | None = None) -> list[str]:
+    """``n`` distinct label words for a training document: fresh made-up words (`made_up_word`), or the fixed
+    training list."""
     if rng.random() >= NONCE_WORD_PROB:
         return rng.sample(LABEL_WORDS, n)
     words: list[str] = []
     while len(words) < n:
-        if (word := made_up_word(rng, pieces)) not in words:
+        if (word := made_up_word(rng, pieces, share)) not in words:
             words.append(word)
     return words
 
 
-def sample_task(world: World, rng: random.Random, split: str, pieces: bool = True) -> Task:
+def sample_task(world: World, rng: random.Random, split: str, pieces: bool = True,
+                share: float | None = None) -> Task:
     """A task for a document of ``split``: training tasks for train/val/heldout_combos (held-out scenes for the
     latter), held-out formats for heldout_formats, held-out label words for heldout_labels. ``pieces``: made-up
-    label words may be any pieces of the tokenizer (`made_up_word`)."""
+    label words may be any pieces of the tokenizer, a ``share`` of the time (`made_up_word`)."""
     scene_split = "heldout" if split == "heldout_combos" else "train"
     if split == "heldout_formats":
         name = "attributes"
@@ -267,7 +276,7 @@ def sample_task(world: World, rng: random.Random, split: str, pieces: bool = Tru
         options = _label_values(world, attribute, scene_split)
         values = rng.sample(options, min(len(options), rng.randint(2, 3)))
         words = (rng.sample(HELDOUT_LABEL_WORDS, len(values)) if split == "heldout_labels"
-                 else training_label_words(rng, len(values), pieces))
+                 else training_label_words(rng, len(values), pieces, share))
         template = rng.choice(LABEL_TEMPLATES)
         # the label vocabulary is part of the answer format: held-out words make a format unseen in training
         return Task(name, f"labels:{attribute}|{template}|{','.join(sorted(words))}", scene_split,
@@ -393,6 +402,7 @@ class ShapesMaker:
     clip_frames: int = 4
     # Made-up words may be any pieces of the packaged tokenizer; False for the corpus that tokenizer is learnt from.
     piece_words: bool = True
+    piece_word_share: float | None = None  # how often they are (`made_up_word`); None: `PIECE_WORD_PROB`
 
     def make(self, kind: str, rng: random.Random, split: str) -> tuple[K.Record, dict]:
         if split not in SPLITS:
@@ -400,7 +410,9 @@ class ShapesMaker:
         if split in ("lm", "lm_long"):
             if kind != "text":
                 raise ValueError(f"the {split} split is language-only (kind text), not {kind!r}")
-            return self.lm_text(rng, gap=LM_LONG_GAP if split == "lm_long" else 0)
+            if split == "lm_long":
+                return replace(self, piece_word_share=LM_LONG_PIECE_WORD_PROB).lm_text(rng, gap=LM_LONG_GAP)
+            return self.lm_text(rng)
         scene_split = "heldout" if split == "heldout_combos" else "train"
         if kind == "interleaved" and split.startswith("heldout") or kind == "fewshot":
             return self.fewshot_document(rng, split)
@@ -461,7 +473,7 @@ class ShapesMaker:
 
     def fewshot_document(self, rng: random.Random, split: str, examples: int | None = None):
         """A document following one hidden task: each image followed by its answer (image_position "before")."""
-        task = sample_task(self.world, rng, split, self.piece_words)
+        task = sample_task(self.world, rng, split, self.piece_words, self.piece_word_share)
         scenes, texts, answers = [], [], []
         for _ in range(examples or rng.randint(4, 8)):
             if EXACT_REPEAT_PROB and scenes and rng.random() < EXACT_REPEAT_PROB:
@@ -529,7 +541,8 @@ class ShapesMaker:
         """A language-only in-context document: the hidden tasks of `fewshot_document` with each image replaced
         by a sentence describing its scene ("a small red star in the top left on white: [red, 1]."). It lets the
         language model learn to infer a task from examples (what a pretrained LLM brings to Emu2) from text."""
-        task = sample_task(self.world, rng, "heldout_combos" if split == "heldout" else "train", self.piece_words)
+        task = sample_task(self.world, rng, "heldout_combos" if split == "heldout" else "train", self.piece_words,
+                           self.piece_word_share)
         scenes, text, unscored = [], "", []
         examples = [task.example(self.world, rng) for _ in range(rng.randint(4, 12))]
         first = unpredictable_examples(task, [answer for _, _, answer in examples])
@@ -549,7 +562,7 @@ class ShapesMaker:
         """Made-up words bound to attribute values, then asked again in another order ("dax is red. wug is
         two. ... wug is two."): predicting the second half needs looking the words up in the first, the context."""
         values = list(COLOURS) + list(SHAPES) + list(NUMBER_WORDS.values()) + list(BACKGROUNDS) + list(SIZES)
-        words = training_label_words(rng, rng.randint(3, 6), self.piece_words)
+        words = training_label_words(rng, rng.randint(3, 6), self.piece_words, self.piece_word_share)
         binding = {w: rng.choice(values) for w in words}
         template = rng.choice(("{w} is {v}.", "{w} means {v}.", "{w}: {v}.", "the {w} is {v}."))
         queries = [rng.choice(words) for _ in range(rng.randint(3, 8))]
@@ -565,7 +578,7 @@ class ShapesMaker:
         lesson in induction, the mechanism a label word new to the model is copied by (what pretrained LLMs
         bring). Most of the document is repeats, so most of its tokens teach copying."""
         known = list(COLOURS) + list(SHAPES) + list(SIZES)
-        words = [rng.choice(known) if rng.random() < 0.15 else made_up_word(rng, self.piece_words)
+        words = [rng.choice(known) if rng.random() < 0.15 else made_up_word(rng, self.piece_words, self.piece_word_share)
                  for _ in range(rng.randint(3, 8))]
         listed = " ".join(words) + "."
         repeats = [rng.choice(REPEAT_INTROS) + listed for _ in range(rng.randint(2, 3))]
