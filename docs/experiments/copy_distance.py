@@ -12,22 +12,13 @@ import random, sys
 import torch
 
 torch.set_num_threads(2)
-from emu2.data.shapes.tasks import nonce_word
-from emu2.data.shapes.world import World, describe
+from emu2.data.shapes.tasks import ShapesMaker, nonce_word
+from emu2.data.shapes.world import World
 from emu2.pipelines.emu2 import Emu2Pipeline
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
 pipe.model.eval()
-world = World.from_seed(0)
-
-
-def sentences(rng, count):
-    out = []
-    for _ in range(count):
-        scene = world.group_scene(rng, "train")
-        g = scene.groups[0]
-        out.append(f"{describe(g)} in the {scene.position(g)} on {scene.background}.")
-    return " ".join(out)
+sentences = ShapesMaker(World.from_seed(0)).scene_sentences
 
 
 def run(before, between, n=64):

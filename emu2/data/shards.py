@@ -187,19 +187,26 @@ class _Batches(IterableDataset):
     def __iter__(self):
         rows: list[list[Sample]] = []
         row: list[Sample] = []
-        worker, state = 0, self._state()
+        length, worker, state = 0, 0, None
         for sample, worker in self.dataset._samples():
-            if row and (self.pack_length is None or sum(map(len, row)) + len(sample) > self.pack_length):
+            if self.pack_length is None:
+                rows.append([sample])
+                if len(rows) == self.batch_size:
+                    yield self._tagged(rows, worker, self._state())
+                    rows = []
+                continue
+            if row and length + len(sample) > self.pack_length:
                 rows.append(row)
-                row = []
+                row, length = [], 0
                 if len(rows) == self.batch_size:
                     yield self._tagged(rows, worker, state)  # the state before ``sample``, which is not in it
                     rows = []
             row.append(sample)
-            state = self._state()
+            length += len(sample)
+            state = self._state()  # only packing needs it per sample: the next one may not fit
         rows += [row] if row else []
         if rows and not self.drop_last:
-            yield self._tagged(rows, worker, state)
+            yield self._tagged(rows, worker, state or self._state())
 
     def _state(self) -> dict:
         stream = self.dataset._stream

@@ -162,8 +162,10 @@ def copy_accuracy(pipe, sequences: int = 64, seed: int = 999, batch_size: int = 
         lists = [" ".join(rng.sample(HELDOUT_LABEL_WORDS, rng.randint(4, 8))) + "." for _ in range(sequences)]
     else:
         raise ValueError(f'words must be "made-up" or "held-out", not {words!r}')
-    maker = ShapesMaker(World.from_seed(0))
-    between = [maker.scene_sentences(random.Random(f"{seed}:gap:{i}"), gap) if gap else "" for i in range(sequences)]
+    between = [""] * sequences
+    if gap:
+        maker = ShapesMaker(World.from_seed(0))
+        between = [maker.scene_sentences(random.Random(f"{seed}:gap:{i}"), gap) for i in range(sequences)]
     hits = total = 0
     nll = 0.0
     for start in range(0, sequences, batch_size):
