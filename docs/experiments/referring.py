@@ -29,8 +29,9 @@ from emu2.data.shapes.render import render_scene
 from emu2.data.shapes.tasks import ShapesMaker, written_box
 from emu2.data.shapes.world import World, describe
 from emu2.eval.metrics import box_iou
+from emu2.eval.prompts import SHORT_ANSWER_INSTRUCTION
 
-SHORT = "\nAnswer the question using a single word or phrase."
+SHORT = "\n" + SHORT_ANSWER_INSTRUCTION
 
 
 def box_question(scene, g):

@@ -18,17 +18,17 @@ import torch
 torch.set_num_threads(2)
 from emu2 import processing as P
 from emu2.data.shapes.render import render_scene
+from emu2.data.shapes.supervision import _covered
 from emu2.data.shapes.world import World
+from emu2.eval.prompts import SHORT_ANSWER_INSTRUCTION
 from emu2.pipelines.emu2 import Emu2Pipeline
 
-SHORT = "\nAnswer the question using a single word or phrase."
+SHORT = "\n" + SHORT_ANSWER_INSTRUCTION
 
 
 def cells(box, side):
-    x1, y1, x2, y2 = box
-    out = {min(side - 1, int((y1 + y2) / 2 * side)) * side + min(side - 1, int((x1 + x2) / 2 * side))}
-    return out | {i * side + j for i in range(side) for j in range(side)
-                  if x1 <= (j + 0.5) / side <= x2 and y1 <= (i + 0.5) / side <= y2}
+    """Row-major indices of the embeddings an object covers, as the encoder's cell labels count them."""
+    return {i * side + j for i, j in _covered(box, side)}
 
 
 pipe = Emu2Pipeline.from_pretrained(sys.argv[1])
