@@ -205,6 +205,39 @@ def test_recall_documents_ask_only_words_bound_earlier_with_the_same_value():
             assert sentence in bound.values()  # a query repeats its word's binding exactly
 
 
+def test_lookup_documents_name_one_told_object_per_question_and_answer_with_its_own_attribute():
+    """The scene is told in the unscored context; each question names one object by what no other object has
+    (its shape, colour or cell), and the answer is that object's value (colour, cell, size, shape or all of it)."""
+    import re
+
+    from emu2.data.shapes.world import COLOURS, SHAPES
+
+    maker = ShapesMaker(World.from_seed(0))
+    asked = 0
+    for seed in range(40):
+        record, meta = maker.lookup_document(random.Random(seed))
+        assert meta["task"] == "lookup"
+        told, _background = record.context.rstrip(".").rsplit(" on ", 1)
+        objects = []
+        for phrase in re.split(r", | and ", told):
+            thing, cell = phrase.split(" in the ")
+            article, size, colour, shape = thing.split()
+            objects.append({"size": size, "colour": colour, "shape": shape, "cell": cell, "all": thing})
+        assert 2 <= len(objects) <= 4
+        for question, answer in re.findall(r"([^?.]+\?) ([^.?]+)\.", record.text):
+            question = question.strip()
+            if question.startswith("what is in the "):  # named by its cell, a whole cell name
+                named = [o for o in objects if o["cell"] == question.removeprefix("what is in the ").rstrip("?")]
+            else:  # named by its shape, its colour or both
+                words = set(question.rstrip("?").split()) & (set(COLOURS) | set(SHAPES))
+                named = [o for o in objects if words and words <= {o["colour"], o["shape"]}]
+            assert len(named) == 1, (question, objects)
+            assert answer in (named[0]["colour"], named[0]["cell"], named[0]["size"], named[0]["shape"],
+                              named[0]["all"]), (question, answer, named[0])
+            asked += 1
+    assert asked >= 80  # 2-5 questions a document
+
+
 def test_lm_long_documents_put_scene_sentences_between_what_they_tell_and_what_repeats_it():
     """The `lm_long` split: the `lm` split's kinds, with up to `LM_LONG_GAP` scene sentences in a repeat or recall
     document's unscored context after what it tells first, and half its made-up words any tokenizer pieces."""

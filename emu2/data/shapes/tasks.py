@@ -86,7 +86,7 @@ TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words boun
 TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
 # The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
 # change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents:
-LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1}
+LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1, "lookup": 0.0}
 # The `lm_long` split: the same documents, with up to this many scene sentences between a list (or the bindings)
 # and what repeats it. The LM stage's 64-token rows teach copying across a few tokens only: the quickstart's LM
 # copied a list 92.8 % right straight after it but 18.7 % after ten sentences (about 110 tokens), the distance
@@ -343,6 +343,18 @@ def grounded_caption(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[
     return text[0].upper() + text[1:], spans
 
 
+def referring_question(scene: Scene, g: Group, rng: random.Random) -> tuple[str, str]:
+    """A question naming group ``g`` of a scene of distinct shapes in distinct cells by what tells it from the
+    others (its shape, its colour when no other group has it, its cell), and the answer: another attribute."""
+    colour_unique = [h.colour for h in scene.groups].count(g.colour) == 1
+    choices = [(f"what colour is the {g.shape}?", g.colour), (f"where is the {g.colour} {g.shape}?", scene.position(g)),
+               (f"where is the {g.shape}?", scene.position(g)), (f"is the {g.shape} small or large?", g.size),
+               (f"what is in the {scene.position(g)}?", describe(g))]
+    if colour_unique:
+        choices += [(f"what shape is the {g.colour} object?", g.shape), (f"where is the {g.colour} object?", scene.position(g))]
+    return rng.choice(choices)
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     if len(scene.groups) > 1 or rng.random() < 0.5:
         return grounded_caption(scene, rng)[0]
@@ -526,6 +538,8 @@ class ShapesMaker:
             return self.repeat_document(rng, gap)
         if kind == "recall":
             return self.recall_document(rng, gap)
+        if kind == "lookup":
+            return self.lookup_document(rng, gap)
         return self.text_fewshot_document(rng, "train")
 
     def scene_sentences(self, rng: random.Random, count: int) -> str:
@@ -571,6 +585,22 @@ class ShapesMaker:
         between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
         # the bindings are context (made-up words, drawn values); the loss scores the queries, which they determine
         return K.Text(asked, context=f"{bindings} {between}".rstrip()), {"task": "recall", "format": "recall", "combos": [], "label_words": sorted(words)}
+
+    def lookup_document(self, rng: random.Random, gap: int = 0):
+        """A scene of 2-4 objects told in words, then questions that name one object by one of its attributes and
+        ask another ("a small red star in the top left and a large blue circle in the center on white. what colour
+        is the circle? blue. where is the red star? top left."). Answering needs finding the object the question
+        names among the others in the context: what a grounding question or a few-shot query asks of the visual
+        embeddings, taught here in words."""
+        scene = self.world.multi_scene(rng, "train", objects=rng.randint(2, 4))
+        groups = rng.sample(scene.groups, len(scene.groups))
+        told = _join([f"{describe(g)} in the {scene.position(g)}" for g in groups]) + f" on {scene.background}."
+        between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
+        asked = " ".join(f"{q} {a}." for q, a in (referring_question(scene, rng.choice(groups), rng)
+                                                   for _ in range(rng.randint(2, 5))))
+        # the scene is context (nothing predicts it); the loss scores the questions and the answers they determine
+        return K.Text(asked, context=f"{told} {between}".rstrip()), {"task": "lookup", "format": "lookup",
+                                                                     "combos": [], "label_words": []}
 
     def repeat_document(self, rng: random.Random, gap: int = 0):
         """A list of fresh made-up words (now and then a word of the world), then the same list two or three
