@@ -85,7 +85,9 @@ TEXT_FEWSHOT_PROB = 0.4  # share of language-only documents (kind `text`) that a
 TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words bound to values, then queried)
 TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
 # The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
-# change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents:
+# change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents,
+# and of lookup documents (`lookup_document`; 0: at up to 3,233 LM steps they taught no binding, training notes,
+# "The language model does not find it in words either"):
 LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1, "lookup": 0.0}
 # The `lm_long` split: the same documents, with up to this many scene sentences between a list (or the bindings)
 # and what repeats it. The LM stage's 64-token rows teach copying across a few tokens only: the quickstart's LM
