@@ -6,7 +6,8 @@ attribute and asking another), and a text-only score of the lookup.
     python docs/experiments/lookup.py eval MODEL [ITEMS [SPLIT]]       # a base model (LM stage, stage 1 or 2)
 
 `data` writes OUT_DATA: SRC_DATA (a quickstart's `data/`) with its `lm` and `lm_long` splits rewritten at the
-same counts and seed, a SHARE of their documents lookup documents, taken from the repeat documents' share. Then
+same counts and seed, a SHARE of their documents lookup documents, taken from the repeat documents' share (SHARE 1:
+lookup documents only). Then
 train the LM stages on it (`emu2 train shapes-lm data.root=OUT_DATA ...`).
 
 `eval` asks ITEMS (default 200) questions, one per scene of 2-3 objects of SPLIT (default `heldout`: the held-out
@@ -32,7 +33,10 @@ def write_data(src: Path, dst: Path, share: float):
         if p.name not in ("lm", "lm_long", "dataset.json") and not (dst / p.name).exists():
             os.symlink(p.resolve(), dst / p.name)
     manifest = json.loads((src / "dataset.json").read_text())
-    T.LM_CORPUS = {**T.LM_CORPUS, "repeat": T.LM_CORPUS["repeat"] - share, "lookup": share}
+    if share >= 1:  # nothing but lookup documents
+        T.LM_CORPUS = {"lookup": 1.0}
+    else:
+        T.LM_CORPUS = {**T.LM_CORPUS, "repeat": T.LM_CORPUS["repeat"] - share, "lookup": share}
     for split in ("lm", "lm_long"):
         count = manifest["splits"][split]["text"]["count"]
         manifest["splits"][split]["text"] = W._write_kind(str(dst), manifest["seed"], split, "text", count,
