@@ -2,12 +2,12 @@
 (`ShapesMaker.lookup_document`: a scene of 2-4 objects told in words, then questions naming one object by one
 attribute and asking another), and a text-only score of the lookup.
 
-    python docs/experiments/lookup.py data SRC_DATA OUT_DATA SHARE     # the lm and lm_long splits, SHARE lookup
+    python docs/experiments/lookup.py data SRC_DATA OUT_DATA SHARE [unscored-questions]   # lm and lm_long splits
     python docs/experiments/lookup.py eval MODEL [ITEMS [SPLIT]]       # a base model (LM stage, stage 1 or 2)
 
 `data` writes OUT_DATA: SRC_DATA (a quickstart's `data/`) with its `lm` and `lm_long` splits rewritten at the
 same counts and seed, a SHARE of their documents lookup documents, taken from the repeat documents' share (SHARE 1:
-lookup documents only). Then
+lookup documents only; `unscored-questions`: the loss scores their answers only). Then
 train the LM stages on it (`emu2 train shapes-lm data.root=OUT_DATA ...`).
 
 `eval` asks ITEMS (default 200) questions, one per scene of 2-3 objects of SPLIT (default `heldout`: the held-out
@@ -77,6 +77,7 @@ def evaluate(model: str, items: int, split: str = "heldout"):
 
 if __name__ == "__main__":
     if sys.argv[1] == "data":
+        T.LOOKUP_SCORES_QUESTIONS = "unscored-questions" not in sys.argv[5:]
         write_data(Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]))
     else:
         evaluate(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 200, *sys.argv[4:5])

@@ -238,6 +238,20 @@ def test_lookup_documents_name_one_told_object_per_question_and_answer_with_its_
     assert asked >= 80  # 2-5 questions a document
 
 
+def test_lookup_documents_can_leave_their_questions_unscored(monkeypatch):
+    import emu2.data.shapes.tasks as tasks
+
+    maker = ShapesMaker(World.from_seed(0))
+    scored, _ = maker.lookup_document(random.Random(3))
+    assert scored.unscored == ()
+    monkeypatch.setattr(tasks, "LOOKUP_SCORES_QUESTIONS", False)
+    record, _ = maker.lookup_document(random.Random(3))
+    assert record.text == scored.text  # the same document; only what the loss scores changes
+    spans = [record.text[start:end] for start, end in record.unscored]
+    assert spans and all(s.endswith("?") for s in spans)
+    assert "".join(spans).count("?") == record.text.count("?")
+
+
 def test_lm_long_documents_put_scene_sentences_between_what_they_tell_and_what_repeats_it():
     """The `lm_long` split: the `lm` split's kinds, with up to `LM_LONG_GAP` scene sentences in a repeat or recall
     document's unscored context after what it tells first, and half its made-up words any tokenizer pieces."""

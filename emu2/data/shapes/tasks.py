@@ -86,9 +86,12 @@ TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words boun
 TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
 # The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
 # change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents,
-# and of lookup documents (`lookup_document`; 0: at up to 3,233 LM steps they taught no binding, training notes,
-# "The language model does not find it in words either"):
+# and of lookup documents (`lookup_document`; 0: they teach binding only once copying is learnt, in more steps than
+# the LM's share of a 20-minute run; training notes, "Finding the named object in words: the questions must not be
+# scored"):
 LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1, "lookup": 0.0}
+# Whether the loss scores a lookup document's questions (which object is asked is a draw) or only the answers.
+LOOKUP_SCORES_QUESTIONS = True
 # The `lm_long` split: the same documents, with up to this many scene sentences between a list (or the bindings)
 # and what repeats it. The LM stage's 64-token rows teach copying across a few tokens only: the quickstart's LM
 # copied a list 92.8 % right straight after it but 18.7 % after ten sentences (about 110 tokens), the distance
@@ -598,11 +601,17 @@ class ShapesMaker:
         groups = rng.sample(scene.groups, len(scene.groups))
         told = _join([f"{describe(g)} in the {scene.position(g)}" for g in groups]) + f" on {scene.background}."
         between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
-        asked = " ".join(f"{q} {a}." for q, a in (referring_question(scene, rng.choice(groups), rng)
-                                                   for _ in range(rng.randint(2, 5))))
-        # the scene is context (nothing predicts it); the loss scores the questions and the answers they determine
-        return K.Text(asked, context=f"{told} {between}".rstrip()), {"task": "lookup", "format": "lookup",
-                                                                     "combos": [], "label_words": []}
+        asked, questions = "", []
+        for _ in range(rng.randint(2, 5)):
+            question, answer = referring_question(scene, rng.choice(groups), rng)
+            asked += " " if asked else ""
+            questions.append((len(asked), len(asked) + len(question)))
+            asked += f"{question} {answer}."
+        # the scene is context (nothing predicts it); the loss scores the answers, which it determines, and the
+        # questions unless LOOKUP_SCORES_QUESTIONS is False (which object is asked is a draw)
+        unscored = () if LOOKUP_SCORES_QUESTIONS else tuple(questions)
+        return K.Text(asked, context=f"{told} {between}".rstrip(), unscored=unscored), {
+            "task": "lookup", "format": "lookup", "combos": [], "label_words": []}
 
     def repeat_document(self, rng: random.Random, gap: int = 0):
         """A list of fresh made-up words (now and then a word of the world), then the same list two or three
