@@ -23,7 +23,7 @@ import torch
 
 torch.set_num_threads(2)
 import emu2.data.shapes.tasks as T
-from emu2.data.shapes.world import World, describe
+from emu2.data.shapes.world import World
 from emu2.data.shapes import write as W
 
 
@@ -50,18 +50,15 @@ def evaluate(model: str, items: int, split: str = "heldout"):
 
     pipe = Emu2Pipeline.from_pretrained(model)
     world, rng = World.from_seed(0), random.Random(7)
-    value = {"what colour": lambda s, h: h.colour, "where is": lambda s, h: s.position(h), "is the": lambda s, h: h.size,
-             "what is": lambda s, h: describe(h), "what shape": lambda s, h: h.shape}
     asked = []  # (prompt, answer, the other objects' answers to the same question, question kind)
     for _ in range(items):
         scene = world.multi_scene(rng, split, objects=rng.randint(2, 3))
         groups = rng.sample(scene.groups, len(scene.groups))
-        told = T._join([f"{describe(g)} in the {scene.position(g)}" for g in groups]) + f" on {scene.background}."
+        told = T.tell_scene(scene, groups)
         g = rng.choice(groups)
-        question, answer = T.referring_question(scene, g, rng)
-        kind = " ".join(question.split()[:2])
-        others = {value[kind](scene, h) for h in groups if h is not g} - {answer}
-        asked.append((f"{told} {question}", answer, others, kind))
+        question, answer, attribute = T.referring_question(scene, g, rng)
+        others = {T.REFERRED_ATTRIBUTES[attribute](scene, h) for h in groups if h is not g} - {answer}
+        asked.append((f"{told} {question}", answer, others, " ".join(question.split()[:2])))
     out = collections.Counter()
     for start in range(0, items, 32):
         chunk = asked[start:start + 32]

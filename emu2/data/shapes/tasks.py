@@ -348,16 +348,27 @@ def grounded_caption(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[
     return text[0].upper() + text[1:], spans
 
 
-def referring_question(scene: Scene, g: Group, rng: random.Random) -> tuple[str, str]:
+REFERRED_ATTRIBUTES = {"colour": lambda scene, g: g.colour, "cell": lambda scene, g: scene.position(g),
+                       "size": lambda scene, g: g.size, "shape": lambda scene, g: g.shape,
+                       "whole": lambda scene, g: describe(g)}
+
+
+def tell_scene(scene: Scene, groups: list[Group]) -> str:
+    """The groups of a scene in words, in the given order ("a small red star in the top left and ... on white.")."""
+    return _join([f"{describe(g)} in the {scene.position(g)}" for g in groups]) + f" on {scene.background}."
+
+
+def referring_question(scene: Scene, g: Group, rng: random.Random) -> tuple[str, str, str]:
     """A question naming group ``g`` of a scene of distinct shapes in distinct cells by what tells it from the
-    others (its shape, its colour when no other group has it, its cell), and the answer: another attribute."""
-    colour_unique = [h.colour for h in scene.groups].count(g.colour) == 1
-    choices = [(f"what colour is the {g.shape}?", g.colour), (f"where is the {g.colour} {g.shape}?", scene.position(g)),
-               (f"where is the {g.shape}?", scene.position(g)), (f"is the {g.shape} small or large?", g.size),
-               (f"what is in the {scene.position(g)}?", describe(g))]
-    if colour_unique:
-        choices += [(f"what shape is the {g.colour} object?", g.shape), (f"where is the {g.colour} object?", scene.position(g))]
-    return rng.choice(choices)
+    others (its shape, its colour when no other group has it, its cell); its answer, another attribute of ``g``;
+    and that attribute's name in `REFERRED_ATTRIBUTES`."""
+    choices = [(f"what colour is the {g.shape}?", "colour"), (f"where is the {g.colour} {g.shape}?", "cell"),
+               (f"where is the {g.shape}?", "cell"), (f"is the {g.shape} small or large?", "size"),
+               (f"what is in the {scene.position(g)}?", "whole")]
+    if [h.colour for h in scene.groups].count(g.colour) == 1:
+        choices += [(f"what shape is the {g.colour} object?", "shape"), (f"where is the {g.colour} object?", "cell")]
+    question, attribute = rng.choice(choices)
+    return question, REFERRED_ATTRIBUTES[attribute](scene, g), attribute
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
@@ -599,11 +610,11 @@ class ShapesMaker:
         embeddings, taught here in words."""
         scene = self.world.multi_scene(rng, "train", objects=rng.randint(2, 4))
         groups = rng.sample(scene.groups, len(scene.groups))
-        told = _join([f"{describe(g)} in the {scene.position(g)}" for g in groups]) + f" on {scene.background}."
+        told = tell_scene(scene, groups)
         between = self.scene_sentences(rng, rng.randint(0, gap)) if gap else ""
         asked, questions = "", []
         for _ in range(rng.randint(2, 5)):
-            question, answer = referring_question(scene, rng.choice(groups), rng)
+            question, answer, _ = referring_question(scene, rng.choice(groups), rng)
             asked += " " if asked else ""
             questions.append((len(asked), len(asked) + len(question)))
             asked += f"{question} {answer}."
