@@ -1,8 +1,8 @@
 #!/bin/bash
 # A quickstart's image stages rerun on another language model: the LM is put into the quickstart's encoder-stage
-# model (that stage freezes the LM, so the vision side stays the quickstart's), then the quickstart's own stage-1,
-# stage-2 and chat configs run at its steps, and stage 2 is scored few-shot (docs/training-notes.md, "Binding in
-# words does not carry to the few-shot prompt").
+# model (that stage freezes the LM, so the vision side stays the quickstart's), then the quickstart's own stage-1
+# and stage-2 configs run at its steps, and stage 2 is scored few-shot (docs/training-notes.md, "Binding in words
+# does not carry to the few-shot prompt"). OUT/stage2 is also where a chat run starts (`referring.py`).
 #   bash docs/experiments/swap_lm.sh QUICKSTART LM OUT
 # QUICKSTART: an `emu2 quickstart` output (runs/quickstart); LM: a model directory of the same preset whose
 # language_model.* weights are used (e.g. QUICKSTART/lm-long itself, the control, or an LM trained on from it).
@@ -28,7 +28,6 @@ print(f"{len(keys)} LM tensors from {lm}")
 PY
 $E train "$Q/stage1/train_config.yaml" model.init_from="$O/encoder" output_dir="$O/stage1" $C
 $E train "$Q/stage2/train_config.yaml" model.init_from="$O/stage1" output_dir="$O/stage2" $C
-$E train "$Q/chat/train_config.yaml" model.init_from="$O/stage2" output_dir="$O/chat" $C
 $PY - "$O/stage2" "$Q/data" <<'PY'
 import json, sys
 from emu2.eval.shapes import evaluate_fewshot, fewshot_table

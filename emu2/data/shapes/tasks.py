@@ -86,9 +86,10 @@ TEXT_RECALL_PROB = 0.2  # ... that are word-recall documents (made-up words boun
 TEXT_REPEAT_PROB = 0.25  # ... and that are repeat documents (a list of made-up words, then the same list again)
 # The `lm` split (the LM stage's corpus): the documents that teach copying, which a random LM learns late (a phase
 # change) and only when most of what it reads rewards it. Shares of repeat, recall and text-only task documents,
-# and of lookup documents (`lookup_document`; 0: they teach binding only once copying is learnt, in more steps than
-# the LM's share of a 20-minute run; training notes, "Finding the named object in words: the questions must not be
-# scored"):
+# and of lookup documents (`lookup_document`; 0: they teach binding in words only once copying is learnt, in more
+# steps than the LM's share of a 20-minute run, and that binding did not carry over to few-shot or referring
+# questions about images; training notes, "Finding the named object in words: the questions must not be scored"
+# and "Binding in words does not carry to the few-shot prompt"):
 LM_CORPUS = {"repeat": 0.7, "recall": 0.2, "fewshot": 0.1, "lookup": 0.0}
 # Whether the loss scores a lookup document's questions (which object is asked is a draw) or only the answers.
 LOOKUP_SCORES_QUESTIONS = True
@@ -606,8 +607,8 @@ class ShapesMaker:
         """A scene of 2-4 objects told in words, then questions that name one object by one of its attributes and
         ask another ("a small red star in the top left and a large blue circle in the center on white. what colour
         is the circle? blue. where is the red star? top left."). Answering needs finding the object the question
-        names among the others in the context: what a grounding question or a few-shot query asks of the visual
-        embeddings, taught here in words."""
+        names among the others in the context: what a grounding question asks of the visual embeddings, taught
+        here in words."""
         scene = self.world.multi_scene(rng, "train", objects=rng.randint(2, 4))
         groups = rng.sample(scene.groups, len(scene.groups))
         told = tell_scene(scene, groups)
